@@ -1,0 +1,1 @@
+"""The signed image catalogue: endorse, approve, verify, publish."""

@@ -1,0 +1,57 @@
+"""`salvus_jobs services`: what the registry says is live."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cluster.registry import open_registry
+from cluster.spec import load_spec
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("services", parents=[common], help="list live services from the registry",
+                       description="List the services whose heartbeats are current (a service "
+                                   "disappears once its TTL passes without a heartbeat).",
+                       epilog="example: salvus_jobs services sage --json")
+    p.add_argument("role", nargs="?", help="only this role")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.set_defaults(func=cmd_services)
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if args.role:
+        spec.role(args.role)  # a typo in the role is an error, not an empty list
+    with open_registry(spec) as registry:
+        services = registry.lookup(args.role) if args.role else registry.all()
+    if args.json:
+        json.dump([s.to_dict() for s in services], sys.stdout, indent=2)
+        print()
+        return 0
+    now = time.time()
+    rows = [[s.role, s.service_id, s.endpoint, s.hypervisor, f"{s.scheduler}:{s.job_id}", s.image,
+             format_age(now - s.started), f"{format_age(now - s.last_heartbeat)} ago"] for s in services]
+    print(format_table(["ROLE", "SERVICE", "ENDPOINT", "HYPERVISOR", "JOB", "IMAGE", "AGE", "HEARTBEAT"], rows))
+    if not services:
+        print("(no live services)")
+    return 0

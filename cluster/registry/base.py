@@ -1,0 +1,70 @@
+"""The registry interface shared by the SQLite and Cassandra backends."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Service:
+    """One live service instance (one VM): a row of the registry."""
+
+    role: str
+    service_id: str
+    host: str  # endpoint host clients connect to
+    port: int  # endpoint port
+    hypervisor: str = ""  # the machine running the VM
+    scheduler: str = ""  # backend that runs the job (local, slurm, ...)
+    job_id: str = ""
+    image: str = ""  # NAME@VERSION
+    started: float = dataclasses.field(default_factory=time.time)  # epoch seconds
+    last_heartbeat: float = 0.0  # epoch seconds, set by the registry
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Registry(abc.ABC):
+    """register/heartbeat/deregister/lookup with TTL liveness.
+
+    A service whose heartbeats stop for `ttl` seconds disappears from lookup() and all() by itself.
+    Registering an existing service_id replaces its row.
+    """
+
+    ttl: int
+
+    @abc.abstractmethod
+    def register(self, service: Service) -> None: ...
+
+    @abc.abstractmethod
+    def heartbeat(self, service_id: str) -> bool:
+        """Refresh the TTL. False when the service is unknown or already expired (re-register)."""
+
+    @abc.abstractmethod
+    def deregister(self, service_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def lookup(self, role: str) -> list[Service]:
+        """Live services of a role, oldest first."""
+
+    @abc.abstractmethod
+    def all(self) -> list[Service]:
+        """Every live service, by role then start time."""
+
+    def get(self, service_id: str) -> Service | None:
+        return next((s for s in self.all() if s.service_id == service_id), None)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,107 @@
+"""SQLite registry backend: one machine, many wrapper processes writing at once.
+
+WAL lets readers run beside the one writer; a busy timeout queues writers instead of failing; each
+operation is one short transaction (BEGIN IMMEDIATE takes the write lock up front so two writers
+never deadlock upgrading a read lock). synchronous=NORMAL in WAL mode is durable against a crashed
+or SIGKILLed process (only a power loss can drop the last commits), which is the failure the job
+wrappers have.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cluster.errors import RegistryUnavailable
+from cluster.registry.base import Registry, Service
+
+_COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
+            "started", "last_heartbeat")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    service_id     TEXT PRIMARY KEY,
+    role           TEXT NOT NULL,
+    host           TEXT NOT NULL,
+    port           INTEGER NOT NULL,
+    hypervisor     TEXT NOT NULL,
+    scheduler      TEXT NOT NULL,
+    job_id         TEXT NOT NULL,
+    image          TEXT NOT NULL,
+    started        REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    expires_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
+CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
+"""
+
+
+class SqliteRegistry(Registry):
+    def __init__(self, path: Path | str, ttl: int = 30, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.ttl = ttl
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            with self._write() as db:
+                for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                    db.execute(stmt)
+        except (sqlite3.Error, OSError) as e:
+            raise RegistryUnavailable(f"registry {self.path}: {e}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def register(self, service: Service) -> None:
+        now = time.time()
+        service.last_heartbeat = now
+        row = tuple(getattr(service, c) for c in _COLUMNS) + (now + self.ttl,)
+        with self._write() as db:
+            # Rows that expired long ago are removed by whoever writes next; no reaper process.
+            db.execute("DELETE FROM services WHERE expires_at < ?", (now - self.ttl,))
+            db.execute(f"INSERT OR REPLACE INTO services ({', '.join(_COLUMNS)}, expires_at) "
+                       f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})", row)
+
+    def heartbeat(self, service_id: str) -> bool:
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute("UPDATE services SET last_heartbeat = ?, expires_at = ? "
+                             "WHERE service_id = ? AND expires_at > ?",
+                             (now, now + self.ttl, service_id, now))
+            return cur.rowcount == 1
+
+    def deregister(self, service_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM services WHERE service_id = ?", (service_id,))
+
+    def _select(self, where: str, args: tuple) -> list[Service]:
+        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
+        return [Service(**dict(zip(_COLUMNS, r))) for r in rows]
+
+    def lookup(self, role: str) -> list[Service]:
+        return self._select("role = ? AND expires_at > ? ORDER BY started", (role, time.time()))
+
+    def all(self) -> list[Service]:
+        return self._select("expires_at > ? ORDER BY role, started", (time.time(),))
+
+    def get(self, service_id: str) -> Service | None:
+        found = self._select("service_id = ? AND expires_at > ?", (service_id, time.time()))
+        return found[0] if found else None
+
+    def close(self) -> None:
+        self._db.close()

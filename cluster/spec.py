@@ -1,0 +1,383 @@
+"""The cluster spec: one YAML file (`cluster.yaml`) describing the site, as validated dataclasses.
+
+Validation is pydantic's (dataclasses with `extra='forbid'` and strict scalar types) so that every
+error carries the field path; `load_spec` turns the first error into one line naming the file, the
+path (`roles.sage.vcpus`) and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+
+from cluster.errors import SpecError
+
+DEFAULT_STORE = "/var/lib/salvus"
+SPEC_ENV = "SALVUS_SPEC"
+DEFAULT_SPEC_NAME = "cluster.yaml"
+MAX_SPEC_BYTES = 1 << 20
+
+_STRICT = ConfigDict(extra="forbid")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+# Image names and versions become file names in the store: no separators, no dot-dot, no leading dot.
+_IMAGE_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0)]
+
+
+def split_image_ref(ref: str) -> tuple[str, str]:
+    """`NAME@VERSION` -> (name, version), refusing anything that could escape the image store."""
+    name, sep, version = ref.partition("@")
+    if not sep or not _IMAGE_PART_RE.match(name) or not _IMAGE_PART_RE.match(version) or ".." in ref:
+        raise ValueError(
+            "expected NAME@VERSION of letters, digits, '.', '_', '+', '-' (no '/', no '..'), "
+            f"got {ref!r}")
+    return name, version
+
+
+@dataclass(config=_STRICT)
+class DiskSpec:
+    """A persistent disk kept under `persistent/SERVICE_ID/NAME.qcow2`; it survives the job."""
+
+    name: StrictStr
+    size_mb: PositiveInt
+    # Guest mount point; informational for real images, used by the demo guest's init.
+    mount: StrictStr = "/data"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("expected a short lowercase name ([a-z][a-z0-9_-]*)")
+        return v
+
+
+@dataclass(config=_STRICT)
+class BootSpec:
+    """Direct kernel boot (the demo image); real images boot from their own disk via firmware."""
+
+    kernel: StrictStr
+    initrd: Optional[StrictStr] = None
+    cmdline: StrictStr = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 quiet"
+
+
+@dataclass(config=_STRICT)
+class RoleSpec:
+    image: StrictStr  # NAME@VERSION, resolved in the store as images/base/NAME-VERSION.qcow2
+    port: Port  # the service port inside the guest
+    vcpus: PositiveInt = 1
+    memory_mb: Annotated[StrictInt, Field(ge=96)] = 160
+    disk_mb: NonNegativeInt = 2048  # scratch the job asks the scheduler for (overlay growth)
+    count: NonNegativeInt = 0  # desired number of running services
+    network: Literal["user", "bridge"] = "user"
+    bridge: Optional[StrictStr] = None
+    # An explicit image file instead of the store (demo, development). Trust checks still apply
+    # when the catalogue section is configured.
+    image_path: Optional[StrictStr] = None
+    boot: Optional[BootSpec] = None
+    persistent: list[DiskSpec] = dataclasses.field(default_factory=list)
+    # Role-specific settings passed to the guest through the config drive.
+    config: dict[StrictStr, Any] = dataclasses.field(default_factory=dict)
+    # Hypervisors a job of this role must run on (cassandra: where its persistent disk lives).
+    hosts: list[StrictStr] = dataclasses.field(default_factory=list)
+
+    @field_validator("image")
+    @classmethod
+    def _image_ref(cls, v: str) -> str:
+        split_image_ref(v)
+        return v
+
+    @model_validator(mode="after")
+    def _bridge_named(self) -> "RoleSpec":
+        if self.network == "bridge" and not self.bridge:
+            raise ValueError("network 'bridge' needs 'bridge: BRIDGE_NAME'")
+        return self
+
+    @property
+    def image_name(self) -> str:
+        return split_image_ref(self.image)[0]
+
+    @property
+    def image_version(self) -> str:
+        return split_image_ref(self.image)[1]
+
+
+@dataclass(config=_STRICT)
+class SchedulerSpec:
+    backend: Literal["local", "slurm", "pbs", "condor", "drmaa"] = "local"
+    queue: Optional[StrictStr] = None  # Slurm partition, PBS/SGE queue
+    account: Optional[StrictStr] = None
+    walltime: Optional[StrictStr] = None  # e.g. "7-00:00:00"; unlimited when unset
+    # Extra lines copied verbatim into rendered job descriptions (site policy).
+    extra_directives: list[StrictStr] = dataclasses.field(default_factory=list)
+    # Where job logs go (relative paths are relative to the spec file).
+    log_dir: Optional[StrictStr] = None
+    # HTCondor: schedd name and collector; unset means the local schedd.
+    schedd: Optional[StrictStr] = None
+    collector: Optional[StrictStr] = None
+    # DRMAA native specification appended to every job template.
+    native_spec: Optional[StrictStr] = None
+    max_retries: NonNegativeInt = 5
+
+
+@dataclass(config=_STRICT)
+class CassandraSpec:
+    contact_points: Annotated[list[StrictStr], Field(min_length=1)]
+    port: Port = 9042
+    keyspace: StrictStr = "salvus"
+    replication: dict[StrictStr, StrictStr | StrictInt] = dataclasses.field(
+        default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": 1})
+    consistency: StrictStr = "LOCAL_QUORUM"
+    local_dc: Optional[StrictStr] = None
+    request_timeout: Seconds = 1.0
+    connect_timeout: Seconds = 5.0
+    username: Optional[StrictStr] = None
+    # The password is read from this file, never from the spec or the command line.
+    password_file: Optional[StrictStr] = None
+
+    @field_validator("keyspace")
+    @classmethod
+    def _keyspace(cls, v: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]{0,47}$", v):
+            raise ValueError("expected a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
+        return v
+
+
+@dataclass(config=_STRICT)
+class RegistrySpec:
+    sqlite: Optional[StrictStr] = None  # path; default STORE/state/registry.sqlite
+    cassandra: Optional[CassandraSpec] = None
+    ttl: Annotated[StrictInt, Field(ge=1)] = 30  # seconds a service stays live without a heartbeat
+    heartbeat_interval: Seconds = 10
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> "RegistrySpec":
+        if self.sqlite is not None and self.cassandra is not None:
+            raise ValueError("give either 'sqlite' or 'cassandra', not both")
+        if self.heartbeat_interval >= self.ttl:
+            raise ValueError(f"heartbeat_interval ({self.heartbeat_interval}) must be shorter than "
+                             f"ttl ({self.ttl}) or live services would expire")
+        return self
+
+    @property
+    def backend(self) -> str:
+        return "cassandra" if self.cassandra is not None else "sqlite"
+
+
+@dataclass(config=_STRICT)
+class HypervisorSpec:
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # "auto": libvirt when a daemon answers, else plain QEMU; "never": plain QEMU; else a URI.
+    libvirt: StrictStr = "auto"
+    domain_template: Optional[StrictStr] = None  # site override of the libvirt domain XML
+    boot_timeout: Seconds = 180
+    stop_timeout: Seconds = 20  # must fit the scheduler's SIGTERM -> SIGKILL window
+    # Address recorded in the registry for forwarded ports; default this host's name.
+    advertise_host: Optional[StrictStr] = None
+    # The site's hypervisors (informational for one machine; used for placement and imgdist).
+    hosts: list[StrictStr] = dataclasses.field(default_factory=list)
+
+
+@dataclass(config=_STRICT)
+class TrustSpec:
+    keys: list[StrictStr] = dataclasses.field(default_factory=list)  # endorser public key files
+    threshold: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _threshold(self) -> "TrustSpec":
+        if self.keys and self.threshold > len(self.keys):
+            raise ValueError(f"threshold {self.threshold} exceeds the {len(self.keys)} keys given")
+        return self
+
+
+@dataclass(config=_STRICT)
+class CatalogueSpec:
+    url: Optional[StrictStr] = None  # the origin serving index.yaml, its signature and images
+    trust: TrustSpec = dataclasses.field(default_factory=TrustSpec)
+    max_index_bytes: PositiveInt = 16 << 20
+    # Skip the trust checks (development only; the wrapper logs a warning at every boot).
+    insecure_allow_unsigned: StrictBool = False
+
+
+@dataclass(config=_STRICT)
+class ImgdistSpec:
+    listen_port: Port = 6881
+    interval: Seconds = 60
+    stall_timeout: Seconds = 60
+    peers: list[StrictStr] = dataclasses.field(default_factory=list)  # host:port, besides the origin's list
+    keep_versions: NonNegativeInt = 2
+
+
+@dataclass(config=_STRICT)
+class ClusterSpec:
+    roles: dict[StrictStr, RoleSpec]
+    site: StrictStr = "salvus"
+    store: StrictStr = DEFAULT_STORE
+    scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
+    registry: RegistrySpec = dataclasses.field(default_factory=RegistrySpec)
+    hypervisor: HypervisorSpec = dataclasses.field(default_factory=HypervisorSpec)
+    catalogue: CatalogueSpec = dataclasses.field(default_factory=CatalogueSpec)
+    imgdist: ImgdistSpec = dataclasses.field(default_factory=ImgdistSpec)
+    ssh_keys: list[StrictStr] = dataclasses.field(default_factory=list)  # public keys for guests
+    # Absolute path of the file this spec was loaded from (set by load_spec, not by YAML).
+    source: StrictStr = ""
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, v: dict[str, RoleSpec]) -> dict[str, RoleSpec]:
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"role name {name!r}: expected [a-z][a-z0-9_-]*")
+        return v
+
+    def role(self, name: str) -> RoleSpec:
+        try:
+            return self.roles[name]
+        except KeyError:
+            raise SpecError(f"{self.source}: roles.{name}: no such role "
+                            f"(the spec defines: {', '.join(sorted(self.roles)) or 'none'})") from None
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.registry.sqlite) if self.registry.sqlite else self.store_path / "state" / "registry.sqlite"
+
+
+_SPEC_ADAPTER: TypeAdapter[ClusterSpec] | None = None
+
+
+def _adapter() -> TypeAdapter[ClusterSpec]:
+    global _SPEC_ADAPTER  # a cache of an immutable schema object, not state
+    if _SPEC_ADAPTER is None:
+        _SPEC_ADAPTER = TypeAdapter(ClusterSpec)
+    return _SPEC_ADAPTER
+
+
+def resolve_spec_path(arg: str | None) -> Path:
+    """--spec FILE, else ./cluster.yaml when it exists, else $SALVUS_SPEC."""
+    if arg:
+        return Path(arg)
+    local = Path(DEFAULT_SPEC_NAME)
+    if local.exists():
+        return local
+    env = os.environ.get(SPEC_ENV)
+    if env:
+        return Path(env)
+    raise SpecError(f"no spec: pass --spec FILE, create ./{DEFAULT_SPEC_NAME}, or set ${SPEC_ENV}")
+
+
+def load_spec(arg: str | Path | None = None) -> ClusterSpec:
+    path = resolve_spec_path(str(arg) if arg else None)
+    try:
+        raw = path.read_bytes() if path.stat().st_size <= MAX_SPEC_BYTES else None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec: {e.strerror or e}") from None
+    if raw is None:
+        raise SpecError(f"{path}: spec larger than {MAX_SPEC_BYTES} bytes")
+    return parse_spec(raw, path)
+
+
+def parse_spec(raw: bytes | str, path: Path) -> ClusterSpec:
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of sections (roles, scheduler, registry, ...), "
+                        f"got {type(data).__name__}")
+    if "source" in data:
+        raise SpecError(f"{path}: source: unknown key (it is set from the file name)")
+    base = path.resolve().parent
+    try:
+        spec = _adapter().validate_python({**data, "source": str(path.resolve())})
+    except ValidationError as e:
+        raise SpecError(f"{path}: {describe_validation_error(e)}") from None
+    return _absolutize(spec, base)
+
+
+def _abs(base: Path, p: str | None) -> str | None:
+    if p is None:
+        return None
+    return str((base / os.path.expanduser(p)).resolve()) if not p.startswith("/") else p
+
+
+def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
+    """Relative paths in a spec are relative to the spec file, so jobs can run from anywhere."""
+    spec.store = _abs(base, spec.store) or spec.store
+    spec.registry.sqlite = _abs(base, spec.registry.sqlite)
+    if spec.registry.cassandra:
+        spec.registry.cassandra.password_file = _abs(base, spec.registry.cassandra.password_file)
+    spec.hypervisor.domain_template = _abs(base, spec.hypervisor.domain_template)
+    spec.scheduler.log_dir = _abs(base, spec.scheduler.log_dir)
+    spec.catalogue.trust.keys = [_abs(base, k) or k for k in spec.catalogue.trust.keys]
+    for role in spec.roles.values():
+        role.image_path = _abs(base, role.image_path)
+        if role.boot:
+            role.boot.kernel = _abs(base, role.boot.kernel) or role.boot.kernel
+            role.boot.initrd = _abs(base, role.boot.initrd)
+    return spec
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys the dataclass at `loc` accepts, to tell a user what an unknown key should be."""
+    tp: Any = ClusterSpec
+    for part in loc:
+        origin = typing.get_origin(tp)
+        if origin is dict:
+            tp = typing.get_args(tp)[1]
+            continue
+        if origin is list:
+            tp = typing.get_args(tp)[0]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp, include_extras=True)
+        if part not in hints:
+            return None
+        tp = hints[part]
+        while typing.get_origin(tp) in (Annotated, typing.Union, Optional) or str(typing.get_origin(tp)) == "types.UnionType":
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0]
+    if dataclasses.is_dataclass(tp):
+        return [f.name for f in dataclasses.fields(tp) if f.name != "source"]
+    return None
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    errors = e.errors()
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    kind = first["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _fields_at(loc[:-1])
+        msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
+    elif kind == "missing" or kind == "missing_argument":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        msg = msg[0].lower() + msg[1:]
+        if "input" in first and kind not in ("value_error", "assertion_error"):
+            shown = repr(first["input"])
+            msg += f", got {shown if len(shown) < 60 else shown[:57] + '...'}"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{dotted}: {msg}{more}"

@@ -1,0 +1,1 @@
+"""`imgdist`: hypervisors pull approved images as a swarm, verify them, and advertise them."""

@@ -1,0 +1,1 @@
+"""`salvus-vmjob`: the process a scheduler runs; its life is one VM's life."""

@@ -1,0 +1,1 @@
+"""Scheduler backends: one small class per scheduler (local, condor, pbs, slurm, drmaa)."""

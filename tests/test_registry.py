@@ -1,0 +1,93 @@
+"""The backend-independent registry suite: the same tests for every backend in REGISTRY_BACKENDS."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.registry import Service, open_registry
+from tests import registry_workers
+
+
+def svc(sid: str, role: str = "sage", port: int = 6000, **kw) -> Service:
+    return Service(role=role, service_id=sid, host="127.0.0.1", port=port, hypervisor="hv1",
+                   scheduler="local", job_id="42", image="demo@1", **kw)
+
+
+def test_register_lookup_heartbeat_deregister(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        reg.register(svc("sage-a"))
+        reg.register(svc("sage-b", port=6001))
+        reg.register(svc("hub-a", role="hub", port=8080))
+        assert sorted(s.service_id for s in reg.lookup("sage")) == ["sage-a", "sage-b"]
+        assert [s.service_id for s in reg.lookup("hub")] == ["hub-a"]
+        assert reg.lookup("cassandra") == []
+        got = reg.get("sage-b")
+        assert (got.host, got.port, got.hypervisor, got.job_id, got.image) == ("127.0.0.1", 6001, "hv1", "42", "demo@1")
+        before = got.last_heartbeat
+        time.sleep(0.05)
+        assert reg.heartbeat("sage-b") is True
+        assert reg.get("sage-b").last_heartbeat > before
+        reg.deregister("sage-a")
+        assert [s.service_id for s in reg.lookup("sage")] == ["sage-b"]
+        assert reg.heartbeat("sage-a") is False  # gone: the wrapper must re-register
+        assert {s.service_id for s in reg.all()} == {"sage-b", "hub-a"}
+
+
+def test_service_without_heartbeats_expires_after_ttl(registry_spec_factory):
+    with open_registry(registry_spec_factory(ttl=2)) as reg:
+        reg.register(svc("short-lived"))
+        reg.register(svc("kept-alive", port=6001))
+        assert len(reg.lookup("sage")) == 2
+        deadline = time.time() + 3.5
+        while time.time() < deadline:
+            assert reg.heartbeat("kept-alive")
+            time.sleep(0.5)
+        assert [s.service_id for s in reg.lookup("sage")] == ["kept-alive"]
+        assert reg.heartbeat("short-lived") is False
+        assert reg.get("short-lived") is None
+
+
+def test_reregistering_replaces_never_duplicates(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        reg.register(svc("sage-a", port=6000))
+        reg.register(svc("sage-a", port=7000, started=time.time() + 1))
+        found = reg.lookup("sage")
+        assert len(found) == 1 and found[0].port == 7000
+        assert len(reg.all()) == 1
+
+
+def test_twenty_processes_at_once_lose_nothing(registry_spec_factory):
+    spec = registry_spec_factory(ttl=120)
+    ctx = multiprocessing.get_context("spawn")
+    workers, services, beats = 20, 10, 5
+    with ctx.Pool(workers) as pool:
+        accepted = pool.starmap(registry_workers.register_and_heartbeat,
+                                [(spec, w, services, beats) for w in range(workers)])
+    assert accepted == [services * beats] * workers
+    with open_registry(spec) as reg:
+        ids = {s.service_id for s in reg.lookup("sage")}
+    assert ids == {f"w{w}-s{i}" for w in range(workers) for i in range(services)}
+
+
+def test_writer_sigkilled_mid_run_leaves_registry_readable(registry_spec_factory, tmp_path):
+    spec = registry_spec_factory(ttl=120)
+    log = tmp_path / "committed.log"
+    proc = multiprocessing.get_context("spawn").Process(target=registry_workers.write_forever,
+                                                        args=(spec, str(log)))
+    proc.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 30):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    committed = [line for line in log.read_text().splitlines() if line]
+    assert len(committed) >= 30
+    with open_registry(spec) as reg:
+        live = {s.service_id for s in reg.lookup("hub")}
+        reg.register(svc("after-crash"))  # still writable
+        assert reg.get("after-crash") is not None
+    assert set(committed) <= live
