@@ -91,7 +91,8 @@ class SqliteRegistry(Registry):
 
     def _select(self, where: str, args: tuple) -> list[Service]:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
-        return [Service(**dict(zip(_COLUMNS, r))) for r in rows]
+        # _COLUMNS is in Service's field order, so rows map positionally (cheaper for big lookups).
+        return [Service(*r) for r in rows]
 
     def lookup(self, role: str) -> list[Service]:
         return self._select("role = ? AND expires_at > ? ORDER BY started", (role, time.time()))
