@@ -11,8 +11,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "    venv: creating .venv with $py"
   "$py" -m venv .venv
 fi
+stamp=.venv/.salvus-pyproject.sha256
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import salvus_jobs' 2>/dev/null; then
+  echo "    venv: up to date (pyproject.toml unchanged)"; exit 0
+fi
 # Skip the Cython build of cassandra-driver: minutes of compile for a registry that is not hot.
 export CASS_DRIVER_NO_CYTHON=1
 .venv/bin/python -m pip install -q --upgrade pip
 echo "    venv: installing salvus-jobs (editable) with test extras"
 .venv/bin/python -m pip install -q -e '.[test]'
+echo "$want" > "$stamp"
