@@ -16,12 +16,16 @@ entries:
   roles: [sage, hub]                # roles that may boot it; empty = any role
   info_hash: 5e1c0c2a...            # BitTorrent v2 info hash (sha256 of the info dict), 64 hex
   torrent: torrents/demo-1.torrent  # path relative to the origin URL
-  web_seeds: ['http://origin:8765/images/demo-1.qcow2']   # BEP 19 web seeds (http/https)
+  web_seeds: ['http://origin:8765/images/']   # BEP 19 web seeds: DIRECTORY URLs ending in '/'
   created: '2026-11-23T04:58:12Z'
   expires: null                     # optional per-image end of life
   targets: []                       # hypervisor or cluster names it is meant for; empty = all
 revoked: [demo@0]                   # optional: NAME@VERSION the endorser withdrew
 ```
+
+`web_seeds` are directory URLs: give them as they are to libtorrent (`add_url_seed`), which appends
+the file name; a URL naming the file itself fails (a one-file v2 torrent has a pad file, so
+libtorrent requests URL/NAME). The plain HTTP URL of the image is `Entry.http_urls`.
 
 Parsing is strict: the size is checked before YAML is touched (endless data), YAML is read with
 `yaml.safe_load`, every key is required unless marked optional above, unknown keys, duplicate
@@ -110,6 +114,11 @@ class Entry:
     def file_name(self) -> str:
         """NAME-VERSION.qcow2 (or .raw): the name in the catalogue's images/ and the store's base/."""
         return f"{self.name}-{self.version}.{'qcow2' if self.format == 'qcow2' else 'raw'}"
+
+    @property
+    def http_urls(self) -> list[str]:
+        """Plain HTTP URLs of the image file (web seed directory + file name)."""
+        return [seed + self.file_name for seed in self.web_seeds]
 
     def serves(self, role: str) -> bool:
         return not self.roles or role in self.roles
@@ -210,7 +219,7 @@ class _Fields:
         return list(v)
 
 
-_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
+_SEED_URL_RE = re.compile(r"^https?://[^\s/?#]+/([^\s?#]*/)?$")
 _REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}@[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
@@ -235,7 +244,7 @@ def _parse_entry(source: str, i: int, data: Any) -> Entry:
         roles=f.str_list("roles", _ROLE_RE, "role names ([a-z][a-z0-9_-]*)"),
         info_hash=f.str("info_hash", _HEX64, "a BitTorrent v2 info hash (64 lowercase hex digits)"),
         torrent=f.str("torrent", _TORRENT_RE, "'torrents/NAME-VERSION.torrent'"),
-        web_seeds=f.str_list("web_seeds", _URL_RE, "http(s) URLs"),
+        web_seeds=f.str_list("web_seeds", _SEED_URL_RE, "http(s) directory URLs ending in '/'"),
         created=f.time("created"),  # type: ignore[arg-type]
         expires=f.time("expires", optional=True),
         targets=f.str_list("targets", _TARGET_RE, "host or cluster names"),
@@ -245,6 +254,21 @@ def _parse_entry(source: str, i: int, data: Any) -> Entry:
 
 def parse_index(raw: bytes, max_bytes: int = DEFAULT_MAX_INDEX_BYTES, source: str = "index.yaml") -> Index:
     """The Index in `raw`, or DataError naming the first problem. Does NOT check signatures."""
+    f = load_yaml_mapping(raw, max_bytes, source, required=("schema", "version", "issued", "expires", "entries"),
+                          optional=("revoked",))
+    if f.data["schema"] != SCHEMA:
+        f.fail("schema", f"expected {SCHEMA!r}, got {f._got(f.data['schema'])}")
+    entries, revoked = parse_entries(f)
+    index = Index(version=f.int("version", minimum=1), issued=f.time("issued"),  # type: ignore[arg-type]
+                  expires=f.time("expires"), entries=entries, revoked=revoked)  # type: ignore[arg-type]
+    if index.expires <= index.issued:
+        f.fail("expires", "must be later than 'issued'")
+    return index
+
+
+def load_yaml_mapping(raw: bytes, max_bytes: int, source: str, required: Iterable[str],
+                      optional: Iterable[str]) -> _Fields:
+    """A size-checked, safely loaded YAML mapping with exactly the keys allowed; DataError otherwise."""
     if len(raw) > max_bytes:
         raise DataError(f"{source}: {len(raw)} bytes exceeds the limit of {max_bytes} bytes; refused unread")
     try:
@@ -258,27 +282,24 @@ def parse_index(raw: bytes, max_bytes: int = DEFAULT_MAX_INDEX_BYTES, source: st
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise DataError(f"{source}: malformed YAML{where}: {problem}") from None
-    f = _Fields(source, "", data, required=("schema", "version", "issued", "expires", "entries"),
-                optional=("revoked",))
-    if data["schema"] != SCHEMA:
-        f.fail("schema", f"expected {SCHEMA!r}, got {f._got(data['schema'])}")
-    entries_raw = data["entries"]
+    return _Fields(source, "", data, required=required, optional=optional)
+
+
+def parse_entries(f: _Fields) -> tuple[list[Entry], list[str]]:
+    """`entries` and `revoked` of a document, with NAME@VERSION unique and not both."""
+    entries_raw = f.data.get("entries", [])
     if not isinstance(entries_raw, list):
         f.fail("entries", f"expected a list of entries, got {type(entries_raw).__name__}")
-    index = Index(version=f.int("version", minimum=1), issued=f.time("issued"),  # type: ignore[arg-type]
-                  expires=f.time("expires"),  # type: ignore[arg-type]
-                  entries=[_parse_entry(source, i, e) for i, e in enumerate(entries_raw)],
-                  revoked=f.str_list("revoked", _REF_RE, "NAME@VERSION"))
-    if index.expires <= index.issued:
-        f.fail("expires", "must be later than 'issued'")
+    entries = [_parse_entry(f.source, i, e) for i, e in enumerate(entries_raw)]
+    revoked = f.str_list("revoked", _REF_RE, "NAME@VERSION")
     seen: set[str] = set()
-    for i, e in enumerate(index.entries):
+    for i, e in enumerate(entries):
         if e.ref in seen:
             f.fail(f"entries[{i}]", f"{e.ref} is listed twice")
-        if e.ref in index.revoked:
+        if e.ref in revoked:
             f.fail(f"entries[{i}]", f"{e.ref} is both listed and revoked")
         seen.add(e.ref)
-    return index
+    return entries, revoked
 
 
 # ----------------------------------------------------------------------------- signatures

@@ -16,7 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cluster.errors import SalvusError, SpecError
+from cluster.errors import DataError, SalvusError, SpecError
+from catalogue.files import read_limited
 
 PASSPHRASE_ENV = "SALVUS_KEY_PASSPHRASE"
 MAX_KEY_FILE_BYTES = 16 << 10
@@ -93,13 +94,9 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 def _read_small(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read key: {e.strerror or e}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large to be a key file")
-    return data
+        return read_limited(path, MAX_KEY_FILE_BYTES)
+    except DataError as e:
+        raise KeyFileError(f"key file {e}") from None
 
 
 def load_private_key(path: Path, passphrase: bytes) -> Ed25519PrivateKey:

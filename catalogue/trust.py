@@ -1,33 +1,269 @@
-"""The pre-boot trust check the wrapper (and imgdist) call before using an image.
+"""Trust on the hypervisor: which signed index this host accepted, and whether an image may boot.
 
-`verified_image(spec, role)` returns the base image file a role may boot from, or raises
-DataError (exit 65) with one line naming which check failed.
+An image may boot only when four checks pass, in this order:
+  1. index fresh — an accepted index exists, its signatures still verify with the spec's trust
+     anchors (threshold), and it has not expired (a frozen mirror cannot keep a host on old images);
+  2. endorsed    — NAME@VERSION is an entry of that index, not revoked, not expired, for this role;
+  3. approved    — the site's approvals list it (`catalogue.approvals`);
+  4. hash        — the file's size and sha256 match the entry (cached per file stamp).
+`verified_image` raises DataError (exit 65) naming the failed check and creates nothing on failure.
+
+Accepting an index (`accept_index`, used by `salvus_jobs catalogue accept` and imgdist) checks, in
+order: size before reading (endless data), signatures over the exact bytes (arbitrary software,
+mix-and-match), structure, expiry (freeze), version not older than the last accepted one and not the
+same version with other bytes (rollback). Only then is the copy stored, atomically, under
+`STORE/state/catalogue/`: `index-<sha>.yaml`, `index-<sha>.yaml.sig` and the pointer
+`accepted.json` whose rename is the commit point.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
-from cluster.errors import DataError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
+from catalogue import hashcache
+from catalogue.approvals import is_approved
+from catalogue.files import locked, read_limited, write_atomic
+from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
+from catalogue.keys import load_trust_keys
 
 log = logging.getLogger(__name__)
 
+CHECKS = ("index fresh", "endorsed", "approved", "hash")
+__all__ = ["accept_index", "accepted_index", "accepted_version", "base_image_path", "check_image_bytes", "check_signed_index",
+           "is_approved", "trust_keys", "verified_image"]
 
-def base_image_path(spec: ClusterSpec, image_ref: str) -> Path:
-    """images/base/NAME-VERSION.qcow2 in the store; the name was validated not to escape it."""
-    name, version = split_image_ref(image_ref)
+
+def state_dir(spec: ClusterSpec) -> Path:
+    return spec.store_path / "state" / "catalogue"
+
+
+def hash_cache_path(spec: ClusterSpec) -> Path:
+    return spec.store_path / "state" / "hash-cache.json"
+
+
+def trust_keys(spec: ClusterSpec) -> list[Ed25519PublicKey]:
+    if not spec.catalogue.trust.keys:
+        raise SpecError(f"{spec.source}: catalogue.trust.keys: no endorser keys configured (or set "
+                        "catalogue.insecure_allow_unsigned: true for development)")
+    return load_trust_keys(spec.catalogue.trust.keys)
+
+
+def check_signed_index(index_bytes: bytes, sig_bytes: bytes, keys: list[Ed25519PublicKey], threshold: int,
+                       max_bytes: int, source: str = "index.yaml") -> Index:
+    """Size, then signatures over the exact bytes, then structure, then expiry; the parser only
+    ever sees bytes a trusted key signed."""
+    if len(index_bytes) > max_bytes:
+        raise DataError(f"{source}: {len(index_bytes)} bytes exceeds the limit of {max_bytes} bytes; "
+                        "refused unread")
+    verify_signatures(index_bytes, sig_bytes, keys, threshold, source=f"{source}.sig")
+    index = parse_index(index_bytes, max_bytes=max_bytes, source=source)
+    if index.expired():
+        raise DataError(f"{source}: version {index.version} expired at {format_time(index.expires)} "
+                        "(stale index: the endorser must re-sign)")
+    return index
+
+
+def _pointer_path(spec: ClusterSpec) -> Path:
+    return state_dir(spec) / "accepted.json"
+
+
+def _read_pointer(spec: ClusterSpec) -> dict | None:
+    path = _pointer_path(spec)
+    if not path.exists():
+        return None
+    try:
+        ptr = json.loads(read_limited(path, 1 << 16))
+        int(ptr["version"]), str(ptr["sha256"]), str(ptr["index"]), str(ptr["sig"])
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: damaged; re-run `salvus_jobs catalogue accept`") from None
+    return ptr
+
+
+def accepted_version(spec: ClusterSpec) -> int:
+    """The version of the last accepted index, 0 when none."""
+    ptr = _read_pointer(spec)
+    return int(ptr["version"]) if ptr else 0
+
+
+def _accepted_bytes(spec: ClusterSpec) -> tuple[bytes, bytes] | None:
+    ptr = _read_pointer(spec)
+    if ptr is None:
+        return None
+    d = state_dir(spec)
+    raw = read_limited(d / Path(ptr["index"]).name, spec.catalogue.max_index_bytes)
+    sig = read_limited(d / Path(ptr["sig"]).name, 1 << 16)
+    if hashlib.sha256(raw).hexdigest() != ptr["sha256"]:
+        raise DataError(f"{d / ptr['index']}: changed since it was accepted")
+    return raw, sig
+
+
+def accepted_index(spec: ClusterSpec) -> Index | None:
+    """The index this host last accepted (as stored; see `verified_image` for the full checks)."""
+    stored = _accepted_bytes(spec)
+    if stored is None:
+        return None
+    return parse_index(stored[0], max_bytes=spec.catalogue.max_index_bytes,
+                       source=str(state_dir(spec) / "accepted index"))
+
+
+def _refuse_rollback(spec: ClusterSpec, index: Index, digest: str) -> bool:
+    """True when this exact index is already the accepted one; DataError on rollback or equivocation."""
+    ptr = _read_pointer(spec)
+    if ptr is None:
+        return False
+    last = int(ptr["version"])
+    if index.version < last:
+        raise DataError(f"index version {index.version} is older than the accepted version {last}: "
+                        "rollback refused")
+    if index.version == last and digest != ptr["sha256"]:
+        raise DataError(f"index version {index.version} was already accepted with different content: "
+                        "refused (an endorser must bump the version on every change)")
+    return index.version == last
+
+
+def accept_index(spec: ClusterSpec, index_bytes: bytes, sig_bytes: bytes) -> Index:
+    """Verifies a fetched index and, if it passes every check, makes it this host's accepted index."""
+    cat = spec.catalogue
+    index = check_signed_index(index_bytes, sig_bytes, trust_keys(spec), cat.trust.threshold, cat.max_index_bytes)
+    digest = hashlib.sha256(index_bytes).hexdigest()
+    # Checked before taking the lock as well, so a refused index leaves the state untouched.
+    if _refuse_rollback(spec, index, digest):
+        return index
+    d = state_dir(spec)
+    with locked(d / ".lock"):
+        if _refuse_rollback(spec, index, digest):
+            return index
+        old = _read_pointer(spec)
+        name = f"index-{index.version}-{digest[:16]}.yaml"
+        write_atomic(d / name, index_bytes)
+        write_atomic(d / f"{name}.sig", sig_bytes)
+        pointer = {"version": index.version, "sha256": digest, "index": name, "sig": f"{name}.sig",
+                   "accepted": format_time(now_utc()), "expires": format_time(index.expires)}
+        write_atomic(_pointer_path(spec), json.dumps(pointer, indent=1).encode())
+        if old:
+            for f in (old["index"], old["sig"]):
+                (d / Path(f).name).unlink(missing_ok=True)
+    log.info("accepted catalogue index version %d (%d entries, expires %s)", index.version,
+             len(index.entries), format_time(index.expires))
+    return index
+
+
+def check_image_bytes(spec: ClusterSpec, entry: Entry, path: Path) -> None:
+    """DataError unless `path` holds exactly the entry's bytes. The sha256 is remembered per file
+    stamp in STORE/state, so an unchanged image is not re-read at every boot."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image: {e.strerror or e}") from None
+    if st.st_size != entry.size:
+        raise DataError(f"{path}: {st.st_size} bytes, but {entry.ref} has {entry.size}")
+    cache = hash_cache_path(spec)
+    digest = hashcache.cached_sha256(cache, path)
+    if digest is None:
+        try:
+            digest, stamp = hashcache.hash_with_stamp(path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot hash image: {e}") from None
+        if digest == entry.sha256:
+            hashcache.remember(cache, path, digest, stamp)
+    if digest != entry.sha256:
+        raise DataError(f"{path}: sha256 {digest[:16]}... does not match {entry.ref}'s {entry.sha256[:16]}... "
+                        "(tampered or corrupt)")
+
+
+def _store_image_path(spec: ClusterSpec, file_name: str) -> Path:
     base = (spec.store_path / "images" / "base").resolve()
-    path = (base / f"{name}-{version}.qcow2").resolve()
+    path = (base / file_name).resolve()
     if path.parent != base:
-        raise DataError(f"image {image_ref!r}: resolves outside the image store")
+        raise DataError(f"image file {file_name!r}: resolves outside the image store")
     return path
 
 
-def verified_image(spec: ClusterSpec, role_name: str) -> Path:
+def base_image_path(spec: ClusterSpec, image_ref: str) -> Path:
+    """STORE/images/base/NAME-VERSION.qcow2; the name was validated not to escape the store."""
+    name, version = split_image_ref(image_ref)
+    return _store_image_path(spec, f"{name}-{version}.qcow2")
+
+
+def image_path(spec: ClusterSpec, role_name: str, entry: Entry | None = None) -> Path:
+    """Where a role's image is read from: its explicit `image_path`, else the store's base/."""
     role = spec.role(role_name)
-    path = Path(role.image_path) if role.image_path else base_image_path(spec, role.image)
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise DataError(f"image {role.image} for role {role_name}: {path} is missing or unreadable")
+    if role.image_path:
+        return Path(role.image_path)
+    return _store_image_path(spec, entry.file_name) if entry else base_image_path(spec, role.image)
+
+
+class _Refusal:
+    def __init__(self, ref: str, role: str):
+        self.ref, self.role = ref, role
+
+    def __call__(self, check: str, detail: str) -> DataError:
+        assert check in CHECKS
+        return DataError(f"image {self.ref} for role {self.role}: {check} check failed: {detail}")
+
+
+def _fresh_index(spec: ClusterSpec, refuse: _Refusal) -> Index:
+    try:
+        stored = _accepted_bytes(spec)
+    except DataError as e:
+        raise refuse("index fresh", str(e)) from None
+    if stored is None:
+        raise refuse("index fresh", f"this host has accepted no signed index yet (run `salvus_jobs "
+                                    f"catalogue accept` or imgdist); state dir {state_dir(spec)}")
+    cat = spec.catalogue
+    try:
+        return check_signed_index(stored[0], stored[1], trust_keys(spec), cat.trust.threshold,
+                                  cat.max_index_bytes, source=f"accepted index {state_dir(spec)}")
+    except DataError as e:
+        raise refuse("index fresh", str(e)) from None
+
+
+def _endorsed_entry(index: Index, role_name: str, name: str, version: str, refuse: _Refusal) -> Entry:
+    ref = f"{name}@{version}"
+    if ref in index.revoked:
+        raise refuse("endorsed", f"revoked by the endorser in index version {index.version}")
+    entry = index.find(name, version)
+    if entry is None:
+        raise refuse("endorsed", f"not in the accepted signed index (version {index.version})")
+    if entry.expired():
+        raise refuse("endorsed", f"the endorsement expired at {format_time(entry.expires)}")  # type: ignore[arg-type]
+    if not entry.serves(role_name):
+        raise refuse("endorsed", f"endorsed for roles {', '.join(entry.roles)}, not {role_name}")
+    return entry
+
+
+def verified_image(spec: ClusterSpec, role_name: str) -> Path:
+    """The image file `role_name` may boot from, after all four checks; DataError (65) naming the
+    failed check otherwise. Reads only; the hash cache is updated only after a successful hash."""
+    role = spec.role(role_name)
+    name, version = split_image_ref(role.image)
+    refuse = _Refusal(role.image, role_name)
+    if spec.catalogue.insecure_allow_unsigned:
+        log.warning("catalogue.insecure_allow_unsigned is set: booting %s for role %s WITHOUT "
+                    "signature, approval or hash checks", role.image, role_name)
+        path = image_path(spec, role_name)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise DataError(f"image {role.image} for role {role_name}: {path} is missing or unreadable")
+        return path
+    index = _fresh_index(spec, refuse)
+    entry = _endorsed_entry(index, role_name, name, version, refuse)
+    try:
+        approved = is_approved(spec, name, version)
+    except DataError as e:
+        raise refuse("approved", str(e)) from None
+    if not approved:
+        raise refuse("approved", f"not in the site's approvals ({spec.store_path / 'state' / 'approvals.yaml'}); "
+                                 f"an admin runs `salvus_jobs catalogue approve {entry.ref}`")
+    try:
+        path = image_path(spec, role_name, entry)
+        check_image_bytes(spec, entry, path)
+    except DataError as e:
+        raise refuse("hash", str(e)) from None
     return path

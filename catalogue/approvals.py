@@ -1,0 +1,91 @@
+"""The site's approvals: which endorsed images this site lets its hypervisors boot.
+
+Endorsement is the endorser's word; approval is the site admin's, kept with the hypervisors'
+state (`STORE/state/approvals.yaml`), never in the endorser's catalogue directory. An entry is
+`NAME@VERSION` or `NAME@*` (every endorsed version of NAME):
+
+```yaml
+# written by `salvus_jobs catalogue approve/unapprove`
+approved: [demo@1, sage-ubuntu@*]
+```
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cluster.errors import DataError, SpecError
+from cluster.spec import ClusterSpec, split_image_ref
+from catalogue.files import locked, read_limited, write_atomic
+
+MAX_APPROVALS_BYTES = 1 << 20
+HEADER = b"# written by `salvus_jobs catalogue approve/unapprove`\n"
+
+
+def approvals_path(spec: ClusterSpec) -> Path:
+    return spec.store_path / "state" / "approvals.yaml"
+
+
+def check_pattern(ref: str) -> str:
+    """NAME@VERSION or NAME@*; SpecError (78) otherwise."""
+    name, _, version = ref.partition("@")
+    try:
+        split_image_ref(f"{name}@{'any' if version == '*' else version}")
+    except ValueError as e:
+        raise SpecError(f"approval {ref!r}: {e} (or NAME@* for every version)") from None
+    return ref
+
+
+def load_approvals(spec: ClusterSpec) -> list[str]:
+    path = approvals_path(spec)
+    if not path.exists():
+        return []
+    raw = read_limited(path, MAX_APPROVALS_BYTES)
+    try:
+        data = yaml.safe_load(raw) or {}
+    except yaml.YAMLError:
+        raise DataError(f"{path}: malformed YAML; expected 'approved: [NAME@VERSION, ...]'") from None
+    approved = data.get("approved") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or set(data) - {"approved"} or not isinstance(approved or [], list):
+        raise DataError(f"{path}: expected only 'approved: [NAME@VERSION, ...]'")
+    for i, ref in enumerate(approved or []):
+        if not isinstance(ref, str):
+            raise DataError(f"{path}: approved[{i}]: expected NAME@VERSION, got {ref!r}")
+        try:
+            check_pattern(ref)
+        except SpecError as e:
+            raise DataError(f"{path}: approved[{i}]: {e}") from None
+    return list(approved or [])
+
+
+def is_approved(spec: ClusterSpec, name: str, version: str) -> bool:
+    approved = load_approvals(spec)
+    return f"{name}@{version}" in approved or f"{name}@*" in approved
+
+
+def _save(spec: ClusterSpec, approved: list[str]) -> None:
+    body = yaml.safe_dump({"approved": approved}, default_flow_style=False).encode()
+    write_atomic(approvals_path(spec), HEADER + body)
+
+
+def approve(spec: ClusterSpec, ref: str) -> bool:
+    """Adds `ref`; False when it was already there."""
+    check_pattern(ref)
+    with locked(approvals_path(spec).with_name(".approvals.lock")):
+        approved = load_approvals(spec)
+        if ref in approved:
+            return False
+        _save(spec, sorted(approved + [ref]))
+    return True
+
+
+def unapprove(spec: ClusterSpec, ref: str) -> bool:
+    """Removes `ref`; False when it was not there."""
+    check_pattern(ref)
+    with locked(approvals_path(spec).with_name(".approvals.lock")):
+        approved = load_approvals(spec)
+        if ref not in approved:
+            return False
+        _save(spec, [a for a in approved if a != ref])
+    return True

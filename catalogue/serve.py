@@ -1,0 +1,135 @@
+"""The catalogue's HTTP origin: index.yaml, index.yaml.sig, torrents/, images/, with Range requests.
+
+Why not `http.server.SimpleHTTPRequestHandler`: it ignores `Range`, and BitTorrent web seeds (BEP 19)
+fetch pieces as byte ranges; answered with the whole file each time, a 1 GiB image would be sent
+once per piece. It also serves any file under the directory, where the origin should publish only
+the four kinds of path above. So this handler maps those paths itself and implements the single
+byte range form web seeds and resuming HTTP clients use (`bytes=A-B`, `bytes=A-`, `bytes=-N`);
+a multi-range request is answered with the whole file (200), which RFC 9110 permits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FILE_PART = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}"
+_ROUTES = (
+    (re.compile(r"^/(index\.yaml)$"), "", "application/yaml"),
+    (re.compile(r"^/(index\.yaml\.sig)$"), "", "text/plain; charset=us-ascii"),
+    (re.compile(rf"^/torrents/({_FILE_PART}\.torrent)$"), "torrents", "application/x-bittorrent"),
+    (re.compile(rf"^/images/({_FILE_PART})$"), "images", "application/octet-stream"),
+)
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """(first, last) inclusive for a satisfiable single range; None to send the whole file;
+    'unsatisfiable' for a range outside the file."""
+    if not header:
+        return None
+    m = _RANGE_RE.match(header.strip().replace(" ", ""))
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # multi-range or malformed: ignore Range, send everything
+    first_s, last_s = m.groups()
+    if not first_s:  # suffix range: the last N bytes
+        n = int(last_s)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size - 1
+    first = int(first_s)
+    last = min(int(last_s), size - 1) if last_s else size - 1
+    if first >= size or (last_s and int(last_s) < first):
+        return "unsatisfiable"
+    return first, last
+
+
+class OriginHandler(BaseHTTPRequestHandler):
+    server_version = "salvus-catalogue"
+    protocol_version = "HTTP/1.1"  # keep-alive: a web seed issues many range requests
+    root: Path  # set on the subclass made by make_server
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _resolve(self) -> tuple[Path, str] | None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        for pattern, sub, ctype in _ROUTES:
+            m = pattern.match(path)
+            if m:
+                return self.root / sub / m.group(1), ctype
+        return None
+
+    def _error(self, status: HTTPStatus, extra: dict[str, str] | None = None) -> None:
+        body = f"{status.value} {status.phrase}\n".encode()
+        self.send_response(status)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        found = self._resolve()
+        if found is None:
+            return self._error(HTTPStatus.NOT_FOUND)
+        path, ctype = found
+        try:
+            f = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return self._error(HTTPStatus.NOT_FOUND)
+        except PermissionError:
+            return self._error(HTTPStatus.FORBIDDEN)
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            rng = parse_range(self.headers.get("Range"), size)
+            if rng == "unsatisfiable":
+                return self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"})
+            first, last = rng if isinstance(rng, tuple) else (0, size - 1)
+            length = last - first + 1 if size else 0
+            self.send_response(HTTPStatus.PARTIAL_CONTENT if isinstance(rng, tuple) else HTTPStatus.OK)
+            if isinstance(rng, tuple):
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(length))
+            if path.name.startswith("index.yaml"):
+                self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            if self.command == "GET" and length:
+                try:
+                    self.connection.sendfile(f, first, length)
+                except (BrokenPipeError, ConnectionResetError):
+                    log.debug("client %s went away", self.address_string())
+
+
+def make_server(directory: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A bound, not yet serving, origin for `directory` (port 0 picks a free port)."""
+    handler = type("BoundOriginHandler", (OriginHandler,), {"root": directory.resolve()})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_in_thread(directory: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+    """An origin running in a background thread and its base URL; `server.shutdown()` stops it."""
+    server = make_server(directory, host, port)
+    threading.Thread(target=server.serve_forever, name="catalogue-origin", daemon=True).start()
+    return server, base_url(server)
+
+
+def base_url(server: ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}/"
