@@ -73,6 +73,16 @@ class BootSpec:
 
 
 @dataclass(config=_STRICT)
+class ProbeSpec:
+    """How the wrapper confirms a booted guest's service answers: connect to the forwarded port,
+    send `send` (may be empty), and require bytes back (containing `expect` when it is set)."""
+
+    send: StrictStr = ""
+    expect: StrictStr = ""
+    timeout: Seconds = 5
+
+
+@dataclass(config=_STRICT)
 class RoleSpec:
     image: StrictStr  # NAME@VERSION, resolved in the store as images/base/NAME-VERSION.qcow2
     port: Port  # the service port inside the guest
@@ -91,6 +101,9 @@ class RoleSpec:
     config: dict[StrictStr, Any] = dataclasses.field(default_factory=dict)
     # Hypervisors a job of this role must run on (cassandra: where its persistent disk lives).
     hosts: list[StrictStr] = dataclasses.field(default_factory=list)
+    # Roles whose registered endpoints the guest is given, and kept up to date (the hub: [sage]).
+    upstreams: list[StrictStr] = dataclasses.field(default_factory=list)
+    probe: ProbeSpec = dataclasses.field(default_factory=ProbeSpec)
 
     @field_validator("image")
     @classmethod
@@ -129,6 +142,12 @@ class SchedulerSpec:
     # DRMAA native specification appended to every job template.
     native_spec: Optional[StrictStr] = None
     max_retries: NonNegativeInt = 5
+    # salvus-vmjob as execute nodes see it; default the one installed beside this Python.
+    wrapper: Optional[StrictStr] = None
+    # HTCondor: extra `requirements` ANDed with the image/hypervisor match (site policy).
+    requirements: Optional[StrictStr] = None
+    # Directory of the scheduler's client commands (sbatch, qsub, ...); default: found on PATH.
+    bin_dir: Optional[StrictStr] = None
 
 
 @dataclass(config=_STRICT)
@@ -217,6 +236,13 @@ class ImgdistSpec:
     stall_timeout: Seconds = 60
     peers: list[StrictStr] = dataclasses.field(default_factory=list)  # host:port, besides the origin's list
     keep_versions: NonNegativeInt = 2
+    # Announce URL of the origin's tracker (`imgdist --origin`), e.g. http://origin:6969/announce.
+    tracker: Optional[StrictStr] = None
+    # Origin only: its upload rate in bytes/s, shared evenly among the hosts pulling (0 = no pacing).
+    origin_upload_rate: NonNegativeInt = 0
+    listen_ip: StrictStr = "0.0.0.0"
+    # Bytes kept free on the store's file system besides the image being pulled.
+    reserve_mb: NonNegativeInt = 64
 
 
 @dataclass(config=_STRICT)

@@ -1,0 +1,75 @@
+"""`imgdist --daemon`: a sync pass every interval, seeding in between, until SIGTERM."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from cluster.errors import SalvusError
+from cluster.spec import ClusterSpec
+from imagedist.state import is_enabled, write_status
+from imagedist.store import store_lock
+from imagedist.sync import Agent, select_entries
+
+log = logging.getLogger(__name__)
+
+SEED_PUMP_SECONDS = 1.0
+
+
+def _accepted_index(spec: ClusterSpec):
+    from catalogue.trust import accepted_index
+
+    return accepted_index(spec)
+
+
+def run_daemon(spec: ClusterSpec, interval: float) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(spec)
+    with store_lock(agent.store, wait=False):
+        try:
+            while not stop.is_set():
+                try:
+                    r = agent.sync_pass(should_stop=stop.is_set)
+                    if r.disabled:
+                        log.info("disabled: not pulling or seeding (imgdist --enable)")
+                    for ref, why in r.failed.items():
+                        log.error("%s: %s", ref, why)
+                except SalvusError as e:
+                    log.error("sync pass failed: %s", e)
+                    _keep_seeding_last_index(agent, spec)
+                _seed_until(agent, time.monotonic() + interval, stop)
+        finally:
+            agent.close()
+            agent.status.images.clear()
+            write_status(agent.store, agent.status)
+    return 0
+
+
+def _keep_seeding_last_index(agent: Agent, spec: ClusterSpec) -> None:
+    """The origin being down is no reason to stop serving what the last accepted index allows."""
+    try:
+        index = _accepted_index(spec)
+        if index is not None and is_enabled(agent.store):
+            agent.seed_installed(select_entries(spec, index).wanted)
+    except SalvusError as e:
+        log.error("cannot seed from the last accepted index: %s", e)
+
+
+def _seed_until(agent: Agent, deadline: float, stop: threading.Event) -> None:
+    enabled = is_enabled(agent.store)
+    while not stop.is_set() and time.monotonic() < deadline:
+        if agent._swarm is not None:
+            agent.swarm.pump(SEED_PUMP_SECONDS)
+        else:
+            stop.wait(SEED_PUMP_SECONDS)
+        now_enabled = is_enabled(agent.store)
+        if enabled and not now_enabled:
+            log.info("disabled: stopped seeding")
+            agent.stop_seeding()
+            write_status(agent.store, agent.status)
+        elif now_enabled and not enabled:
+            return  # enabled again: start a pass now
+        enabled = now_enabled

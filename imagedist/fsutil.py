@@ -1,0 +1,39 @@
+"""Small file-system helpers: free space, sparse sizes, directory fsync, boot time."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Atomic writes and whole-file hashing are the catalogue's (catalogue.files, catalogue.hashcache).
+from catalogue.files import write_atomic as atomic_write  # noqa: F401
+from catalogue.hashcache import sha256_file  # noqa: F401
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes a (possibly sparse) file already occupies on disk."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def boot_time() -> float:
+    """Epoch seconds of the last boot (`btime` in /proc/stat)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0

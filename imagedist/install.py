@@ -1,0 +1,59 @@
+"""Space checks before a pull and the atomic, read-only install of a verified image."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from cluster.errors import DataError, TempFailure
+from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir, sha256_file
+from imagedist.store import Store
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class NoSpace(TempFailure):
+    """The image would not fit; nothing was written."""
+
+
+def check_space(store: Store, file_name: str, size: int, reserve: int) -> None:
+    """Refuses a pull that would not fit (image minus what the partial file already holds,
+    plus the reserve) before a single byte is written."""
+    store.partial.mkdir(parents=True, exist_ok=True)
+    have = allocated_bytes(store.partial / file_name)
+    need = max(size - have, 0) + reserve
+    free = free_bytes(store.partial)
+    if need > free:
+        raise NoSpace(f"{store.partial}: {file_name} needs {need / MiB:.0f} MiB "
+                      f"({size / MiB:.0f} MiB image + {reserve / MiB:.0f} MiB reserve"
+                      f"{f' - {have / MiB:.0f} MiB already pulled' if have else ''}), "
+                      f"only {free / MiB:.0f} MiB free; not pulling")
+
+
+def install(store: Store, file_name: str, size: int, sha256: str) -> Path:
+    """Moves images/partial/FILE into images/base/ read-only once its bytes match the index.
+
+    Raises DataError (and leaves the partial file for a recheck) when they don't.
+    """
+    src = store.partial / file_name
+    actual_size = src.stat().st_size
+    if actual_size != size:
+        raise DataError(f"{src}: {actual_size} bytes, the signed index says {size}")
+    digest = sha256_file(src)
+    if digest != sha256:
+        raise DataError(f"{src}: sha256 {digest} does not match the signed index ({sha256})")
+    os.chmod(src, 0o444)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    store.base.mkdir(parents=True, exist_ok=True)
+    dst = store.base / file_name
+    os.replace(src, dst)  # same file system: readers see no file or the whole verified one
+    fsync_dir(store.base)
+    fsync_dir(store.partial)
+    log.info("installed %s (sha256 %s)", dst, digest[:16])
+    return dst

@@ -1,0 +1,79 @@
+"""`imgdist --list`: one row per image the index names or the store holds."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cluster.spec import ClusterSpec
+from imagedist.fsutil import allocated_bytes
+from imagedist.gc import IMAGE_FILE_RE
+from imagedist.inuse import images_in_use, pid_alive
+from imagedist.state import read_status
+from imagedist.store import Store, image_key
+
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    name: str
+    version: str
+    size: int
+    state: str
+    endorsed: str
+    approved: str
+    vms: int
+
+
+def _split_file(name: str) -> tuple[str, str]:
+    stem = name.rsplit(".", 1)[0]
+    m = re.match(r"^(.+?)-([^-]+)$", stem)
+    return (m.group(1), m.group(2)) if m else (stem, "?")
+
+
+def rows(spec: ClusterSpec, store: Store, index) -> list[Row]:
+    from catalogue.approvals import is_approved
+
+    status = read_status(store)
+    live = status is not None and pid_alive(status.pid)
+    usage = images_in_use(spec, store)
+    out: list[Row] = []
+    seen: set[str] = set()
+    revoked = set(index.revoked) if index else set()
+    for e in index.entries if index else []:
+        seen.add(e.file_name)
+        key = image_key(e.name, e.version)
+        out.append(Row(e.name, e.version, e.size, _state(store, key, e.file_name, e.size, status, live),
+                       "expired" if e.expired() else "yes", "yes" if is_approved(spec, e.name, e.version) else "no",
+                       usage.get(e.file_name, 0)))
+    for f in sorted(store.base.glob("*")) if store.base.is_dir() else []:
+        if f.name in seen or not IMAGE_FILE_RE.match(f.name):
+            continue
+        name, version = _split_file(f.name)
+        out.append(Row(name, version, f.stat().st_size, "verified",
+                       "revoked" if f"{name}@{version}" in revoked else "no",
+                       "yes" if is_approved(spec, name, version) else "no", usage.get(f.name, 0)))
+    return out
+
+
+def _state(store: Store, key: str, file_name: str, size: int, status, live: bool) -> str:
+    st = status.images.get(key) if status else None
+    installed = (store.base / file_name).is_file()
+    if st and st.state == "failed" and not installed:
+        return f"failed: {st.error}"
+    if installed:
+        return "seeding" if live and st and st.state == "seeding" else "verified"
+    if st and st.state in ("downloading", "checking", "verifying", "starting"):
+        return f"downloading {st.percent:.0f}%" + ("" if live else " (stopped)")
+    partial = store.partial / file_name
+    if partial.exists():
+        return f"downloading {100.0 * min(allocated_bytes(partial), size) / max(size, 1):.0f}% (stopped)"
+    return "missing"
+
+
+def render(rows_: list[Row]) -> str:
+    head = ("NAME", "VERSION", "SIZE", "STATE", "ENDORSED", "APPROVED", "VMS")
+    table = [head] + [(r.name, r.version, f"{r.size / MiB:.0f} MiB", r.state, r.endorsed, r.approved, str(r.vms))
+                      for r in rows_]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table) + "\n"

@@ -1,0 +1,136 @@
+"""The origin: seeds every image of a catalogue directory, runs the tracker, paces per host.
+
+Run next to the catalogue's HTTP server (`salvus_jobs catalogue serve`, the web seed) as
+`imgdist --origin DIR`. Pacing: each host that announces gets its own peer class whose upload
+limit is `imgdist.origin_upload_rate` / hosts currently interested, because plain TCP shares the
+origin link very unevenly and the laggards then hold the whole swarm back.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from pathlib import Path
+from typing import Callable
+
+import libtorrent as lt
+
+from cluster.spec import ClusterSpec
+from imagedist import steering
+from imagedist.settings import SessionConfig, set_upload_limit
+from imagedist.swarm import Swarm, info_hash_hex, torrent_info
+from imagedist.tracker import PeerTable, Tracker, announce_hashes
+
+log = logging.getLogger(__name__)
+
+RESCAN_SECONDS = 10.0
+PACE_SECONDS = 1.0
+
+
+class Pacer:
+    """One peer class per host IP at the origin, limits re-split every second."""
+
+    def __init__(self, session: lt.session, rate: int):
+        self.session = session
+        self.rate = rate
+        self.classes: dict[str, int] = {}
+        self.new_ips: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._limits: dict[str, int] = {}
+
+    def add_host(self, ip: str) -> None:
+        """Thread-safe (the tracker calls it); applied on the next update()."""
+        self.new_ips.put(ip)
+
+    def _apply_new_hosts(self) -> None:
+        added = False
+        while not self.new_ips.empty():
+            ip = self.new_ips.get()
+            if ip not in self.classes:
+                self.classes[ip] = self.session.create_peer_class(f"host {ip}")
+                set_upload_limit(self.session, self.classes[ip], f"host {ip}", 0)
+                added = True
+        if added:
+            glob = 1 << self.session.global_peer_class_id
+            f = lt.ip_filter()
+            f.add_rule("0.0.0.0", "255.255.255.255", glob)
+            for ip, cls in self.classes.items():
+                f.add_rule(ip, ip, glob | (1 << cls))
+            self.session.set_peer_class_filter(f)
+
+    def update(self, handles: list[lt.torrent_handle]) -> None:
+        if self.rate <= 0:
+            return
+        self._apply_new_hosts()
+        interested: set[str] = set()
+        for h in handles:
+            for p in h.get_peer_info():
+                if p.flags & lt.peer_info.remote_interested and not p.flags & lt.peer_info.seed:
+                    interested.add(p.ip[0])
+        limit = steering.pacing_limit(self.rate, len(interested))
+        for ip, cls in self.classes.items():
+            want = limit if ip in interested else 0
+            if self._limits.get(ip) != want:
+                set_upload_limit(self.session, cls, f"host {ip}", want)
+                self._limits[ip] = want
+
+
+def catalogue_torrents(directory: Path) -> dict[str, tuple[bytes, Path]]:
+    """NAME-VERSION -> (metainfo, image file) for every torrent whose image is present."""
+    out: dict[str, tuple[bytes, Path]] = {}
+    for tf in sorted((directory / "torrents").glob("*.torrent")):
+        try:
+            meta = tf.read_bytes()
+            ti = torrent_info(meta)
+        except (OSError, ValueError) as e:
+            log.warning("%s: skipped: %s", tf, e)
+            continue
+        image = directory / "images" / ti.name()
+        if not image.is_file():
+            log.warning("%s: its image %s is missing; not seeding it", tf, image)
+            continue
+        out[tf.stem] = (meta, image)
+    return out
+
+
+class Origin:
+    def __init__(self, spec: ClusterSpec, directory: Path, tracker_port: int, bind: str = "0.0.0.0"):
+        cfg = spec.imgdist
+        self.directory = directory
+        self.swarm = Swarm(SessionConfig(bind, cfg.listen_port, "origin"))
+        self.pacer = Pacer(self.swarm.session, cfg.origin_upload_rate)
+        self.table = PeerTable(on_new_ip=self.pacer.add_host)
+        self.tracker = Tracker(bind, tracker_port, self.table, cfg.listen_port)
+        self.handles: dict[str, lt.torrent_handle] = {}
+
+    def rescan(self) -> None:
+        current = catalogue_torrents(self.directory)
+        for key, (meta, image) in current.items():
+            ti = torrent_info(meta)
+            ih = info_hash_hex(ti)
+            if ih not in self.swarm.seeding():
+                self.table.allow(announce_hashes(ti))
+                self.swarm.seed(key, meta, image.parent, image.name)
+        wanted = {info_hash_hex(torrent_info(m)) for m, _ in current.values()}
+        for ih in self.swarm.seeding() - wanted:
+            self.swarm.unseed(ih)
+
+    def uploaded(self) -> int:
+        return sum(h.status().total_payload_upload for h in self.swarm.session.get_torrents())
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        self.tracker.start()
+        log.info("origin: seeding %s, tracker on port %d", self.directory, self.tracker.port)
+        next_scan = next_pace = 0.0
+        try:
+            while not should_stop():
+                now = time.monotonic()
+                if now >= next_scan:
+                    self.rescan()
+                    next_scan = now + RESCAN_SECONDS
+                if now >= next_pace:
+                    self.pacer.update(self.swarm.session.get_torrents())
+                    next_pace = now + PACE_SECONDS
+                self.swarm.pump(0.25)
+        finally:
+            self.tracker.stop()
+            self.swarm.close()
