@@ -1,0 +1,330 @@
+"""Cassandra registry backend: a site's registry, replicated, surviving the loss of a node.
+
+Data model — two tables holding the same row, each written `USING TTL ttl`:
+
+    services_by_role  PRIMARY KEY ((role), service_id)   lookup(role): one partition, one replica set
+    services_by_id    PRIMARY KEY (service_id)           heartbeat/get/deregister by id: one row
+
+Liveness is the TTL. TTL is per cell, so a heartbeat re-inserts *every* column (row marker
+included) with a fresh TTL: a row is either wholly live or wholly gone, never a row with some
+columns expired. Each heartbeat reads the row by id (that read is also how it answers False for an
+unknown or expired service) and upserts it in place in both tables, concurrently.
+
+Tombstones — why reads stay small:
+- One row per service instance, overwritten in place: heartbeats *shadow* the previous cells, they
+  do not create tombstones; a read merging memtable and sstables sees one live row per service.
+  Tombstones come only from services that went away (deregistered, or expired), one per service.
+- gc_grace_seconds = 900 (15 min) instead of 10 days. The usual reason for a long grace is that a
+  replica which missed a delete would resurrect the row once the tombstone is purged. Here every
+  row carries a TTL, so a resurrected row dies again by itself within `ttl` seconds — no worse than
+  a wrapper that crashed. Expired cells expire identically on every replica, so purging them early
+  resurrects nothing. Hints live at most gc_grace; 15 minutes covers a node restart, and anything
+  a hint would have carried is rewritten by the next heartbeat anyway.
+- TimeWindowCompactionStrategy, 5-minute windows: all cells of an sstable flushed in a window
+  expire within `ttl` of the window's end (or are shadowed by later heartbeats in newer windows),
+  so once `ttl + gc_grace` has passed TWCS drops the whole sstable without rewriting it. A read
+  touches at most ~(ttl + gc_grace) / window + 1 ≈ 4-5 sstables, and the dead rows a lookup skips
+  are the services of that role that left in the last ~20 minutes (far below the 1,000-tombstone
+  warning for the sizes this project runs; a site churning thousands of services of one role per
+  quarter hour would add a bucket to the partition key).
+- One partition per role keeps lookup() a single-partition read answered by one replica set; the
+  price is that every heartbeat of a role lands on the same replicas (about 1,000 writes/s for
+  10,000 services at a 10 s interval, well within a Cassandra node).
+
+Client: one Cluster/Session per registry object, reused for every request (the process opens its
+registry once; never a connection per request), prepared statements, token-aware routing over
+DC-aware round robin, consistency and request timeout from the spec (defaults LOCAL_QUORUM, 1 s),
+and speculative execution so a slow replica is skipped instead of waited for. Every driver failure
+— at start-up or later — surfaces as RegistryUnavailable with one line; start-up also checks that
+the keyspace can serve the consistency level asked for and that its tables have our schema.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from cassandra import AuthenticationFailed, ConsistencyLevel, DriverException, OperationTimedOut, ProtocolVersion
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.connection import ConnectionException
+from cassandra.encoder import Encoder
+from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+from cluster.errors import RegistryUnavailable, SpecError
+from cluster.registry.base import Registry, Service
+from cluster.spec import CassandraSpec
+
+log = logging.getLogger(__name__)
+
+BY_ROLE = "services_by_role"
+BY_ID = "services_by_id"
+# Column order is Service's field order; CQL types as the driver's metadata reports them.
+COLUMNS: dict[str, str] = {
+    "role": "text", "service_id": "text", "host": "text", "port": "int", "hypervisor": "text",
+    "scheduler": "text", "job_id": "text", "image": "text", "started": "double",
+    "last_heartbeat": "double",
+}
+KEYS = {BY_ROLE: (["role"], ["service_id"]), BY_ID: (["service_id"], [])}
+GC_GRACE_SECONDS = 900
+TWCS_WINDOW_MINUTES = 5
+DDL_TIMEOUT_S = 60.0  # schema changes wait for agreement between nodes; not the 1 s request budget
+SYSTEM_KEYSPACES = {"system", "system_auth", "system_schema", "system_distributed", "system_traces",
+                    "system_views", "system_virtual_schema"}
+# Replicas of the local DC a consistency level needs, given that DC's replication factor.
+REPLICAS_NEEDED: dict[str, Callable[[int], int]] = {
+    "ANY": lambda rf: 0, "ONE": lambda rf: 1, "LOCAL_ONE": lambda rf: 1, "TWO": lambda rf: 2,
+    "THREE": lambda rf: 3, "QUORUM": lambda rf: rf // 2 + 1, "LOCAL_QUORUM": lambda rf: rf // 2 + 1,
+    "EACH_QUORUM": lambda rf: rf // 2 + 1, "ALL": lambda rf: rf,
+}
+
+T = TypeVar("T")
+
+
+def _table_ddl(keyspace: str, table: str) -> str:
+    partition, clustering = KEYS[table]
+    cols = ", ".join(f"{c} {t}" for c, t in COLUMNS.items())
+    key = f"(({', '.join(partition)}){''.join(', ' + c for c in clustering)})"
+    return (f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} ({cols}, PRIMARY KEY {key}) WITH "
+            f"gc_grace_seconds = {GC_GRACE_SECONDS} AND compaction = {{'class': "
+            f"'TimeWindowCompactionStrategy', 'compaction_window_unit': 'MINUTES', "
+            f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The useful part of a driver error, on one line."""
+    text = str(exc).replace("\n", " ")
+    if "Last error: " in text:
+        text = text.split("Last error: ", 1)[1]
+    return text.strip(" .\"'") or type(exc).__name__
+
+
+def describe_failure(exc: BaseException, where: str) -> str:
+    """One line saying what failed talking to the cluster at `where`."""
+    if isinstance(exc, NoHostAvailable):
+        errors = getattr(exc, "errors", {}) or {}
+        auth = [e for e in errors.values() if isinstance(e, AuthenticationFailed)]
+        if auth:
+            return f"{where}: authentication failed: {_reason(auth[0])}"
+        if errors:
+            return f"{where}: no node reachable (" + "; ".join(
+                f"{h}: {_reason(e)}" for h, e in errors.items()) + ")"
+        return f"{where}: no node available ({_reason(exc)})"
+    if isinstance(exc, OperationTimedOut):
+        return f"{where}: request timed out ({_reason(exc)})"
+    return f"{where}: {type(exc).__name__}: {_reason(exc)}"
+
+
+def _translate(op: Callable[..., T]) -> Callable[..., T]:
+    """Driver exceptions become RegistryUnavailable: a wrapper retries those, never crashes on them."""
+
+    @functools.wraps(op)
+    def wrapped(self: "CassandraRegistry", *args: Any, **kw: Any) -> T:
+        try:
+            return op(self, *args, **kw)
+        except (NoHostAvailable, DriverException, ConnectionException) as e:
+            raise RegistryUnavailable(describe_failure(e, f"{self.where}: {op.__name__}")) from None
+    return wrapped
+
+
+def _read_password(spec: CassandraSpec) -> str | None:
+    if spec.username is None and spec.password_file is None:
+        return None
+    if spec.username is None or spec.password_file is None:
+        raise SpecError("registry.cassandra: username and password_file go together (give both or neither)")
+    try:
+        return Path(spec.password_file).read_text().rstrip("\r\n")
+    except OSError as e:
+        raise SpecError(f"registry.cassandra.password_file: cannot read {spec.password_file}: "
+                        f"{e.strerror or e}") from None
+
+
+def _consistency(name: str) -> int:
+    try:
+        return ConsistencyLevel.name_to_value[name.upper()]
+    except KeyError:
+        raise SpecError(f"registry.cassandra.consistency: expected one of "
+                        f"{', '.join(sorted(REPLICAS_NEEDED))}, got {name!r}") from None
+
+
+class CassandraRegistry(Registry):
+    def __init__(self, spec: CassandraSpec, ttl: int = 30) -> None:
+        self.spec = spec
+        self.ttl = ttl
+        self.keyspace = spec.keyspace
+        self.where = f"cassandra registry {','.join(spec.contact_points)}:{spec.port}/{spec.keyspace}"
+        if spec.keyspace in SYSTEM_KEYSPACES:
+            raise SpecError(f"registry.cassandra.keyspace: {spec.keyspace!r} is Cassandra's own keyspace; "
+                            f"name one for the registry")
+        consistency = _consistency(spec.consistency)
+        password = _read_password(spec)
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=spec.local_dc)),
+            consistency_level=consistency,
+            request_timeout=spec.request_timeout,
+            # A replica that has not answered within half the budget is skipped for the next one
+            # (only for statements marked idempotent: all of ours are).
+            speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
+                delay=spec.request_timeout / 2, max_attempts=2))
+        try:
+            # Cluster() resolves the contact points: an unknown host name fails here already.
+            self._cluster = Cluster(
+                contact_points=list(spec.contact_points), port=spec.port,
+                auth_provider=PlainTextAuthProvider(spec.username, password) if password is not None else None,
+                execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                connect_timeout=spec.connect_timeout, control_connection_timeout=spec.connect_timeout,
+                # Cassandra 4.0+ speaks v5; pinning it skips two failed handshakes per node.
+                protocol_version=ProtocolVersion.V5)
+        except DriverException as e:
+            raise RegistryUnavailable(describe_failure(e, self.where)) from None
+        try:
+            self._session: Session = self._cluster.connect()
+            self._ensure_schema()
+            self._check_replication(spec.consistency.upper())
+            self._prepare()
+        except RegistryUnavailable:
+            self._cluster.shutdown()
+            raise
+        except (NoHostAvailable, DriverException, ConnectionException) as e:
+            self._cluster.shutdown()
+            raise RegistryUnavailable(describe_failure(e, self.where)) from None
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def _ddl(self, cql: str) -> None:
+        try:
+            self._session.execute(cql, timeout=DDL_TIMEOUT_S)
+        except (NoHostAvailable, OperationTimedOut, ConnectionException):
+            raise
+        except DriverException as e:  # Unauthorized, InvalidRequest, ...: the keyspace is not ours to use
+            raise RegistryUnavailable(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
+
+    def _ensure_schema(self) -> None:
+        """Creates what is missing (and only that: a user without CREATE may use an existing schema)."""
+        meta = self._cluster.metadata
+        if self.keyspace not in meta.keyspaces:
+            replication = Encoder().cql_encode_all_types(dict(self.spec.replication))
+            self._ddl(f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} WITH replication = {replication}")
+        for table in (BY_ROLE, BY_ID):
+            ks = meta.keyspaces.get(self.keyspace)
+            if ks is None or table not in ks.tables:
+                self._ddl(_table_ddl(self.keyspace, table))
+            self._check_table(table)
+
+    def _table_meta(self, table: str) -> Any:
+        ks = self._cluster.metadata.keyspaces.get(self.keyspace)
+        if ks is None or table not in ks.tables:
+            # A CREATE ... IF NOT EXISTS that another process won is a no-op with no schema event
+            # for this client yet: ask for the schema instead of waiting for the event.
+            self._cluster.refresh_schema_metadata(max_schema_agreement_wait=DDL_TIMEOUT_S)
+            ks = self._cluster.metadata.keyspaces.get(self.keyspace)
+        return ks.tables.get(table) if ks else None
+
+    def _check_table(self, table: str) -> None:
+        meta = self._table_meta(table)
+        if meta is None:
+            raise RegistryUnavailable(f"{self.where}: table {table} missing after creating it")
+        partition, clustering = KEYS[table]
+        problems = [f"column {c} is {meta.columns[c].cql_type if c in meta.columns else 'missing'}, "
+                    f"expected {t}" for c, t in COLUMNS.items()
+                    if c not in meta.columns or meta.columns[c].cql_type != t]
+        if [c.name for c in meta.partition_key] != partition or [c.name for c in meta.clustering_key] != clustering:
+            problems.append(f"primary key is not (({', '.join(partition)}){''.join(', ' + c for c in clustering)})")
+        if problems:
+            raise RegistryUnavailable(f"{self.where}: table {table} exists with another schema ({problems[0]}); "
+                                      f"is registry.cassandra.keyspace another application's?")
+
+    def _check_replication(self, consistency: str) -> None:
+        """Refuses a keyspace whose replicas in the local DC can never satisfy the consistency level
+        (RF 3 on a 1-node cluster, or no replicas in this DC): every request would fail later."""
+        meta = self._cluster.metadata
+        strategy = meta.keyspaces[self.keyspace].replication_strategy
+        hosts = list(meta.all_hosts())
+        local_dc = self.spec.local_dc or next((h.datacenter for h in hosts if h.is_up), None)
+        if strategy is None or local_dc is None or consistency not in REPLICAS_NEEDED:
+            return
+        nodes = sum(1 for h in hosts if h.datacenter == local_dc)
+        options = getattr(strategy, "dc_replication_factors", None)
+        rf = int(options.get(local_dc, 0)) if options is not None else int(getattr(strategy, "replication_factor", 1))
+        needed = REPLICAS_NEEDED[consistency](rf)
+        if needed > min(rf, nodes) or (rf == 0 and consistency.startswith("LOCAL")):
+            raise RegistryUnavailable(
+                f"{self.where}: keyspace {self.keyspace} has replication factor {rf} in datacenter "
+                f"{local_dc} ({nodes} node{'s' if nodes != 1 else ''}); {consistency} needs {max(needed, 1)} "
+                f"replica{'s' if needed != 1 else ''} there (check registry.cassandra.replication/local_dc)")
+
+    def _prepare(self) -> None:
+        cols = ", ".join(COLUMNS)
+        marks = ", ".join("?" * len(COLUMNS))
+        ks = self.keyspace
+        statements = {
+            "insert_by_role": f"INSERT INTO {ks}.{BY_ROLE} ({cols}) VALUES ({marks}) USING TTL ?",
+            "insert_by_id": f"INSERT INTO {ks}.{BY_ID} ({cols}) VALUES ({marks}) USING TTL ?",
+            "select_by_id": f"SELECT {cols} FROM {ks}.{BY_ID} WHERE service_id = ?",
+            "select_by_role": f"SELECT {cols} FROM {ks}.{BY_ROLE} WHERE role = ?",
+            "select_all": f"SELECT {cols} FROM {ks}.{BY_ROLE}",
+            "delete_by_role": f"DELETE FROM {ks}.{BY_ROLE} WHERE role = ? AND service_id = ?",
+            "delete_by_id": f"DELETE FROM {ks}.{BY_ID} WHERE service_id = ?",
+        }
+        self._stmt = {}
+        for name, cql in statements.items():
+            stmt = self._session.prepare(cql)
+            stmt.is_idempotent = True  # upserts/deletes with client timestamps: safe to send twice
+            self._stmt[name] = stmt
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def _row(self, service_id: str) -> Service | None:
+        row = self._session.execute(self._stmt["select_by_id"], (service_id,)).one()
+        return Service(*row) if row else None
+
+    def _upsert(self, service: Service) -> None:
+        values = (*(getattr(service, c) for c in COLUMNS), self.ttl)
+        futures = [self._session.execute_async(self._stmt[s], values) for s in ("insert_by_role", "insert_by_id")]
+        for f in futures:
+            f.result()
+
+    @_translate
+    def register(self, service: Service) -> None:
+        previous = self._row(service.service_id)
+        if previous is not None and previous.role != service.role:
+            self._session.execute(self._stmt["delete_by_role"], (previous.role, previous.service_id))
+        service.last_heartbeat = time.time()
+        self._upsert(service)
+
+    @_translate
+    def heartbeat(self, service_id: str) -> bool:
+        current = self._row(service_id)
+        if current is None:
+            return False
+        current.last_heartbeat = time.time()
+        self._upsert(current)
+        return True
+
+    @_translate
+    def deregister(self, service_id: str) -> None:
+        current = self._row(service_id)
+        futures = [self._session.execute_async(self._stmt["delete_by_id"], (service_id,))]
+        if current is not None:
+            futures.append(self._session.execute_async(self._stmt["delete_by_role"], (current.role, service_id)))
+        for f in futures:
+            f.result()
+
+    @_translate
+    def lookup(self, role: str) -> list[Service]:
+        rows = self._session.execute(self._stmt["select_by_role"], (role,))
+        return sorted((Service(*r) for r in rows), key=lambda s: (s.started, s.service_id))
+
+    @_translate
+    def all(self) -> list[Service]:
+        rows = self._session.execute(self._stmt["select_all"])
+        return sorted((Service(*r) for r in rows), key=lambda s: (s.role, s.started, s.service_id))
+
+    @_translate
+    def get(self, service_id: str) -> Service | None:
+        return self._row(service_id)
+
+    def close(self) -> None:
+        self._cluster.shutdown()
