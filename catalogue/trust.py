@@ -210,6 +210,7 @@ class _Refusal:
 
 
 def _fresh_index(spec: ClusterSpec, refuse: _Refusal) -> Index:
+    keys = trust_keys(spec)  # a spec without anchors is a configuration error (78), said first
     try:
         stored = _accepted_bytes(spec)
     except DataError as e:
@@ -219,7 +220,7 @@ def _fresh_index(spec: ClusterSpec, refuse: _Refusal) -> Index:
                                     f"catalogue accept` or imgdist); state dir {state_dir(spec)}")
     cat = spec.catalogue
     try:
-        return check_signed_index(stored[0], stored[1], trust_keys(spec), cat.trust.threshold,
+        return check_signed_index(stored[0], stored[1], keys, cat.trust.threshold,
                                   cat.max_index_bytes, source=f"accepted index {state_dir(spec)}")
     except DataError as e:
         raise refuse("index fresh", str(e)) from None

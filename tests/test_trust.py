@@ -1,0 +1,329 @@
+"""Trust on the hypervisor: accepting signed indexes and the four pre-boot checks, each attack
+refused with its own message and without writing anything to the store."""
+from __future__ import annotations
+
+import base64
+import os
+import time
+from datetime import timedelta
+
+import pytest
+
+from cluster.errors import DataError, SpecError
+from catalogue import approvals, hashcache, trust
+from catalogue.endorse import add_image, revoke, sign_index
+from catalogue.index import Index, new_signature_file, now_utc, sign_index_bytes
+from catalogue.keys import generate_key, load_private_key
+from tests.fixtures.catalogue import PASSPHRASE, make_qcow2, tree_snapshot
+
+
+def refused(exc_type, fn, *args):
+    with pytest.raises(exc_type) as info:
+        fn(*args)
+    return str(info.value)
+
+
+def accept_installed_approved(sc):
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    approvals.approve(spec, "demo@1")
+    return spec, sc.install()
+
+
+def test_trusted_image_passes_all_four_checks(signed_catalogue):
+    spec, path = accept_installed_approved(signed_catalogue)
+    assert trust.verified_image(spec, "sage") == path.resolve()
+    assert trust.accepted_version(spec) == 1
+    assert trust.accepted_index(spec).find("demo", "1").sha256 == hashcache.sha256_file(path)
+
+
+# --- accepting an index: signature, rollback, freeze, endless data ---------------------------------
+
+def assert_accept_refused(sc, raw: bytes, sig: bytes, *expected: str, exc=DataError) -> str:
+    spec = sc.spec()
+    before = tree_snapshot(sc.store)
+    msg = refused(exc, trust.accept_index, spec, raw, sig)
+    for text in expected:
+        assert text in msg, msg
+    assert tree_snapshot(sc.store) == before, "a refused index must leave the store untouched"
+    return msg
+
+
+def test_forged_signature_refused(signed_catalogue):
+    raw, sig = signed_catalogue.signed()
+    kind, kid, b64 = sig.decode().splitlines()[1].split()
+    forged = bytearray(base64.b64decode(b64))
+    forged[10] ^= 0x01
+    bad = new_signature_file([f"{kind} {kid} {base64.b64encode(bytes(forged)).decode()}\n"])
+    assert_accept_refused(signed_catalogue, raw, bad, "forged or mismatched signature", kid)
+
+
+def test_tampered_index_byte_refused_by_signature(signed_catalogue):
+    raw, sig = signed_catalogue.signed()
+    tampered = raw.replace(b"roles: [sage]", b"roles: [hub]")
+    assert tampered != raw
+    assert_accept_refused(signed_catalogue, tampered, sig, "forged or mismatched signature")
+
+
+def test_wrong_key_refused(signed_catalogue, tmp_path):
+    other = tmp_path / "other.key"
+    generate_key(other, PASSPHRASE.encode())
+    raw, _ = signed_catalogue.signed()
+    sig = new_signature_file([sign_index_bytes(raw, load_private_key(other, PASSPHRASE.encode()))])
+    assert_accept_refused(signed_catalogue, raw, sig, "signed only by untrusted key(s)")
+
+
+def test_truncated_signature_refused(signed_catalogue):
+    raw, sig = signed_catalogue.signed()
+    line = sig.decode().splitlines()[1]
+    short = new_signature_file([line[:-4] + "\n"])  # still valid base64, 63 bytes
+    assert_accept_refused(signed_catalogue, raw, short, "signature is 63 bytes, expected 64", "truncated")
+    assert_accept_refused(signed_catalogue, raw, sig[:-20], "not valid base64", "truncated")
+    assert_accept_refused(signed_catalogue, raw, sig[:20], "no signature lines")
+
+
+def test_rollback_to_older_signed_index_refused(signed_catalogue):
+    sc = signed_catalogue
+    v1 = sc.signed()
+    sc.sign()  # version 2, same entries
+    spec = sc.spec()
+    assert trust.accept_index(spec, *sc.signed()).version == 2
+    assert_accept_refused(sc, *v1, "version 1 is older than the accepted version 2", "rollback")
+    assert trust.accepted_version(spec) == 2
+
+
+def test_same_version_with_other_bytes_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    index = sc.cat.signed_index_unverified()
+    index.entries[0].roles = ["sage", "hub"]
+    raw = index.render()
+    sig = new_signature_file([sign_index_bytes(raw, sc.key())])
+    assert_accept_refused(sc, raw, sig, "version 1 was already accepted with different content")
+
+
+def test_expired_index_refused(signed_catalogue):
+    sc = signed_catalogue
+    index = sc.cat.signed_index_unverified()
+    index.version, index.issued, index.expires = 5, now_utc() - timedelta(days=10), now_utc() - timedelta(days=1)
+    raw = index.render()
+    sig = new_signature_file([sign_index_bytes(raw, sc.key())])
+    assert_accept_refused(sc, raw, sig, "version 5 expired at", "stale index")
+
+
+def test_oversized_index_refused_before_reading(signed_catalogue):
+    sc = signed_catalogue
+    sc.write_spec(extra="  max_index_bytes: 4096\n")
+    raw, sig = sc.signed()
+    big = raw + b"#" * 5000 + b"\n"
+    sig_big = new_signature_file([sign_index_bytes(big, sc.key())])
+    assert_accept_refused(sc, big, sig_big, "exceeds the limit of 4096 bytes", "refused unread")
+
+
+def test_malformed_yaml_refused_even_when_signed(signed_catalogue):
+    sc = signed_catalogue
+    for raw, expected in ((b"schema: salvus-image-index/1\nentries: [\n  - {name: x\n", "malformed YAML at line"),
+                          (b"- just\n- a list\n", "expected a mapping"),
+                          (sc.signed()[0].replace(b"size:", b"bytes:"), "entries[0].bytes: unknown key"),
+                          (sc.signed()[0] + b"extra: 1\n", "extra: unknown key")):
+        sig = new_signature_file([sign_index_bytes(raw, sc.key())])
+        assert_accept_refused(sc, raw, sig, expected)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", "demo/../../x", ".hidden"])
+def test_index_entry_escaping_the_store_refused(signed_catalogue, name):
+    sc = signed_catalogue
+    raw = sc.signed()[0].replace(b"- name: demo\n", f"- name: '{name}'\n".encode())
+    sig = new_signature_file([sign_index_bytes(raw, sc.key())])
+    assert_accept_refused(sc, raw, sig, "entries[0].name: expected letters, digits")
+
+
+def test_torrent_path_escaping_refused(signed_catalogue):
+    sc = signed_catalogue
+    raw = sc.signed()[0].replace(b"torrent: torrents/demo-1.torrent", b"torrent: ../../../root/x.torrent")
+    sig = new_signature_file([sign_index_bytes(raw, sc.key())])
+    assert_accept_refused(sc, raw, sig, "entries[0].torrent: expected 'torrents/NAME-VERSION.torrent'")
+
+
+def test_threshold_needs_distinct_trusted_keys(signed_catalogue, tmp_path):
+    sc = signed_catalogue
+    second = tmp_path / "keys" / "second.key"
+    generate_key(second, PASSPHRASE.encode())
+    sc.write_spec(keys=[sc.pub_path, second.with_name("second.key.pub")], threshold=2)
+    raw, sig = sc.signed()
+    doubled = sig + sig.decode().splitlines()[1].encode() + b"\n"  # the same key twice counts once
+    assert_accept_refused(sc, raw, doubled, "1 valid signature(s) from trusted keys, threshold is 2")
+    both = doubled + sign_index_bytes(raw, load_private_key(second, PASSPHRASE.encode())).encode()
+    assert trust.accept_index(sc.spec(), raw, both).version == 1
+
+
+def test_no_trust_anchors_is_a_config_error(signed_catalogue):
+    sc = signed_catalogue
+    sc.spec_path.write_text(f"store: {sc.store}\nroles: {{sage: {{image: demo@1, port: 6000}}}}\n")
+    msg = refused(SpecError, trust.verified_image, sc.spec(), "sage")
+    assert "catalogue.trust.keys: no endorser keys configured" in msg
+    assert not sc.store.exists()
+
+
+# --- the four pre-boot checks --------------------------------------------------------------------
+
+def assert_boot_refused(sc, spec, check: str, *expected: str) -> None:
+    before = tree_snapshot(sc.store)
+    msg = refused(DataError, trust.verified_image, spec, "sage")
+    assert f"{check} check failed" in msg, msg
+    assert msg.startswith(f"image {spec.roles['sage'].image} for role sage: "), msg
+    for text in expected:
+        assert text in msg, msg
+    assert tree_snapshot(sc.store) == before, "a refused image must leave the store untouched"
+
+
+def test_no_accepted_index_refused(signed_catalogue):
+    spec = signed_catalogue.spec()
+    assert_boot_refused(signed_catalogue, spec, "index fresh", "accepted no signed index yet")
+    assert not signed_catalogue.store.exists()
+
+
+def test_accepted_index_that_expired_since_refused(signed_catalogue):
+    sc = signed_catalogue
+    sc.sign(days=3 / 86400)  # valid for 3 seconds
+    spec, _ = accept_installed_approved(sc)
+    trust.verified_image(spec, "sage")
+    time.sleep(3.5)
+    assert_boot_refused(sc, spec, "index fresh", "expired at", "stale index")
+
+
+def test_accepted_index_no_longer_signed_by_a_trusted_key_refused(signed_catalogue, tmp_path):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    new_key = tmp_path / "keys" / "rotated.key"
+    generate_key(new_key, PASSPHRASE.encode())
+    sc.write_spec(keys=[new_key.with_name("rotated.key.pub")])  # the old endorser key was withdrawn
+    assert_boot_refused(sc, sc.spec(), "index fresh", "signed only by untrusted key(s)")
+
+
+def test_endorsed_but_unapproved_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    sc.install()
+    assert_boot_refused(sc, spec, "approved", "not in the site's approvals", "catalogue approve demo@1")
+    approvals.approve(spec, "demo@*")
+    assert trust.verified_image(spec, "sage")
+    approvals.unapprove(spec, "demo@*")
+    assert_boot_refused(sc, spec, "approved")
+
+
+def test_approved_but_not_endorsed_refused(signed_catalogue):
+    sc = signed_catalogue
+    sc.write_spec(image="demo@2")
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    approvals.approve(spec, "demo@2")
+    sc.install()
+    (sc.store / "images" / "base" / "demo-1.qcow2").rename(sc.store / "images" / "base" / "demo-2.qcow2")
+    assert_boot_refused(sc, spec, "endorsed", "not in the accepted signed index (version 1)")
+
+
+def test_endorsed_for_other_roles_refused(signed_catalogue):
+    sc = signed_catalogue
+    sc.spec_path.write_text(sc.spec_path.read_text().replace("sage: {", "sage: {image: demo@1, port: 1}, hub: {"))
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    approvals.approve(spec, "demo@1")
+    sc.install()
+    msg = refused(DataError, trust.verified_image, spec, "hub")
+    assert "endorsed check failed: endorsed for roles sage, not hub" in msg
+
+
+def test_revoked_image_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    assert trust.verified_image(spec, "sage")
+    assert revoke(sc.cat, "demo@1")
+    sc.sign()
+    trust.accept_index(spec, *sc.signed())
+    assert_boot_refused(sc, spec, "endorsed", "revoked by the endorser in index version 2")
+
+
+def test_tampered_image_byte_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec, path = accept_installed_approved(sc)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_boot_refused(sc, spec, "hash", "does not match demo@1", "tampered or corrupt")
+
+
+def test_truncated_image_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec, path = accept_installed_approved(sc)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+    assert_boot_refused(sc, spec, "hash", "bytes, but demo@1 has")
+
+
+def test_missing_image_refused(signed_catalogue):
+    sc = signed_catalogue
+    spec, path = accept_installed_approved(sc)
+    path.unlink()
+    assert_boot_refused(sc, spec, "hash", "cannot read image")
+
+
+def test_hash_cache_reused_until_the_file_changes(signed_catalogue, monkeypatch):
+    sc = signed_catalogue
+    spec, path = accept_installed_approved(sc)
+    trust.verified_image(spec, "sage")  # hashes and remembers
+    calls = []
+    real = hashcache.sha256_file
+    monkeypatch.setattr(hashcache, "sha256_file", lambda p: calls.append(p) or real(p))
+    trust.verified_image(spec, "sage")
+    assert calls == [], "an unchanged image must not be re-hashed"
+    # Same size, same mtime, one byte changed: ctime moves, so the cache must not vouch for it.
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    assert_boot_refused(sc, spec, "hash", "tampered or corrupt")
+    assert len(calls) == 1
+
+
+def test_insecure_allow_unsigned_skips_checks_with_one_warning(signed_catalogue, caplog):
+    sc = signed_catalogue
+    sc.spec_path.write_text(f"store: {sc.store}\ncatalogue: {{insecure_allow_unsigned: true}}\n"
+                            f"roles: {{sage: {{image: demo@1, port: 6000}}}}\n")
+    path = sc.install()
+    with caplog.at_level("WARNING"):
+        assert trust.verified_image(sc.spec(), "sage") == path.resolve()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "WITHOUT signature, approval or hash checks" in warnings[0].getMessage()
+
+
+def test_raw_image_entries_live_under_their_own_file_name(signed_catalogue, tmp_path):
+    sc = signed_catalogue
+    raw_image = tmp_path / "plain.img"
+    raw_image.write_bytes(os.urandom(300_000))
+    entry = add_image(sc.cat, raw_image, "plain", "3", ["sage"], [], None)
+    assert entry.format == "raw" and entry.file_name == "plain-3.raw"
+    sign_index(sc.cat, sc.key(), timedelta(days=1))
+    sc.write_spec(image="plain@3")
+    spec = sc.spec()
+    trust.accept_index(spec, *sc.signed())
+    approvals.approve(spec, "plain@3")
+    installed = sc.install("plain-3.raw")
+    assert trust.verified_image(spec, "sage") == installed.resolve()
+
+
+def test_accepted_index_survives_as_exact_bytes(signed_catalogue):
+    sc = signed_catalogue
+    spec = sc.spec()
+    raw, sig = sc.signed()
+    trust.accept_index(spec, raw, sig)
+    stored = sorted((sc.store / "state" / "catalogue").glob("index-*.yaml"))
+    assert [p.read_bytes() for p in stored] == [raw]
+    assert Index is type(trust.accepted_index(spec))
+    sc.image.unlink()  # the endorser side is irrelevant to the host once accepted
+    make_qcow2(sc.image, 0x11)
+    assert trust.accept_index(spec, raw, sig).version == 1  # re-accepting the same bytes is a no-op
