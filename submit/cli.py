@@ -1,8 +1,101 @@
-"""Subcommands of salvus_jobs contributed by the submit package."""
+"""`salvus_jobs scale | status | stop | render`: the operator's view of jobs on the scheduler."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from cluster.cli import format_age, format_table
+from cluster.spec import load_spec
+from submit import open_backend
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Adds this package's subcommands (none yet)."""
+    p = sub.add_parser("scale", parents=[common], help="run N VMs per role (submit or cancel jobs)",
+                       description="Compare the desired count per role with the jobs the scheduler "
+                                   "reports, then submit the shortfall or cancel the surplus (held and "
+                                   "queued before running, never-registered before registered, newest "
+                                   "first). Without ROLE=N, every role's 'count' from the spec.",
+                       epilog="example: salvus_jobs scale sage=2 hub=1 --dry-run")
+    p.add_argument("counts", nargs="*", metavar="ROLE=N")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("status", parents=[common], help="desired/queued/running/registered per role, and each job",
+                       epilog="example: salvus_jobs status --json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stop", parents=[common], help="cancel a role's jobs and wait until their VMs are down",
+                       epilog="example: salvus_jobs stop sage hub   |   salvus_jobs stop --all")
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--all", action="store_true", help="every role in the spec")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait before killing (default: hypervisor.stop_timeout + 40)")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("render", parents=[common], help="print a role's job description for a scheduler",
+                       epilog="example: salvus_jobs render sage --scheduler slurm > sage.sbatch")
+    p.add_argument("role")
+    p.add_argument("--scheduler", metavar="NAME", default=None,
+                   help="condor, pbs, slurm (default: the spec's scheduler.backend)")
+    p.add_argument("--service-id", default=None, help="bake this service id into the job")
+    p.set_defaults(func=cmd_render)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from submit.scale import parse_desired, scale
+
+    spec = load_spec(args.spec)
+    plan, submitted = scale(spec, parse_desired(spec, args.counts), dry_run=args.dry_run)
+    for line in plan.describe():
+        print(line)
+    if args.dry_run:
+        print("(dry run: nothing changed)")
+    elif plan.noop:
+        print("nothing to do")
+    else:
+        for job in submitted:
+            print(f"submitted {plan.backend} job {job.job_id} ({job.role}, {job.service_id or 'id from the job'})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from submit.scale import status_report
+
+    report = status_report(load_spec(args.spec))
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"backend: {report['backend']}")
+    print(format_table(["ROLE", "DESIRED", "QUEUED", "RUNNING", "HELD", "STOPPING", "REGISTERED"],
+                       [[role, *(str(c[k]) for k in ("desired", "queued", "running", "held", "stopping", "registered"))]
+                        for role, c in report["roles"].items()]))
+    if report["jobs"]:
+        print()
+        print(format_table(["JOB", "ROLE", "STATE", "SERVICE", "ENDPOINT", "AGE", "NOTE"],
+                           [[j["job_id"], j["role"], j["state"] + ("+registered" if j["registered"] else ""),
+                             j["service_id"] or "-", j["endpoint"] or "-", format_age(j["age"]), j["hold_reason"]]
+                            for j in report["jobs"]]))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from cluster.errors import SpecError
+    from submit.scale import stop_roles
+
+    spec = load_spec(args.spec)
+    if args.all == bool(args.roles):
+        raise SpecError("stop: name the roles to stop, or --all (not both)")
+    roles = list(spec.roles) if args.all else args.roles
+    stopped = stop_roles(spec, roles, wait=True, timeout=args.timeout)
+    print(f"stopped {len(stopped)} job(s)" + (f": {' '.join(j.job_id for j in stopped)}" if stopped else ""))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    backend = open_backend(spec, args.scheduler)
+    sys.stdout.write(backend.render(args.role, args.service_id))
+    return 0

@@ -1,0 +1,298 @@
+"""What every scheduler backend shares: the Job record, the Backend interface, the job-script
+template rendering and the ledger of jobs we submitted.
+
+Like dask-jobqueue's JobQueueCluster/Job split and Parsl's ExecutionProvider: a backend only knows
+its own job description, its submit/query/cancel commands and how to parse their output; counting,
+planning and waiting live in `submit.scale` and work the same for every scheduler.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Iterable
+
+from cluster.errors import SalvusError, SpecError, TempFailure
+from cluster.spec import ClusterSpec, RoleSpec
+from imagedist.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# Job states every backend maps its own onto. `stopping`: cancelled (or told to stop) but the
+# wrapper is still shutting its guest down; not counted as capacity, not cancelled again.
+STATES = ("queued", "running", "held", "stopping", "done", "failed", "unknown")
+ACTIVE_STATES = ("queued", "running", "held")
+
+# The wrapper's exit codes (ARCHITECTURE.md) as the backends' retry policy sees them.
+EXIT_RETRY = 75
+EXIT_HOLD = (65, 78)
+
+
+@dataclass
+class Job:
+    job_id: str
+    role: str
+    state: str  # one of STATES
+    service_id: str | None
+    submitted: float  # epoch seconds
+    hold_reason: str = ""
+    backend: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SchedulerUnavailable(TempFailure):
+    """The scheduler's commands or daemon cannot be reached (exit 75: try again later)."""
+
+
+class SchedulerError(SalvusError):
+    """The scheduler answered, but not in a way we can use (rejected job, unparseable output)."""
+
+
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    atomic_write(path, text.encode(), mode)
+
+
+def wrapper_path(spec: ClusterSpec) -> str:
+    """The `salvus-vmjob` execute nodes run: the spec's choice, else the one installed beside us."""
+    if spec.scheduler.wrapper:
+        return spec.scheduler.wrapper
+    beside = Path(sys.executable).parent / "salvus-vmjob"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("salvus-vmjob")
+    if not found:
+        raise SpecError("scheduler.wrapper: salvus-vmjob is not installed beside this Python nor on "
+                        "PATH; set scheduler.wrapper to its path on the execute nodes")
+    return found
+
+
+def grace_seconds(spec: ClusterSpec) -> int:
+    """How long a scheduler must wait between SIGTERM and SIGKILL: the guest's shutdown bound plus
+    time to destroy it, deregister and clean up."""
+    return int(spec.hypervisor.stop_timeout) + 15
+
+
+def run_command(argv: list[str], *, timeout: float = 60, input: str | None = None,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs a scheduler client command; a missing program or a hang is one clear line (75)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
+                              env={**os.environ, **(env or {})})
+    except FileNotFoundError:
+        raise SchedulerUnavailable(f"{argv[0]}: command not found (is the scheduler's client "
+                                   f"installed and on PATH?)") from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerUnavailable(f"{argv[0]}: no answer within {timeout:.0f}s "
+                                   f"(is the scheduler reachable?)") from None
+
+
+def first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+class Ledger:
+    """Jobs this site submitted through one backend, one small JSON file per job under
+    STORE/state/submitted/BACKEND/, so `scale` can notice jobs the queue no longer shows (finished
+    or removed behind our back) and DRMAA, which cannot list a queue, knows what to ask about."""
+
+    def __init__(self, spec: ClusterSpec, backend: str) -> None:
+        self.dir = spec.store_path / "state" / "submitted" / backend
+
+    def _path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id.replace('/', '_')}.json"
+
+    def add(self, job: Job, **extra: object) -> None:
+        atomic_write_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}))
+
+    def forget(self, job_id: str) -> None:
+        self._path(job_id).unlink(missing_ok=True)
+
+    def jobs(self) -> list[Job]:
+        out: list[Job] = []
+        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                d = json.loads(p.read_text())
+                out.append(Job(**{f.name: d[f.name] for f in dataclasses.fields(Job) if f.name in d}))
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("ignoring unreadable ledger entry %s", p)
+        return out
+
+
+class Backend(abc.ABC):
+    """One scheduler. Subclasses set `name`, render a job description from a template, and
+    implement submit/list/cancel with the scheduler's own commands or API."""
+
+    name: str = ""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.ledger = Ledger(spec, self.name)
+
+    # --- what a backend implements -------------------------------------------------------------
+    @abc.abstractmethod
+    def render(self, role: str, service_id: str | None = None) -> str:
+        """The job description a user could submit by hand (runs one VM of `role`)."""
+
+    @abc.abstractmethod
+    def submit(self, role: str, n: int) -> list[Job]:
+        """Queues `n` jobs of `role`; returns them as the scheduler named them."""
+
+    @abc.abstractmethod
+    def list(self, role: str | None = None) -> list[Job]:
+        """This site's jobs the scheduler knows about (all roles when `role` is None)."""
+
+    @abc.abstractmethod
+    def cancel(self, job: Job) -> None:
+        """Asks the scheduler to stop `job` (SIGTERM first, so the guest shuts down cleanly)."""
+
+    def forget(self, job: Job) -> None:
+        """Drops a finished or vanished job from our records."""
+        self.ledger.forget(job.job_id)
+
+    def kill(self, job: Job) -> None:
+        """Last resort after the grace period; schedulers escalate to SIGKILL themselves."""
+
+    def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
+        """Jobs we submitted that the queue no longer shows (finished, or removed behind our back)."""
+        seen = {j.job_id for j in listed}
+        return [dataclasses.replace(j, state="unknown") for j in self.ledger.jobs()
+                if j.job_id not in seen and (role is None or j.role == role)]
+
+    # --- shared helpers ------------------------------------------------------------------------
+    # Phrases in a client's error output that mean the scheduler's daemon could not be reached.
+    unreachable_hints: tuple[str, ...] = ()
+
+    def command(self, program: str) -> str:
+        """A client program, from `scheduler.bin_dir` when the site sets one, else from PATH."""
+        return str(Path(self.spec.scheduler.bin_dir) / program) if self.spec.scheduler.bin_dir else program
+
+    def run(self, *argv: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+        """Runs a scheduler client; failure is one line: unreachable (75) or rejected (1)."""
+        r = run_command([self.command(argv[0]), *argv[1:]], timeout=timeout, input=input)
+        if r.returncode != 0:
+            msg = first_line(r.stderr or r.stdout)
+            if any(h in msg for h in self.unreachable_hints):
+                raise SchedulerUnavailable(f"{argv[0]}: the {self.name} scheduler is unreachable: {msg}")
+            raise SchedulerError(f"{argv[0]} failed (exit {r.returncode}): {msg}")
+        return r
+
+    def role(self, role: str) -> RoleSpec:
+        return self.spec.role(role)
+
+    def job_name(self, role: str) -> str:
+        """The tag that finds a job again: site and role (role names never contain a dot)."""
+        return f"{self.spec.site}.{role}"
+
+    def role_of(self, job_name: str) -> str | None:
+        site, _, role = job_name.rpartition(".")
+        return role if site == self.spec.site and role in self.spec.roles else None
+
+    def template_values(self, role: str) -> dict[str, str]:
+        r = self.role(role)
+        values = {
+            "site": self.spec.site,
+            "role": role,
+            "job_name": self.job_name(role),
+            "spec": self.spec.source,
+            "wrapper": wrapper_path(self.spec),
+            "cpus": str(r.vcpus),
+            # The VM's memory plus QEMU's own (TCG code buffer, device model): ~128 MiB.
+            "memory_mb": str(r.memory_mb + 256),
+            "disk_mb": str(max(r.disk_mb, 1)),
+            "grace": str(grace_seconds(self.spec)),
+            "log_dir": str(self.log_dir()),
+            "max_retries": str(self.spec.scheduler.max_retries),
+            "image": r.image,
+        }
+        return values
+
+    def render_template(self, template: str, role: str, **extra: str) -> str:
+        text = (TEMPLATES / template).read_text()
+        return Template(text).substitute({**self.template_values(role), **extra})
+
+    def log_dir(self) -> Path:
+        d = Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else self.spec.store_path / "logs"
+        return d
+
+    def extra_directive_lines(self, prefix: str) -> str:
+        """The site's `scheduler.extra_directives`, each as its own `prefix ...` line."""
+        return "".join(f"{prefix} {d}\n" if not d.startswith(prefix) else f"{d}\n"
+                       for d in self.spec.scheduler.extra_directives)
+
+    def stable_service_ids(self, role: str, n: int) -> list[str | None]:
+        """Roles with persistent disks get `ROLE-K` ids, lowest free first, so a job finds its
+        disk again; other roles take the scheduler's job id (`ROLE-JOBID`, set in the script)."""
+        if not self.role(role).persistent:
+            return [None] * n
+        taken = {j.service_id for j in self.list(role) if j.state in ACTIVE_STATES + ("stopping",)}
+        out: list[str | None] = []
+        k = 0
+        while len(out) < n:
+            sid = f"{role}-{k}"
+            if sid not in taken:
+                out.append(sid)
+            k += 1
+        return out
+
+    def host_for(self, role: str, service_id: str | None) -> str | None:
+        """Where a persistent role's job must run: the host holding its disk (`hosts[K]`)."""
+        hosts = self.role(role).hosts
+        if not hosts:
+            return None
+        if service_id and service_id.rpartition("-")[2].isdigit():
+            return hosts[int(service_id.rpartition("-")[2]) % len(hosts)]
+        return hosts[0] if len(hosts) == 1 else None
+
+    def wait_gone(self, jobs: Iterable[Job], timeout: float, poll: float = 1.0) -> list[Job]:
+        """Waits until none of `jobs` is queued/running/stopping; returns those still there."""
+        wanted = {j.job_id for j in jobs}
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [j for j in self.list() if j.job_id in wanted and j.state in ACTIVE_STATES + ("stopping",)]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(poll)
+
+
+def quote(s: str) -> str:
+    return shlex.quote(s)
+
+
+class ScriptBackend(Backend):
+    """A scheduler that takes a shell script with directive comments (Slurm, PBS)."""
+
+    template = ""
+    directive = ""  # "#SBATCH", "#PBS"
+    # How this scheduler spells the spec's placement options ({} is the value); absent: not offered.
+    directive_forms: dict[str, str] = {}
+    # The job id as the job script sees it (the default service id is ROLE-<that>).
+    job_id_expr = ""
+
+    def directives(self, role: str, service_id: str | None) -> list[str]:
+        s = self.spec.scheduler
+        values = {"queue": s.queue, "account": s.account, "walltime": s.walltime,
+                  "host": self.host_for(role, service_id)}
+        return [self.directive_forms[k].format(v) for k, v in values.items() if v and k in self.directive_forms]
+
+    def render(self, role: str, service_id: str | None = None) -> str:
+        directives = "".join(f"{self.directive} {d}\n" for d in self.directives(role, service_id))
+        directives += self.extra_directive_lines(self.directive)
+        # Persistent roles need a stable id even when submitted by hand: the first one's.
+        default = service_id or (f"{role}-0" if self.role(role).persistent else f"{role}-{self.job_id_expr}")
+        return self.render_template(self.template, role, directives=directives, default_service_id=default)
+

@@ -1,0 +1,157 @@
+"""The local executor: runs wrappers as detached processes on this machine (the default backend).
+
+Each job is a supervisor (`submit.localrun`) in its own session, so it outlives the CLI and a
+terminal's ^C never reaches it; it runs `salvus-vmjob` and applies the retry policy. State lives in
+STORE/state/local-jobs/: `ID.json` (written once by the CLI: role, service id, supervisor pid and
+its start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
+Logs go to STORE/logs/ID.out and ID.err.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from submit.base import Backend, Job, atomic_write_text, quote, wrapper_path
+
+log = logging.getLogger(__name__)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None when it is gone or a zombie;
+    with the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.dir = spec.store_path / "state" / "local-jobs"
+
+    def render(self, role: str, service_id: str | None = None) -> str:
+        """The command line the local executor runs (there is no job description to submit)."""
+        self.role(role)
+        sid = service_id or f"{role}-$SALVUS_LOCAL_JOB_ID"
+        return (f"SALVUS_LOCAL_JOB_ID=<id> {quote(wrapper_path(self.spec))} --spec {quote(self.spec.source)} "
+                f"--role {role} --service-id {sid}\n")
+
+    def submit(self, role: str, n: int) -> list[Job]:
+        self.role(role)
+        wrapper = wrapper_path(self.spec)
+        logs = self.log_dir()
+        logs.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for sid in self.stable_service_ids(role, n):
+            job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
+            sid = sid or f"{role}-{job_id}"
+            job = Job(job_id, role, "queued", sid, time.time(), backend=self.name)
+            out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
+            record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
+            # Recorded before it starts, so a crash between the two never leaves an untracked job.
+            atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+            env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
+                   "SALVUS_LOCAL_ERR_LOG": str(err)}
+            cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
+                   str(self.spec.scheduler.max_retries), "--",
+                   wrapper, "--spec", self.spec.source, "--role", role, "--service-id", sid]
+            with open(out, "ab") as fo, open(err, "ab") as fe:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
+                                        start_new_session=True, cwd="/")
+            # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.
+            threading.Thread(target=proc.wait, daemon=True).start()
+            record.update(pid=proc.pid, pid_start=process_start_time(proc.pid))
+            atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+            log.info("local job %s: %s %s (pid %d)", job_id, role, sid, proc.pid)
+            jobs.append(job)
+        return jobs
+
+    def _records(self) -> list[dict]:
+        out = []
+        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable local job record %s", p)
+        return out
+
+    def _state(self, job_id: str) -> dict:
+        try:
+            return json.loads((self.dir / f"{job_id}.state").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _alive(self, rec: dict) -> bool:
+        pid, started = rec.get("pid"), rec.get("pid_start")
+        return bool(pid) and started is not None and process_start_time(pid) == started
+
+    def _job(self, rec: dict) -> Job:
+        st = self._state(rec["job_id"])
+        job = Job(rec["job_id"], rec["role"], "queued", rec.get("service_id"), rec["submitted"],
+                  backend=self.name)
+        final = st.get("state") in ("done", "failed", "held")
+        if final:
+            job.state, job.hold_reason = st["state"], st.get("reason", "")
+        elif self._alive(rec):
+            if (self.dir / f"{rec['job_id']}.cancel").exists():
+                job.state = "stopping"
+            else:
+                job.state = st.get("state", "queued")
+                job.hold_reason = st.get("reason", "") if job.state == "queued" else ""
+        elif rec.get("pid") is None and time.time() - rec["submitted"] < 30:
+            job.state = "queued"  # being started right now
+        else:
+            job.state = "failed"
+            job.hold_reason = "the job's supervisor is gone without a final state (killed?)"
+        return job
+
+    def list(self, role: str | None = None) -> list[Job]:
+        return [self._job(r) for r in self._records() if role is None or r.get("role") == role]
+
+    def cancel(self, job: Job) -> None:
+        rec = self._record(job.job_id)
+        if rec is None:
+            return
+        if job.state in ("held", "failed", "done") or not self._alive(rec):
+            self.forget(job)
+            return
+        (self.dir / f"{job.job_id}.cancel").touch()
+        os.kill(rec["pid"], signal.SIGTERM)  # the supervisor forwards it to the wrapper only
+
+    def kill(self, job: Job) -> None:
+        """Last resort after the grace period: SIGKILL the job's whole process group."""
+        rec = self._record(job.job_id)
+        if rec and self._alive(rec):
+            try:
+                os.killpg(rec["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def forget(self, job: Job) -> None:
+        for suffix in (".json", ".state", ".cancel"):
+            (self.dir / f"{job.job_id}{suffix}").unlink(missing_ok=True)
+
+    def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
+        return []  # the records are the queue itself
+
+    def _record(self, job_id: str) -> dict | None:
+        try:
+            return json.loads((self.dir / f"{job_id}.json").read_text())
+        except (OSError, ValueError):
+            return None

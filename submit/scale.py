@@ -1,0 +1,263 @@
+"""`scale`, `status`, `stop`: reconcile desired counts per role with what the scheduler reports.
+
+The plan is computed from one query of the queue (all roles at once, so 2,000 jobs are one
+`squeue`), the registry (which jobs' VMs are registered and healthy) and our ledger (jobs we
+launched that the queue no longer shows). Applying it cancels the surplus — held and queued before
+running, never-registered before registered, newest first — and submits the shortfall. Held jobs
+count as capacity: they are reported with their hold reason, never silently replaced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from cluster.errors import RegistryUnavailable, SpecError, TempFailure
+from cluster.registry import Service, open_registry
+from cluster.spec import ClusterSpec
+from submit import open_backend
+from submit.base import ACTIVE_STATES, Backend, Job, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolePlan:
+    role: str
+    desired: int
+    jobs: list[Job] = field(default_factory=list)  # what the queue shows for this role
+    gone: list[Job] = field(default_factory=list)  # ours, finished or no longer in the queue
+    registered: set[str] = field(default_factory=set)  # service ids live in the registry
+    submit: int = 0
+    cancel: list[Job] = field(default_factory=list)
+
+    def count(self, state: str) -> int:
+        return sum(1 for j in self.jobs if j.state == state)
+
+    @property
+    def held(self) -> list[Job]:
+        return [j for j in self.jobs if j.state == "held"]
+
+
+@dataclass
+class ScalePlan:
+    backend: str
+    roles: list[RolePlan]
+
+    @property
+    def noop(self) -> bool:
+        return not any(r.submit or r.cancel for r in self.roles)
+
+    def describe(self) -> list[str]:
+        lines = []
+        for r in self.roles:
+            have = sum(r.count(s) for s in ACTIVE_STATES)
+            action = (f"submit {r.submit}" if r.submit else
+                      f"cancel {len(r.cancel)} ({', '.join(f'{j.job_id}:{j.state}' for j in r.cancel)})"
+                      if r.cancel else "no change")
+            lines.append(f"{r.role}: desired {r.desired}, have {have} (queued {r.count('queued')}, "
+                         f"running {r.count('running')}, held {r.count('held')}, registered "
+                         f"{len(r.registered)}) -> {action}")
+            lines += [f"  held {j.job_id} ({j.service_id or '-'}): {j.hold_reason or 'no reason given'}"
+                      for j in r.held]
+            lines += [f"  gone {j.job_id} ({j.service_id or '-'}): {j.state}"
+                      f"{': ' + j.hold_reason if j.hold_reason else ''}" for j in r.gone]
+        return lines
+
+
+def live_services(spec: ClusterSpec) -> list[Service]:
+    """The registry's live services; a registry that is down plans as if none were registered."""
+    try:
+        with open_registry(spec) as registry:
+            return registry.all()
+    except RegistryUnavailable as e:
+        log.warning("registry unavailable, treating every job as not registered: %s", e)
+        return []
+
+
+def registered_ids(jobs: list[Job], services: list[Service], backend: str) -> set[str]:
+    """Service ids of `jobs` whose VM is registered (by service id, or scheduler + job id)."""
+    by_sid = {s.service_id for s in services}
+    by_job = {(s.scheduler, s.job_id) for s in services}
+    return {j.service_id or j.job_id for j in jobs
+            if j.service_id in by_sid or (backend, j.job_id) in by_job}
+
+
+def cancel_order(jobs: list[Job], registered: set[str]) -> list[Job]:
+    """Which jobs go first when there are too many: held and queued before running, then
+    never-registered before registered; newest first within each group."""
+    def group(j: Job) -> int:
+        return 0 if j.state in ("held", "queued") else (1 if (j.service_id or j.job_id) not in registered else 2)
+
+    def age_key(j: Job) -> tuple:
+        # Submit times can tie (Slurm reports whole seconds): a later job id is the newer job.
+        return (j.submitted, len(j.job_id), j.job_id)
+
+    newest_first = sorted(jobs, key=age_key, reverse=True)
+    return sorted(newest_first, key=group)  # stable: newest first within each group
+
+
+def parse_desired(spec: ClusterSpec, items: list[str]) -> dict[str, int]:
+    """`["sage=2", "hub=1"]` -> counts; no items means every role's `count` from the spec."""
+    if not items:
+        return {name: r.count for name, r in spec.roles.items()}
+    desired: dict[str, int] = {}
+    for item in items:
+        role, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise SpecError(f"scale: expected ROLE=N with N a whole number, got {item!r}")
+        spec.role(role)
+        desired[role] = int(n)
+    return desired
+
+
+def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | None = None) -> ScalePlan:
+    backend = backend or open_backend(spec)
+    for role, n in desired.items():
+        spec.role(role)
+        if n < 0:
+            raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
+    queue = backend.list()
+    services = live_services(spec)
+    plans = []
+    for role, n in desired.items():
+        listed = [j for j in queue if j.role == role]
+        rp = RolePlan(role, n)
+        rp.jobs = [j for j in listed if j.state not in ("done", "failed")]
+        rp.gone = [j for j in listed if j.state in ("done", "failed")] + backend.known_but_not_listed(role, listed)
+        active = [j for j in rp.jobs if j.state in ACTIVE_STATES]
+        rp.registered = registered_ids(rp.jobs, services, backend.name)
+        if n > len(active):
+            rp.submit = n - len(active)
+        elif n < len(active):
+            rp.cancel = cancel_order(active, rp.registered)[:len(active) - n]
+        plans.append(rp)
+    return ScalePlan(backend.name, plans)
+
+
+def desired_path(spec: ClusterSpec) -> Path:
+    return spec.store_path / "state" / "desired.json"
+
+
+def read_desired(spec: ClusterSpec) -> dict[str, int]:
+    """The counts the last `scale` asked for; the spec's `count` for roles never scaled."""
+    counts = {name: r.count for name, r in spec.roles.items()}
+    try:
+        saved = json.loads(desired_path(spec).read_text())
+        counts.update({k: int(v) for k, v in saved.items() if k in counts})
+    except (OSError, ValueError, AttributeError):
+        pass
+    return counts
+
+
+def record_desired(spec: ClusterSpec, desired: dict[str, int]) -> None:
+    counts = read_desired(spec)
+    counts.update(desired)
+    atomic_write_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True))
+
+
+@contextmanager
+def scale_lock(spec: ClusterSpec) -> Iterator[None]:
+    """One reconciliation at a time per store, so two `scale` runs never both submit a shortfall."""
+    path = spec.store_path / "state" / "scale.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def apply_plan(spec: ClusterSpec, plan: ScalePlan, backend: Backend | None = None) -> list[Job]:
+    """Cancels and submits what `plan` says; returns the jobs submitted. Does not wait."""
+    backend = backend or open_backend(spec, plan.backend)
+    submitted: list[Job] = []
+    for rp in plan.roles:
+        for job in rp.gone:
+            backend.forget(job)
+        for job in rp.cancel:
+            log.info("cancelling %s job %s (%s, %s)", backend.name, job.job_id, job.role, job.state)
+            backend.cancel(job)
+        if rp.submit:
+            submitted += backend.submit(rp.role, rp.submit)
+    record_desired(spec, {rp.role: rp.desired for rp in plan.roles})
+    return submitted
+
+
+def scale(spec: ClusterSpec, desired: dict[str, int], dry_run: bool = False) -> tuple[ScalePlan, list[Job]]:
+    """plan + apply under the store's lock (the CLI's and `demo`'s entry point)."""
+    backend = open_backend(spec)
+    with scale_lock(spec):
+        plan = plan_scale(spec, desired, backend)
+        return plan, ([] if dry_run else apply_plan(spec, plan, backend))
+
+
+def stop_roles(spec: ClusterSpec, roles: list[str], wait: bool = True, timeout: float | None = None) -> list[Job]:
+    """Cancels every job of `roles` and, with `wait`, returns once their wrappers are gone
+    (guest shut down, deregistered). Jobs still there after `timeout` are killed; if even that
+    fails, TempFailure names them."""
+    for role in roles:
+        spec.role(role)
+    backend = open_backend(spec)
+    timeout = timeout if timeout is not None else float(spec.hypervisor.stop_timeout) + 40
+    with scale_lock(spec):
+        jobs = [j for j in backend.list() if j.role in roles]
+        for job in jobs:
+            if job.state in ACTIVE_STATES:
+                backend.cancel(job)
+            elif job.state in ("done", "failed"):
+                backend.forget(job)
+        record_desired(spec, {r: 0 for r in roles})
+    targets = [j for j in jobs if j.state in ACTIVE_STATES + ("stopping",)]
+    if not wait or not targets:
+        return targets
+    left = backend.wait_gone(targets, timeout)
+    if left:
+        log.warning("%d job(s) still there after %.0fs; killing: %s", len(left), timeout,
+                    " ".join(j.job_id for j in left))
+        for job in left:
+            backend.kill(job)
+        left = backend.wait_gone(left, 15)
+        if left:
+            raise TempFailure(f"stop: {len(left)} job(s) did not go away: "
+                              f"{' '.join(j.job_id for j in left)}")
+    for job in backend.list():
+        if job.job_id in {t.job_id for t in targets} and job.state in ("done", "failed"):
+            backend.forget(job)
+    return targets
+
+
+def job_endpoint(spec: ClusterSpec, job: Job, services: dict[str, Service]) -> str:
+    """Where the job's service answers: the registry, else the wrapper's status file."""
+    sid = job.service_id or ""
+    if sid in services:
+        return services[sid].endpoint
+    try:
+        status = json.loads((spec.store_path / "state" / "jobs" / f"{sid}.json").read_text())
+        return str(status.get("endpoint") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def status_report(spec: ClusterSpec) -> dict:
+    """Per role desired/queued/running/held/stopping/registered, and every job with its endpoint."""
+    backend = open_backend(spec)
+    jobs = [j for j in backend.list() if j.state not in ("done",)]
+    services = {s.service_id: s for s in live_services(spec)}
+    desired = read_desired(spec)
+    now = time.time()
+    roles = {}
+    for role in spec.roles:
+        mine = [j for j in jobs if j.role == role]
+        roles[role] = {"desired": desired.get(role, 0),
+                       **{s: sum(1 for j in mine if j.state == s) for s in ("queued", "running", "held", "stopping", "failed")},
+                       "registered": sum(1 for s in services.values() if s.role == role)}
+    rows = []
+    for j in sorted(jobs, key=lambda j: (j.role, j.submitted)):
+        rows.append({**dataclasses.asdict(j), "endpoint": job_endpoint(spec, j, services),
+                     "registered": (j.service_id or "") in services, "age": round(now - j.submitted, 1)})
+    return {"backend": backend.name, "roles": roles, "jobs": rows}

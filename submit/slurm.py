@@ -1,0 +1,131 @@
+"""Slurm: sbatch scripts; `sbatch` / `squeue` / `scancel` / `scontrol`.
+
+Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name` finds every role's jobs; a stable
+service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from submit.base import Job, ScriptBackend, SchedulerError, first_line, grace_seconds, run_command
+
+log = logging.getLogger(__name__)
+
+SQUEUE_FORMAT = "%i|%j|%T|%r|%V|%k"
+SQUEUE_FIELDS = "JOBID|NAME|STATE|REASON|SUBMIT_TIME|COMMENT"
+
+# Slurm job states -> ours. COMPLETING is a cancelled or finished job whose processes are still
+# being signalled: the wrapper is shutting its guest down.
+STATE_MAP = {
+    "PENDING": "queued", "REQUEUED": "queued", "REQUEUE_FED": "queued", "CONFIGURING": "running",
+    "RUNNING": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "stopping",
+    "COMPLETING": "stopping", "COMPLETED": "done", "CANCELLED": "done",
+    "SUSPENDED": "held", "STOPPED": "held", "SPECIAL_EXIT": "held", "REQUEUE_HOLD": "held",
+    "RESV_DEL_HOLD": "held",
+    "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed",
+    "BOOT_FAIL": "failed", "DEADLINE": "failed", "PREEMPTED": "failed", "REVOKED": "failed",
+}
+HELD_REASONS = ("JobHeldUser", "JobHeldAdmin")
+
+
+class SlurmBackend(ScriptBackend):
+    name = "slurm"
+    template = "slurm.sbatch.tmpl"
+    directive = "#SBATCH"
+    unreachable_hints = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
+                         "Zero Bytes were transmitted")
+
+    directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
+                       "host": "--nodelist={}"}
+    job_id_expr = "${SLURM_JOB_ID}"
+
+    def directives(self, role: str, service_id: str | None) -> list[str]:
+        lines = super().directives(role, service_id)
+        if self.spec.scheduler.walltime:
+            # SIGTERM to the batch shell (the wrapper, by exec) before the limit; Slurm may send
+            # it up to 60 s early.
+            lines.append(f"--signal=B:TERM@{grace_seconds(self.spec) + 60}")
+        return lines
+
+    # --- submit / list / cancel ----------------------------------------------------------------
+    def submit_one(self, role: str, script: str, service_id: str | None) -> str:
+        argv = ["sbatch", "--parsable", f"--export=ALL,SALVUS_SERVICE_ID={service_id}" if service_id
+                else "--export=ALL", f"--comment=salvus:{service_id or ''}"]
+        r = self.run(*argv, input=script)
+        job_id = r.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SchedulerError(f"sbatch: expected a job id, got {first_line(r.stdout)!r}")
+        return job_id
+
+    def submit(self, role: str, n: int) -> list[Job]:
+        self.log_dir().mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for sid in self.stable_service_ids(role, n):
+            job_id = self.submit_one(role, self.render(role, sid), sid)
+            job = Job(job_id, role, "queued", sid or f"{role}-{job_id}", time.time(), backend=self.name)
+            self.ledger.add(job)  # recorded at once: a failure on the next one never resubmits this
+            log.info("slurm job %s: %s %s", job_id, role, job.service_id)
+            jobs.append(job)
+        return jobs
+
+    def list(self, role: str | None = None) -> list[Job]:
+        names = ",".join(self.job_name(r) for r in ([role] if role else self.spec.roles))
+        r = self.run("squeue", "--noheader", "--array", "--states=all", f"--name={names}",
+                     f"--format={SQUEUE_FORMAT}")
+        jobs = parse_squeue(r.stdout, self)
+        held = [j for j in jobs if j.state == "held"]
+        if held:
+            self.explain_holds(held)
+        return jobs
+
+    def explain_holds(self, held: list[Job]) -> None:
+        """Adds the exit code that caused a hold (RequeueExitHold) to the hold reason."""
+        r = run_command([self.command("scontrol"), "--oneliner", "show", "job"], timeout=60)
+        if r.returncode != 0:
+            return
+        exit_codes = {}
+        for line in r.stdout.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            exit_codes[fields.get("JobId", "")] = fields.get("ExitCode", "")
+        for job in held:
+            code = exit_codes.get(job.job_id, "").split(":")[0]
+            if code and code != "0":
+                job.hold_reason = f"salvus-vmjob exited {code} ({job.hold_reason}); fix, then scontrol release {job.job_id}"
+
+    def cancel(self, job: Job) -> None:
+        # scancel: SIGTERM to the batch script's process (the wrapper), SIGKILL after KillWait.
+        self.run("scancel", job.job_id)
+
+
+def parse_submit_time(text: str) -> float:
+    """squeue's %V (local time, ISO without zone) -> epoch seconds."""
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+def parse_squeue(out: str, backend: SlurmBackend) -> list[Job]:
+    jobs = []
+    for n, line in enumerate(out.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 6 or not parts[0].replace("_", "").replace("[", "").replace("]", "").replace("-", "").isdigit():
+            raise SchedulerError(f"squeue: unexpected output on line {n}: {line[:120]!r} "
+                                 f"(expected {SQUEUE_FIELDS})")
+        job_id, name, state, reason, submitted, comment = parts
+        role = backend.role_of(name)
+        if role is None:
+            continue
+        base_state = state.split()[0].rstrip("+")
+        ours = STATE_MAP.get(base_state, "unknown")
+        hold_reason = ""
+        if ours == "queued" and reason in HELD_REASONS:
+            ours = "held"
+        if ours == "held":
+            hold_reason = reason if reason not in ("None", "") else base_state
+        sid = comment[len("salvus:"):] if comment.startswith("salvus:") and len(comment) > 7 else f"{role}-{job_id}"
+        jobs.append(Job(job_id, role, ours, sid, parse_submit_time(submitted), hold_reason, backend.name))
+    return jobs
