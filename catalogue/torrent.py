@@ -66,7 +66,7 @@ def check_torrent(entry: Entry, data: bytes, source: str = "torrent") -> lt.torr
     if not hashes.has_v2() or str(hashes.v2) != entry.info_hash:
         raise DataError(f"{source}: info hash {hashes.v2 if hashes.has_v2() else '(no v2 hash)'} is not "
                         f"{entry.ref}'s {entry.info_hash} from the signed index")
-    files = ti.files()
+    files = ti.layout()
     if files.file_size(0) != entry.size or files.file_path(0) != entry.file_name:
         raise DataError(f"{source}: describes {files.file_path(0)} of {files.file_size(0)} bytes, "
                         f"{entry.ref} is {entry.file_name} of {entry.size}")
