@@ -1,0 +1,94 @@
+"""The NoCloud config drive (ISO9660, volume label `cidata`) a guest configures itself from.
+
+`meta-data` and `user-data` are what cloud-init's NoCloud datasource reads, so a real cloud image
+picks up its hostname, SSH keys and `/etc/salvus/service.json` by itself. Two extra files serve
+guests without cloud-init (the demo image's busybox init): `salvus.env`, shell-quoted assignments,
+and `authorized_keys`. The ISO is built with genisoimage, so no mount and no root are needed.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.errors import SpecError
+
+LABEL = "cidata"
+
+
+@dataclass
+class GuestConfig:
+    service_id: str
+    role: str
+    hostname: str
+    port: int  # the service port inside the guest
+    instance_id: str
+    upstreams: list[str] = field(default_factory=list)  # host:port as the guest reaches them
+    disks: dict[str, str] = field(default_factory=dict)  # persistent disk name -> mount point
+    ssh_keys: list[str] = field(default_factory=list)
+    role_config: dict[str, Any] = field(default_factory=dict)
+
+    def service_json(self) -> dict[str, Any]:
+        return {"service_id": self.service_id, "role": self.role, "port": self.port,
+                "upstreams": self.upstreams, "disks": self.disks, "config": self.role_config}
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "SALVUS_HOSTNAME": self.hostname,
+            "SALVUS_SERVICE_ID": self.service_id,
+            "SALVUS_ROLE": self.role,
+            "SALVUS_PORT": str(self.port),
+            "SALVUS_UPSTREAMS": " ".join(self.upstreams),
+            "SALVUS_DISKS": " ".join(f"{n}:{m}" for n, m in self.disks.items()),
+            "SALVUS_DATA": next(iter(self.disks.values()), ""),
+        }
+        for key, value in self.role_config.items():
+            if isinstance(value, (str, int, float, bool)) and re.fullmatch(r"[A-Za-z0-9_]+", key):
+                env[f"SALVUS_CONFIG_{key.upper()}"] = str(value)
+        return env
+
+
+def hostname_for(service_id: str) -> str:
+    """A valid hostname (RFC 1123 label) from a service id."""
+    name = re.sub(r"[^a-z0-9-]+", "-", service_id.lower()).strip("-")[:63].strip("-")
+    return name or "salvus-guest"
+
+
+def user_data(cfg: GuestConfig) -> str:
+    doc: dict[str, Any] = {
+        "hostname": cfg.hostname,
+        "preserve_hostname": False,
+        "write_files": [{"path": "/etc/salvus/service.json", "permissions": "0644",
+                         "content": json.dumps(cfg.service_json(), indent=2) + "\n"}],
+    }
+    if cfg.ssh_keys:
+        doc["ssh_authorized_keys"] = list(cfg.ssh_keys)
+    return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_config_drive(dest: Path, cfg: GuestConfig) -> Path:
+    files = {
+        "meta-data": yaml.safe_dump({"instance-id": cfg.instance_id, "local-hostname": cfg.hostname},
+                                    sort_keys=False),
+        "user-data": user_data(cfg),
+        "salvus.env": "".join(f"{k}={shlex.quote(v)}\n" for k, v in cfg.env().items()),
+        "authorized_keys": "".join(k.strip() + "\n" for k in cfg.ssh_keys),
+    }
+    with tempfile.TemporaryDirectory(prefix="cidata-", dir=dest.parent) as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        try:
+            proc = subprocess.run(["genisoimage", "-quiet", "-output", str(dest), "-volid", LABEL,
+                                   "-joliet", "-rock", tmp], capture_output=True, text=True)
+        except OSError as e:
+            raise SpecError(f"cannot run genisoimage: {e.strerror} (install genisoimage: scripts/setup)") from None
+    if proc.returncode != 0:
+        raise SpecError(f"genisoimage: {proc.stderr.strip()}")
+    return dest

@@ -1,0 +1,52 @@
+#!/bin/sh
+# One-time boot of the demo guest: filesystems, the config drive (NoCloud, label cidata), hostname,
+# network (slirp's fixed addresses, no DHCP wait), SSH keys, persistent disks, ACPI power button.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /dev/pts /run /tmp
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run/salvus /run/cidata
+# The config drive is the ISO9660 disk whose volume label is cidata.
+for dev in /dev/vd[b-z]; do
+  [ -b "$dev" ] || continue
+  if mount -t iso9660 -o ro "$dev" /run/cidata 2>/dev/null; then
+    if [ -f /run/cidata/meta-data ]; then break; fi
+    umount /run/cidata
+  fi
+done
+if [ ! -f /run/cidata/salvus.env ]; then
+  echo "salvus: no config drive found" > /dev/console
+  exit 1
+fi
+cp /run/cidata/salvus.env /run/salvus/env
+. /run/salvus/env
+hostname "$SALVUS_HOSTNAME"
+echo "$SALVUS_HOSTNAME" > /etc/hostname
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+mkdir -p /root/.ssh && chmod 700 /root/.ssh
+if [ -f /run/cidata/authorized_keys ]; then
+  cp /run/cidata/authorized_keys /root/.ssh/authorized_keys
+  chmod 600 /root/.ssh/authorized_keys
+fi
+printf '%s\n' $SALVUS_UPSTREAMS > /run/salvus/upstreams
+# Persistent disks: the host sets each disk's virtio serial to its name; format on first use.
+for entry in $SALVUS_DISKS; do
+  name="${entry%%:*}"; mnt="${entry#*:}"
+  for s in /sys/block/vd*/serial; do
+    [ "$(cat "$s" 2>/dev/null)" = "$name" ] || continue
+    dev="/dev/$(basename "$(dirname "$s")")"
+    mkdir -p "$mnt"
+    if ! mount -t ext4 "$dev" "$mnt" 2>/dev/null; then
+      echo "salvus: formatting persistent disk $name ($dev)" > /dev/console
+      mke2fs -q -F -L "$name" "$dev" && mount -t ext4 "$dev" "$mnt"
+    fi
+  done
+done
+echo "$SALVUS_DISKS" > /run/salvus/disks
+if [ -x "/etc/salvus/roles/$SALVUS_ROLE.boot" ]; then "/etc/salvus/roles/$SALVUS_ROLE.boot"; fi
+acpid -c /etc/acpi -l /run/acpid.log
+exit 0

@@ -1,0 +1,73 @@
+"""What the batch system tells a job: its id, its scratch directory, which scheduler runs it."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from cluster.errors import SpecError
+
+_SERVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    job_id: str
+    scheduler: str
+    scratch: Path
+    private_scratch: bool  # a temp dir this process made (and removes) because none was given
+
+
+def _condor_job_id(env: Mapping[str, str]) -> str | None:
+    if env.get("CONDOR_JOB_ID"):
+        return env["CONDOR_JOB_ID"]
+    ad = env.get("_CONDOR_JOB_AD")
+    if not ad:
+        return None
+    attrs: dict[str, str] = {}
+    try:
+        for line in Path(ad).read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(" = ")
+            if sep and key in ("ClusterId", "ProcId"):
+                attrs[key] = value.strip()
+    except OSError:
+        return None
+    return f"{attrs['ClusterId']}.{attrs.get('ProcId', '0')}" if "ClusterId" in attrs else None
+
+
+def job_from_env(default_scheduler: str, env: Mapping[str, str] | None = None) -> JobEnv:
+    env = os.environ if env is None else env
+    found: tuple[str, str] | None = None
+    condor = _condor_job_id(env)
+    if condor:
+        found = (condor, "condor")
+    elif env.get("SLURM_JOB_ID"):
+        found = (env["SLURM_JOB_ID"], "slurm")
+    elif env.get("PBS_JOBID"):
+        found = (env["PBS_JOBID"], "pbs")
+    elif env.get("JOB_ID"):
+        found = (env["JOB_ID"], default_scheduler if default_scheduler == "drmaa" else "sge")
+    elif env.get("SALVUS_LOCAL_JOB_ID"):
+        found = (env["SALVUS_LOCAL_JOB_ID"], "local")
+    job_id, scheduler = found or (f"{socket.gethostname()}-{os.getpid()}", "none")
+    scratch = env.get("_CONDOR_SCRATCH_DIR") or env.get("TMPDIR")
+    if scratch and Path(scratch).is_dir():
+        return JobEnv(job_id, scheduler, Path(scratch), private_scratch=False)
+    return JobEnv(job_id, scheduler, Path(tempfile.mkdtemp(prefix="salvus-vmjob-")), private_scratch=True)
+
+
+def default_service_id(role: str, job_id: str) -> str:
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", job_id).strip("-.") or uuid.uuid4().hex[:8]
+    return f"{role}-{tail}"[:64]
+
+
+def check_service_id(service_id: str) -> str:
+    if not _SERVICE_ID_RE.match(service_id) or ".." in service_id:
+        raise SpecError(f"--service-id: expected letters, digits, '.', '_', '-' (at most 64, no '..'), "
+                        f"got {service_id!r}")
+    return service_id

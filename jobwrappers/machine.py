@@ -1,0 +1,97 @@
+"""What one VM is, independent of how it is run (plain QEMU or libvirt), and the runner interface."""
+from __future__ import annotations
+
+import abc
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from jobwrappers.accel import Accel
+
+log = logging.getLogger(__name__)
+
+CHANNEL_NAME = "org.salvus.channel.0"
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    format: str  # qcow2 | raw
+    serial: str = ""  # the guest finds persistent disks by this (/sys/block/vdX/serial)
+    readonly: bool = False
+
+
+@dataclass
+class Machine:
+    name: str
+    vcpus: int
+    memory_mb: int
+    accel: Accel
+    disks: list[Disk]  # the root overlay first: it becomes /dev/vda
+    guest_port: int
+    host_addr: str  # where the forwarded port listens on this host
+    host_port: int
+    channel_path: Path  # unix socket of the virtio-serial host channel
+    console_log: Path
+    workdir: Path
+    kernel: Optional[Path] = None
+    initrd: Optional[Path] = None
+    cmdline: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class VmRunner(abc.ABC):
+    """Starts, watches and stops one VM. A runner never outlives the wrapper's process."""
+
+    kind: str
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    def request_shutdown(self) -> None:
+        """ACPI power button: the guest's own orderly shutdown."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Pull the plug; a no-op when the VM is already gone."""
+
+    def close(self) -> None:
+        pass
+
+    def failure_detail(self) -> str:
+        """What the hypervisor said when the VM failed to start or died (for the job's log)."""
+        return ""
+
+    def shutdown(self, timeout: float) -> bool:
+        """ACPI shutdown bounded by `timeout`, then destroy. True when the guest stopped by itself."""
+        if not self.alive():
+            return True
+        try:
+            self.request_shutdown()
+        except Exception as e:  # a monitor already gone means the VM is going too
+            log.warning("ACPI shutdown request failed: %s", e)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.1)
+        self.destroy()
+        return False
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now; QEMU binds it a moment later (a lost race makes QEMU fail
+    at start, which the wrapper retries with another port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,109 @@
+"""Is the guest really up? The host channel's READY line, then the service answering a probe.
+
+User-mode networking accepts the host-side connect even when nothing listens in the guest, so a
+probe only counts when the service sent bytes back.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from cluster.spec import ProbeSpec
+
+
+class HostChannel:
+    """The host end of the guest's virtio-serial port (a unix socket QEMU listens on)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def connect(self, deadline: float, keep_going: Callable[[], bool]) -> None:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.path))
+                self._sock = s
+                return
+            except OSError:
+                s.close()
+            if time.monotonic() >= deadline or not keep_going():
+                raise TimeoutError(f"host channel {self.path} never appeared")
+            time.sleep(0.05)
+
+    def read_line(self, deadline: float, keep_going: Callable[[], bool]) -> str:
+        assert self._sock is not None
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not keep_going():
+                raise TimeoutError("no line from the guest")
+            self._sock.settimeout(min(remaining, 0.5))
+            try:
+                chunk = self._sock.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise ConnectionError("host channel closed")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def wait_ready(self, deadline: float, keep_going: Callable[[], bool]) -> str:
+        """Blocks until the guest writes `READY ...`; returns that line."""
+        if self._sock is None:
+            self.connect(deadline, keep_going)
+        while True:
+            line = self.read_line(deadline, keep_going)
+            if line.startswith("READY"):
+                return line
+
+    def send(self, line: str) -> None:
+        if self._sock is None:
+            raise ConnectionError("host channel not connected")
+        self._sock.settimeout(5)
+        self._sock.sendall(line.encode() + b"\n")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def probe_once(host: str, port: int, probe: ProbeSpec) -> bytes:
+    """Connects, sends the probe's text, returns what came back (raises when nothing did)."""
+    with socket.create_connection((host, port), timeout=probe.timeout) as s:
+        s.settimeout(probe.timeout)
+        if probe.send:
+            s.sendall(probe.send.encode())
+        got = b""
+        deadline = time.monotonic() + probe.timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(4096)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            got += chunk
+            if not probe.expect or probe.expect.encode() in got:
+                break
+    if not got:
+        raise ConnectionError(f"{host}:{port} accepted but sent nothing back")
+    if probe.expect and probe.expect.encode() not in got:
+        raise ConnectionError(f"{host}:{port} answered {got[:80]!r}, expected {probe.expect!r}")
+    return got
+
+
+def probe_until(host: str, port: int, probe: ProbeSpec, deadline: float,
+                keep_going: Callable[[], bool]) -> bytes:
+    last: Exception | None = None
+    while time.monotonic() < deadline and keep_going():
+        try:
+            return probe_once(host, port, probe)
+        except OSError as e:
+            last = e
+        time.sleep(0.3)
+    raise TimeoutError(f"probe of {host}:{port} failed: {last or 'stopped'}")

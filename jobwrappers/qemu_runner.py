@@ -1,0 +1,107 @@
+"""Runs the VM as a plain `qemu-system-x86_64` child of the wrapper.
+
+The child gets PR_SET_PDEATHSIG=SIGKILL so it dies with the wrapper even when the wrapper is
+SIGKILLed (the scheduler's last resort), and its own session so a terminal's Ctrl-C or a process
+group signal reaches only the wrapper, which then shuts the guest down properly.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from jobwrappers.machine import CHANNEL_NAME, Machine, VmRunner
+from jobwrappers.qmp import Qmp, QmpError
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: only async-signal-safe work (one syscall).
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> list[str]:
+    hostfwd = f"tcp:{m.host_addr}:{m.host_port}-:{m.guest_port}"
+    argv = [qemu, "-name", f"guest={m.name},process=salvus-{m.name}", *m.accel.qemu_args,
+            "-machine", "pc", "-m", str(m.memory_mb), "-smp", str(m.vcpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-chardev", f"file,id=console,path={m.console_log}", "-serial", "chardev:console",
+            "-netdev", f"user,id=net0,hostfwd={hostfwd}", "-device", "virtio-net-pci,netdev=net0",
+            "-chardev", f"socket,id=channel0,path={m.channel_path},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", f"virtserialport,bus=vser0.0,chardev=channel0,name={CHANNEL_NAME}"]
+    if m.kernel:
+        argv += ["-kernel", str(m.kernel), "-append", m.cmdline]
+        if m.initrd:
+            argv += ["-initrd", str(m.initrd)]
+    for i, d in enumerate(m.disks):
+        drive = f"file={d.path},if=none,id=disk{i},format={d.format},cache=writeback"
+        if d.readonly:
+            drive += ",readonly=on"
+        dev = f"virtio-blk-pci,drive=disk{i}" + (f",serial={d.serial}" if d.serial else "")
+        argv += ["-drive", drive, "-device", dev]
+    return argv
+
+
+class QemuRunner(VmRunner):
+    kind = "qemu"
+
+    def __init__(self, machine: Machine, qemu: str = QEMU) -> None:
+        super().__init__(machine)
+        self.qemu = qemu
+        self.qmp_path = machine.channel_path.with_name("qmp.sock")
+        self.stderr_path = machine.workdir / "qemu.stderr"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = qemu_argv(self.machine, self.qmp_path, self.qemu)
+        log.debug("starting %s", " ".join(argv))
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         preexec_fn=_die_with_parent, start_new_session=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def failure_detail(self) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        code = self.proc.poll() if self.proc else None
+        return "; ".join(filter(None, [f"qemu exited with status {code}" if code is not None else "",
+                                       " ".join(text.splitlines()[-3:])]))
+
+    def request_shutdown(self) -> None:
+        try:
+            qmp = Qmp(self.qmp_path)
+        except QmpError:
+            if self.alive():
+                raise
+            return
+        try:
+            qmp.execute("system_powerdown")
+        finally:
+            qmp.close()
+
+    def destroy(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.destroy()

@@ -1,0 +1,297 @@
+"""`salvus-vmjob`: the process a scheduler runs; its life is one VM's life.
+
+    salvus-vmjob --spec cluster.yaml --role ROLE [--service-id ID]
+
+check image -> overlay -> config drive -> boot -> READY + probe -> register -> heartbeat ->
+SIGTERM -> ACPI shutdown (bounded) -> destroy -> deregister -> clean up. Exit codes are the job
+contract: 0 stopped on request, 75 transient (retry), 65 image/trust failure, 78 configuration error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalogue.trust import verified_image
+from cluster.errors import DataError, SalvusError, SpecError, TempFailure
+from cluster.registry import Registry, Service, open_registry
+from cluster.spec import ClusterSpec, RoleSpec, load_spec
+from jobwrappers.accel import choose_accel
+from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
+from jobwrappers.disks import create_overlay, ensure_persistent_disk, image_format
+from jobwrappers.heartbeat import Heartbeater
+from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job_from_env
+from jobwrappers.machine import Disk, Machine, VmRunner, free_port
+from jobwrappers.probe import HostChannel, probe_until
+from jobwrappers.runners import open_runner
+from jobwrappers.status import JobStatus, remove_status, write_status
+
+log = logging.getLogger("salvus-vmjob")
+
+GUEST_HOST_ADDR = "10.0.2.2"  # how a guest on user-mode networking reaches this host's loopback
+START_ATTEMPTS = 3  # a forwarded port taken between choosing it and QEMU binding it: pick another
+LIVENESS_CHECK_S = 0.5
+# Unix socket paths are limited to 108 bytes; deep scratch directories get a short socket dir.
+MAX_SOCKET_DIR_LEN = 80
+
+
+@dataclass
+class Job:
+    """Everything one wrapper run owns; `cleanup` removes what is not meant to outlive it."""
+
+    spec: ClusterSpec
+    role_name: str
+    role: RoleSpec
+    service_id: str
+    env: JobEnv
+    image: Path
+    stop: threading.Event
+    workdir: Path | None = None
+    sockdir: Path | None = None
+    runner: VmRunner | None = None
+    channel: HostChannel | None = None
+    endpoint: tuple[str, int] | None = None
+    console_log: Path | None = None
+    started: float = field(default_factory=time.time)
+    sent_upstreams: list[str] | None = None
+
+    def keep_going(self) -> bool:
+        return not self.stop.is_set() and self.runner is not None and self.runner.alive()
+
+    def write_state(self, state: str) -> None:
+        endpoint = f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else ""
+        write_status(self.spec.store_path, JobStatus(
+            self.service_id, self.role_name, self.env.job_id, os.getpid(), state, endpoint,
+            str(self.console_log or ""), self.started))
+
+    def cleanup(self) -> None:
+        if self.channel:
+            self.channel.close()
+        if self.runner:
+            self.runner.destroy()
+            self.runner.close()
+        for d in (self.workdir, self.sockdir):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        if self.env.private_scratch:
+            shutil.rmtree(self.env.scratch, ignore_errors=True)
+        remove_status(self.spec.store_path, self.service_id, os.getpid())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="salvus-vmjob", description="Run one service VM as this job.")
+    p.add_argument("--spec", help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
+    p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
+    p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def check_boot_files(role_name: str, role: RoleSpec) -> None:
+    if role.boot is None:
+        return
+    for label, p in (("boot.kernel", role.boot.kernel), ("boot.initrd", role.boot.initrd)):
+        if p and not (Path(p).is_file() and os.access(p, os.R_OK)):
+            raise DataError(f"roles.{role_name}.{label}: {p} is missing or unreadable")
+
+
+def local_names(spec: ClusterSpec) -> set[str]:
+    names = {"127.0.0.1", "localhost", "::1", socket.gethostname(), socket.getfqdn()}
+    if spec.hypervisor.advertise_host:
+        names.add(spec.hypervisor.advertise_host)
+    return names
+
+
+def guest_upstreams(job: Job, registry: Registry) -> list[str]:
+    """Endpoints of the roles this role forwards to, as the guest can reach them."""
+    out = []
+    for upstream_role in job.role.upstreams:
+        for svc in registry.lookup(upstream_role):
+            host = svc.host
+            if job.role.network == "user" and host in local_names(job.spec):
+                host = GUEST_HOST_ADDR
+            out.append(f"{host}:{svc.port}")
+    return out
+
+
+def prepare_machine(job: Job, registry: Registry) -> Machine:
+    spec, role = job.spec, job.role
+    accel = choose_accel(spec.hypervisor.accel)
+    job.workdir = Path(tempfile.mkdtemp(prefix=f"salvus-{job.service_id}-", dir=job.env.scratch))
+    job.sockdir = (job.workdir if len(str(job.workdir)) <= MAX_SOCKET_DIR_LEN
+                   else Path(tempfile.mkdtemp(prefix="salvus-sock-", dir="/tmp")))
+    overlay = create_overlay(job.image, job.workdir / "root.qcow2")
+    disks = [Disk(overlay, "qcow2")]
+    for d in role.persistent:
+        disks.append(Disk(ensure_persistent_disk(spec.store_path, job.service_id, d), "qcow2", serial=d.name))
+    upstreams = guest_upstreams(job, registry)
+    job.sent_upstreams = upstreams
+    cfg = GuestConfig(service_id=job.service_id, role=job.role_name, hostname=hostname_for(job.service_id),
+                      port=role.port, instance_id=f"{job.service_id}.{job.env.job_id}",
+                      upstreams=upstreams, disks={d.name: d.mount for d in role.persistent},
+                      ssh_keys=list(spec.ssh_keys), role_config=dict(role.config))
+    drive = build_config_drive(job.workdir / "cidata.iso", cfg)
+    disks.append(Disk(drive, "raw", readonly=True))
+    log_dir = spec.store_path / "logs" / "console"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job.console_log = log_dir / f"{job.service_id}.log"
+    with open(job.console_log, "a") as f:
+        f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n")
+    advertise = spec.hypervisor.advertise_host
+    host_addr = "0.0.0.0" if advertise else "127.0.0.1"
+    return Machine(
+        name=job.service_id, vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel, disks=disks,
+        guest_port=role.port, host_addr=host_addr, host_port=free_port(host_addr),
+        channel_path=job.sockdir / "channel.sock", console_log=job.console_log, workdir=job.workdir,
+        kernel=Path(role.boot.kernel) if role.boot else None,
+        initrd=Path(role.boot.initrd) if role.boot and role.boot.initrd else None,
+        cmdline=role.boot.cmdline if role.boot else "")
+
+
+def start_vm(job: Job, machine: Machine) -> None:
+    """Starts the VM; retries with a fresh port when QEMU exits at once (its port was taken)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        job.runner = open_runner(job.spec, machine)
+        job.runner.start()
+        time.sleep(0.3)
+        if job.runner.alive():
+            break
+        detail = job.runner.failure_detail()
+        job.runner.close()
+        if attempt == START_ATTEMPTS or "forward" not in detail:
+            raise TempFailure(f"VM for {job.service_id} failed to start: {detail}")
+        machine.host_port = free_port(machine.host_addr)
+        log.info("forwarded port was taken; retrying on %d", machine.host_port)
+    host = job.spec.hypervisor.advertise_host or "127.0.0.1"
+    job.endpoint = (host, machine.host_port)
+
+
+def wait_until_ready(job: Job, machine: Machine) -> float:
+    """READY on the host channel, then the probe; returns when READY arrived (monotonic)."""
+    deadline = time.monotonic() + job.spec.hypervisor.boot_timeout
+    job.channel = HostChannel(machine.channel_path)
+    try:
+        line = job.channel.wait_ready(deadline, job.keep_going)
+        ready_at = time.monotonic()
+        log.info("guest says %r", line)
+        probe_until("127.0.0.1", machine.host_port, job.role.probe, deadline, job.keep_going)
+    except (TimeoutError, ConnectionError) as e:
+        if job.stop.is_set():
+            raise
+        why = job.runner.failure_detail() if job.runner and not job.runner.alive() else str(e)
+        raise TempFailure(f"{job.service_id} did not become ready within "
+                          f"{job.spec.hypervisor.boot_timeout} s: {why or 'guest stopped'} "
+                          f"(console: {job.console_log})") from None
+    return ready_at
+
+
+def push_upstreams(job: Job, registry: Registry) -> None:
+    if not job.role.upstreams or job.channel is None:
+        return
+    try:
+        current = guest_upstreams(job, registry)
+    except Exception as e:
+        log.debug("upstream lookup failed: %s", e)
+        return
+    if current != job.sent_upstreams:
+        try:
+            job.channel.send("UPSTREAMS " + " ".join(current))
+            job.sent_upstreams = current
+            log.info("upstreams now %s", " ".join(current) or "(none)")
+        except OSError as e:
+            log.warning("could not update the guest's upstreams: %s", e)
+
+
+def supervise(job: Job, beat: Heartbeater, registry: Registry) -> bool:
+    """Until stopped or the guest dies; True when asked to stop."""
+    while not job.stop.is_set():
+        if not job.runner.alive():
+            return False
+        beat.beat_if_due()
+        push_upstreams(job, registry)
+        job.stop.wait(min(LIVENESS_CHECK_S, beat.seconds_until_due() or LIVENESS_CHECK_S))
+    return True
+
+
+def run(args: argparse.Namespace, stop: threading.Event) -> int:
+    spec = load_spec(args.spec)
+    role = spec.role(args.role)
+    env = job_from_env(spec.scheduler.backend)
+    service_id = check_service_id(args.service_id or default_service_id(args.role, env.job_id))
+    # Nothing is created before the image passes its checks.
+    image = verified_image(spec, args.role)
+    check_boot_files(args.role, role)
+    for up in role.upstreams:
+        spec.role(up)
+    registry = open_registry(spec)
+    job = Job(spec, args.role, role, service_id, env, image, stop)
+    beat: Heartbeater | None = None
+    try:
+        machine = prepare_machine(job, registry)
+        job.write_state("booting")
+        start_vm(job, machine)
+        job.write_state("booting")
+        print(f"salvus-vmjob: {service_id}: {job.runner.kind} VM under {machine.accel.name}, "
+              f"endpoint {job.endpoint[0]}:{job.endpoint[1]}, console log {job.console_log}", flush=True)
+        try:
+            ready_at = wait_until_ready(job, machine)
+        except (TimeoutError, ConnectionError):
+            log.info("stop requested while %s was booting", service_id)
+            return 0
+        beat = Heartbeater(registry, Service(
+            role=args.role, service_id=service_id, host=job.endpoint[0], port=job.endpoint[1],
+            hypervisor=socket.gethostname(), scheduler=env.scheduler, job_id=env.job_id,
+            image=role.image), interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
+        beat.start()
+        log.info("registered %s at %s:%d (%.3f s after READY)", service_id, *job.endpoint,
+                 time.monotonic() - ready_at)
+        job.write_state("running")
+        if supervise(job, beat, registry):
+            job.write_state("stopping")
+            t0 = time.monotonic()
+            clean = job.runner.shutdown(spec.hypervisor.stop_timeout)
+            log.info("guest %s in %.1f s", "shut down" if clean else "destroyed after stop_timeout",
+                     time.monotonic() - t0)
+            return 0
+        raise TempFailure(f"guest {service_id} died: {job.runner.failure_detail() or 'VM gone'} "
+                          f"(console: {job.console_log})")
+    finally:
+        if beat is not None:
+            beat.deregister()
+        job.cleanup()
+        registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s salvus-vmjob[%(process)d] %(levelname)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            log.info("%s: stopping the VM", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        return run(args, stop)
+    except SalvusError as e:
+        print(f"salvus-vmjob: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
