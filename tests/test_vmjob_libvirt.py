@@ -1,0 +1,67 @@
+"""salvus-vmjob through libvirt (a libvirtd started by the fixture), with a site domain template."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from cluster.registry import open_registry
+from jobwrappers.libvirt_runner import DEFAULT_TEMPLATE
+from tests.fixtures.demo_image import demo_spec_text, pid_alive
+from tests.test_vmjob import ask, wait_for
+
+pytestmark = pytest.mark.vm
+
+
+def qemu_pid(name: str) -> int | None:
+    try:
+        return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture
+def libvirt_spec(tmp_path, demo_image, libvirt_uri) -> Path:
+    template = tmp_path / "site-domain.xml"
+    template.write_text(DEFAULT_TEMPLATE.read_text().replace(
+        "<name>${name}</name>", "<name>${name}</name>\n  <description>site template</description>"))
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(demo_spec_text(demo_image, tmp_path / "store", libvirt=f'"{libvirt_uri}"',
+                                   domain_template=str(template)))
+    return spec
+
+
+def test_libvirt_boot_register_stop_and_sigkill(libvirt_spec, libvirt_uri, run_wrapper):
+    conn = libvirt.open(libvirt_uri)
+    try:
+        run = run_wrapper(libvirt_spec, "sage", "sage-lv")
+        svc = run.registered()
+        assert "libvirt VM under" in run.output()
+        dom = conn.lookupByName("salvus-sage-lv")
+        assert not dom.isPersistent(), "the domain must be transient"
+        assert "<description>site template</description>" in dom.XMLDesc()
+        assert ask(svc.host, svc.port, "2**10") == "1024\n"
+        pid = qemu_pid("salvus-sage-lv")
+        assert pid and pid_alive(pid)
+        t0 = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(30) == 0, run.output()
+        assert time.monotonic() - t0 < run.spec.hypervisor.stop_timeout
+        assert "guest shut down" in run.output()
+        assert "salvus-sage-lv" not in [d.name() for d in conn.listAllDomains()]
+        assert list(run.scratch.iterdir()) == []
+        with open_registry(run.spec) as reg:
+            assert reg.get("sage-lv") is None
+
+        # AUTODESTROY: a SIGKILLed wrapper's connection closes and libvirt destroys its domain.
+        run = run_wrapper(libvirt_spec, "sage", "sage-lk")
+        pid = wait_for(lambda: qemu_pid("salvus-sage-lk"), 60, "the domain to start")
+        run.proc.send_signal(signal.SIGKILL)
+        run.proc.wait(5)
+        wait_for(lambda: not pid_alive(pid), 5, "libvirt to destroy the dead wrapper's domain")
+        assert "salvus-sage-lk" not in [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
