@@ -148,6 +148,8 @@ class SchedulerSpec:
     requirements: Optional[StrictStr] = None
     # Directory of the scheduler's client commands (sbatch, qsub, ...); default: found on PATH.
     bin_dir: Optional[StrictStr] = None
+    # DRMAA: the scheduler's libdrmaa (default $DRMAA_LIBRARY_PATH, else Grid Engine's on Debian).
+    drmaa_library: Optional[StrictStr] = None
 
 
 @dataclass(config=_STRICT)

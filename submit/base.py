@@ -86,6 +86,15 @@ def grace_seconds(spec: ClusterSpec) -> int:
     return int(spec.hypervisor.stop_timeout) + 15
 
 
+def walltime_seconds(walltime: str) -> int:
+    """Slurm-style `[D-]HH:MM:SS` -> seconds (HTCondor's allowed_job_duration is in seconds)."""
+    days, _, clock = walltime.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def run_command(argv: list[str], *, timeout: float = 60, input: str | None = None,
                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs a scheduler client command; a missing program or a hang is one clear line (75)."""

@@ -1,0 +1,137 @@
+"""Any DRMAA 1.0 scheduler through the `drmaa` package (tested with Son of Grid Engine).
+
+DRMAA can submit, ask one job's status and control it, but cannot list a queue: `list` asks about
+the jobs in our ledger. Each job runs `jobscripts/drmaa-vmjob.sh salvus-vmjob ...`, which maps the
+wrapper's exit codes to Grid Engine's (75 -> 99 requeue, 65/78 -> 100 error/hold). TERMINATE is
+graceful when the queue's `terminate_method` sends SIGTERM first (SGE's default is SIGKILL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from submit.base import Backend, Job, SchedulerError, SchedulerUnavailable, run_command, walltime_seconds, wrapper_path
+
+JOB_SCRIPT = Path(__file__).resolve().parent / "jobscripts" / "drmaa-vmjob.sh"
+DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
+JEMALLOC = "/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+# drmaa.JobState values -> ours.
+STATE_MAP = {
+    "queued_active": "queued", "system_on_hold": "held", "user_on_hold": "held",
+    "user_system_on_hold": "held", "running": "running", "system_suspended": "held",
+    "user_suspended": "held", "user_system_suspended": "held", "done": "done", "failed": "failed",
+    "undetermined": "unknown",
+}
+
+
+class DrmaaBackend(Backend):
+    name = "drmaa"
+
+    def session_env(self) -> dict[str, str]:
+        lib = os.environ.get("DRMAA_LIBRARY_PATH") or self.spec.scheduler.drmaa_library or DEFAULT_LIBRARY
+        env = {"DRMAA_LIBRARY_PATH": lib}
+        if Path(JEMALLOC).exists() and "gridengine" in lib:
+            env["LD_PRELOAD"] = JEMALLOC  # Grid Engine's libdrmaa needs it (static TLS)
+        return env
+
+    def call(self, request: dict) -> dict:
+        r = run_command([sys.executable, "-m", "submit.drmaa_session"], input=json.dumps(request),
+                        env=self.session_env(), timeout=120)
+        try:
+            answer = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise SchedulerError(f"drmaa: no answer from the DRMAA helper: "
+                                 f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or 'nothing'}") from None
+        if "error" in answer:
+            cls = SchedulerUnavailable if answer.get("kind") == "unavailable" else SchedulerError
+            raise cls(f"drmaa ({request['op']}): {answer['error']}")
+        return answer
+
+    def native_spec(self, role: str, service_id: str | None) -> str:
+        s = self.spec.scheduler
+        r = self.role(role)
+        # Memory is not requested: Grid Engine sites define their own memory complexes (h_vmem
+        # would also kill QEMU, whose virtual size far exceeds the guest's RAM); use native_spec.
+        parts = ["-r y"]
+        if r.vcpus > 1:
+            parts.append(f"-pe smp {r.vcpus}")
+        if s.queue:
+            parts.append(f"-q {s.queue}")
+        if s.account:
+            parts.append(f"-A {s.account}")
+        if s.walltime:
+            parts.append(f"-l h_rt={walltime_seconds(s.walltime)}")
+        host = self.host_for(role, service_id)
+        if host:
+            parts.append(f"-l h={host}")
+        if s.native_spec:
+            parts.append(s.native_spec)
+        return " ".join(parts)
+
+    def template(self, role: str, service_id: str | None) -> dict:
+        args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role]
+        if service_id:
+            args += ["--service-id", service_id]  # else the wrapper's default: ROLE-$JOB_ID
+        logs = self.log_dir()
+        return {"command": str(JOB_SCRIPT), "args": args, "name": self.job_name(role),
+                "native": self.native_spec(role, service_id),
+                "stdout": str(logs / f"{self.job_name(role)}.$JOB_ID.out"),
+                "stderr": str(logs / f"{self.job_name(role)}.$JOB_ID.err"),
+                "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SALVUS_SCHEDULER": self.name,
+                        "LANG": os.environ.get("LANG", "C.UTF-8")}}
+
+    def render(self, role: str, service_id: str | None = None) -> str:
+        """The DRMAA job template, spelled as the equivalent Grid Engine qsub command."""
+        t = self.template(role, service_id)
+        return (f"# DRMAA job template for one {role} VM (submitted with drmaa.Session.runJob)\n"
+                f"qsub -N {t['name']} {t['native']} -o {shlex.quote(t['stdout'])} -e {shlex.quote(t['stderr'])} "
+                f"-b y {shlex.quote(t['command'])} {' '.join(shlex.quote(a) for a in t['args'])}\n")
+
+    def submit(self, role: str, n: int) -> list[Job]:
+        self.log_dir().mkdir(parents=True, exist_ok=True)
+        jobs = []
+        # One request per job, so each is in the ledger before the next is submitted.
+        for sid in self.stable_service_ids(role, n):
+            job_id = self.call({"op": "submit", "templates": [self.template(role, sid)]})["ids"][0]
+            job = Job(job_id, role, "queued", sid or f"{role}-{job_id}", time.time(), backend=self.name)
+            self.ledger.add(job)
+            jobs.append(job)
+        return jobs
+
+    def list(self, role: str | None = None) -> list[Job]:
+        known = [j for j in self.ledger.jobs() if role is None or j.role == role]
+        if not known:
+            return []
+        states = self.call({"op": "status", "ids": [j.job_id for j in known]})["states"]
+        cancelled = self.cancelled_ids()
+        jobs = []
+        for j in known:
+            state = states.get(j.job_id, "gone")
+            if state == "gone":
+                continue  # finished and forgotten by the scheduler: reported as gone by `scale`
+            j.state = STATE_MAP.get(state, "unknown")
+            if j.job_id in cancelled and j.state in ("running", "queued"):
+                j.state = "stopping"
+            if j.state == "held":
+                j.hold_reason = f"DRMAA state {state} (exit 65/78 puts the job in error state: see its .err log)"
+            jobs.append(j)
+        return jobs
+
+    def cancelled_ids(self) -> set[str]:
+        d = self.ledger.dir / "cancelled"
+        return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+    def cancel(self, job: Job) -> None:
+        d = self.ledger.dir / "cancelled"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / job.job_id).touch()  # DRMAA still says "running" while the guest shuts down
+        self.call({"op": "terminate", "ids": [job.job_id]})
+
+    def forget(self, job: Job) -> None:
+        super().forget(job)
+        (self.ledger.dir / "cancelled" / job.job_id).unlink(missing_ok=True)
