@@ -6,12 +6,12 @@ import json
 import signal
 import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cluster.registry import open_registry
+from jobwrappers.cli import http_get
 from tests.conftest import run_cli
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
 
@@ -30,14 +30,6 @@ def ask(host: str, port: int, line: str, timeout: float = 10) -> str:
         while chunk := s.recv(4096):
             data += chunk
     return data.decode()
-
-
-def http_get(host: str, port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=20) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def wait_for(cond, timeout: float, what: str):

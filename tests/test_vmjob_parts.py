@@ -1,0 +1,114 @@
+"""The wrapper's single-purpose parts, without booting a VM: overlay, persistent disks, config drive,
+accelerator choice, job environment, heartbeats against a real SQLite registry."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.errors import SpecError
+from cluster.registry import Service
+from cluster.registry.sqlite import SqliteRegistry
+from cluster.spec import DiskSpec
+from jobwrappers.accel import TCG, choose_accel
+from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
+from jobwrappers.disks import create_overlay, ensure_persistent_disk
+from jobwrappers.heartbeat import Heartbeater
+from jobwrappers.jobenv import check_service_id, default_service_id, job_from_env
+
+
+def qemu_img_info(path: Path) -> dict:
+    return json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
+def test_overlay_backs_onto_the_base_by_absolute_path(tmp_path, monkeypatch):
+    base = tmp_path / "images" / "base.qcow2"
+    base.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.chdir(tmp_path)
+    overlay = create_overlay(Path("images/base.qcow2"), tmp_path / "scratch" / "root.qcow2")
+    info = qemu_img_info(overlay)
+    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "qcow2"
+    assert info["virtual-size"] == 64 << 20
+
+
+def test_persistent_disk_is_sparse_created_once_and_kept(tmp_path):
+    disk = DiskSpec(name="data", size_mb=1024)
+    path = ensure_persistent_disk(tmp_path, "cassandra-0", disk)
+    assert path == tmp_path / "persistent" / "cassandra-0" / "data.qcow2"
+    assert qemu_img_info(path)["virtual-size"] == 1 << 30 and path.stat().st_size < 1 << 20
+    path.write_bytes(path.read_bytes() + b"\0" * 512)  # stands in for data the guest wrote
+    size = path.stat().st_size
+    assert ensure_persistent_disk(tmp_path, "cassandra-0", disk) == path and path.stat().st_size == size
+    assert [p.name for p in path.parent.iterdir()] == ["data.qcow2"]
+
+
+def test_config_drive_is_nocloud_with_keys_and_role_config(tmp_path):
+    cfg = GuestConfig(service_id="hub-7", role="hub", hostname=hostname_for("Hub_7"), port=8080,
+                      instance_id="hub-7.42", upstreams=["10.0.2.2:40001"], disks={},
+                      ssh_keys=["ssh-ed25519 AAAAtest ops@site"], role_config={"title": "it's a hub"})
+    iso = build_config_drive(tmp_path / "cidata.iso", cfg)
+    pvd = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True).stdout
+    assert "Volume id: cidata" in pvd
+
+    def read(name: str) -> str:
+        return subprocess.run(["isoinfo", "-R", "-i", str(iso), "-x", f"/{name}"],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert yaml.safe_load(read("meta-data")) == {"instance-id": "hub-7.42", "local-hostname": "hub-7"}
+    ud_text = read("user-data")
+    assert ud_text.startswith("#cloud-config\n")
+    ud = yaml.safe_load(ud_text)
+    assert ud["hostname"] == "hub-7" and ud["ssh_authorized_keys"] == ["ssh-ed25519 AAAAtest ops@site"]
+    service = json.loads(ud["write_files"][0]["content"])
+    assert service["upstreams"] == ["10.0.2.2:40001"] and service["port"] == 8080
+    env = subprocess.run(["sh", "-c", f"{read('salvus.env')}\necho \"$SALVUS_CONFIG_TITLE|$SALVUS_UPSTREAMS\""],
+                         capture_output=True, text=True, check=True).stdout
+    assert env == "it's a hub|10.0.2.2:40001\n"
+    assert read("authorized_keys") == "ssh-ed25519 AAAAtest ops@site\n"
+
+
+def test_accel_tcg_when_asked_and_detection_decides_auto(caplog):
+    assert choose_accel("tcg") is TCG
+    caplog.set_level("WARNING")
+    auto = choose_accel("auto")
+    warnings = [r for r in caplog.records if "TCG" in r.getMessage()]
+    assert (auto is TCG) == (len(warnings) == 1)
+
+
+def test_job_env_from_each_scheduler(tmp_path):
+    ad = tmp_path / ".job.ad"
+    ad.write_text('ClusterId = 12\nProcId = 3\nOwner = "x"\n')
+    cases = [({"_CONDOR_JOB_AD": str(ad), "_CONDOR_SCRATCH_DIR": str(tmp_path)}, ("12.3", "condor")),
+             ({"SLURM_JOB_ID": "991", "TMPDIR": str(tmp_path)}, ("991", "slurm")),
+             ({"PBS_JOBID": "5.server", "TMPDIR": str(tmp_path)}, ("5.server", "pbs")),
+             ({"JOB_ID": "77", "TMPDIR": str(tmp_path)}, ("77", "sge")),
+             ({"SALVUS_LOCAL_JOB_ID": "L1", "TMPDIR": str(tmp_path)}, ("L1", "local"))]
+    for env, want in cases:
+        job = job_from_env("local", env)
+        assert (job.job_id, job.scheduler) == want and job.scratch == tmp_path and not job.private_scratch
+    private = job_from_env("local", {})
+    assert private.private_scratch and private.scratch.is_dir()
+    private.scratch.rmdir()
+    assert default_service_id("sage", "5.server") == "sage-5.server"
+    with pytest.raises(SpecError, match="--service-id"):
+        check_service_id("../etc")
+
+
+def test_heartbeat_reregisters_an_expired_row(tmp_path):
+    reg = SqliteRegistry(tmp_path / "reg.sqlite", ttl=5)
+    beat = Heartbeater(reg, Service("sage", "sage-1", "127.0.0.1", 4000), interval=2.0, ttl=5)
+    beat.start()
+    reg.deregister("sage-1")  # as if the row had expired while the registry was unreachable
+    beat.next_due = 0
+    beat.beat_if_due()
+    assert reg.get("sage-1") is not None and beat.failures == 0
+    reg.close()
+    beat.next_due = 0
+    beat.beat_if_due()  # a closed connection fails like an unreachable backend: logged, retried
+    assert beat.failures == 1 and 0 < beat.seconds_until_due() < 2.0
