@@ -170,14 +170,20 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
     if old is not None and old.sha256 != sha256_file(image):
         raise DataError(f"{ref} is already in the catalogue with different bytes; use a new version")
     dest = cat.image_file(draft)
-    draft.sha256 = _copy_hashing(image, dest) if old is None or not dest.exists() else old.sha256
-    draft.size = dest.stat().st_size
-    torrent, draft.info_hash = make_torrent(dest, draft.web_seeds[0])
-    write_atomic(cat.torrent_file(draft), torrent)
-    if old is not None:
-        draft.created = old.created
-    cat.save_draft([e for e in entries if e.ref != ref] + [draft], revoked)
-    cat.save_config(url=url)
+    copied = old is None or not dest.exists()
+    try:
+        draft.sha256 = _copy_hashing(image, dest) if copied else old.sha256  # type: ignore[union-attr]
+        draft.size = dest.stat().st_size
+        torrent, draft.info_hash = make_torrent(dest, draft.web_seeds[0])
+        write_atomic(cat.torrent_file(draft), torrent)
+        if old is not None:
+            draft.created = old.created
+        cat.save_draft([e for e in entries if e.ref != ref] + [draft], revoked)
+        cat.save_config(url=url)
+    except BaseException:
+        if copied:  # no image file without an entry describing it
+            dest.unlink(missing_ok=True)
+        raise
     return draft
 
 
@@ -205,8 +211,8 @@ def sign_index(cat: CatalogueDir, key: Ed25519PrivateKey, valid_for: timedelta) 
     parse_index(raw, source="the index about to be signed")  # never publish what hosts would refuse
     sig = new_signature_file([sign_index_bytes(raw, key)])
     cat.save_config(last_version=index.version)
-    # Signature first: a client fetching in between sees a mismatch and retries, never a new index
-    # paired with an old signature that happens to verify.
+    # Two files cannot be replaced in one step: a client reading between the two renames gets a
+    # signature that does not match, refuses, and succeeds at its next poll.
     write_atomic(cat.sig_path, sig)
     write_atomic(cat.index_path, raw)
     return index

@@ -12,8 +12,6 @@ either way. The index's `web_seeds` hold the same directory URLs.
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import libtorrent as lt
@@ -21,7 +19,6 @@ import libtorrent as lt
 from cluster.errors import DataError
 from catalogue.index import Entry
 
-log = logging.getLogger(__name__)
 
 MAX_TORRENT_BYTES = 16 << 20
 MIN_PIECE = 256 << 10
@@ -42,10 +39,7 @@ def make_torrent(image: Path, web_seed_dir_url: str, piece_size: int | None = No
     if not web_seed_dir_url.endswith("/"):
         web_seed_dir_url += "/"
     files = lt.list_files(str(image))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ct = lt.create_torrent(files, piece_size or piece_size_for(image.stat().st_size),
-                               lt.create_torrent.v2_only)
+    ct = lt.create_torrent(files, piece_size or piece_size_for(image.stat().st_size), lt.create_torrent.v2_only)
     ct.add_url_seed(web_seed_dir_url)
     ct.set_creator("salvus-jobs catalogue")
     lt.set_piece_hashes(ct, str(image.parent))

@@ -12,7 +12,7 @@ import pytest
 from cluster.errors import DataError, SpecError
 from catalogue import approvals, hashcache, trust
 from catalogue.endorse import add_image, revoke, sign_index
-from catalogue.index import Index, new_signature_file, now_utc, sign_index_bytes
+from catalogue.index import Index, new_signature_file, now_utc, parse_index, sign_index_bytes
 from catalogue.keys import generate_key, load_private_key
 from tests.fixtures.catalogue import PASSPHRASE, make_qcow2, tree_snapshot
 
@@ -118,12 +118,20 @@ def test_oversized_index_refused_before_reading(signed_catalogue):
     assert_accept_refused(sc, big, sig_big, "exceeds the limit of 4096 bytes", "refused unread")
 
 
+# Nested aliases: 10^9 strings if anything walked the expansion; the strict parser stops at entries[0].
+BILLION_LAUGHS = (b"schema: salvus-image-index/1\nversion: 1\nissued: '2026-01-01T00:00:00Z'\n"
+                  b"expires: '2099-01-01T00:00:00Z'\nentries:\n- - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                  + b"".join(b"  - &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]\n"
+                             % ((i,) + (i - 1,) * 10) for i in range(1, 9)))
+
+
 def test_malformed_yaml_refused_even_when_signed(signed_catalogue):
     sc = signed_catalogue
     for raw, expected in ((b"schema: salvus-image-index/1\nentries: [\n  - {name: x\n", "malformed YAML at line"),
                           (b"- just\n- a list\n", "expected a mapping"),
                           (sc.signed()[0].replace(b"size:", b"bytes:"), "entries[0].bytes: unknown key"),
-                          (sc.signed()[0] + b"extra: 1\n", "extra: unknown key")):
+                          (sc.signed()[0] + b"extra: 1\n", "extra: unknown key"),
+                          (BILLION_LAUGHS, "entries[0]: expected a mapping, got list")):
         sig = new_signature_file([sign_index_bytes(raw, sc.key())])
         assert_accept_refused(sc, raw, sig, expected)
 
@@ -324,3 +332,14 @@ def test_accepted_index_survives_as_exact_bytes(signed_catalogue):
     sc.image.unlink()  # the endorser side is irrelevant to the host once accepted
     make_qcow2(sc.image, 0x11)
     assert trust.accept_index(spec, raw, sig).version == 1  # re-accepting the same bytes is a no-op
+
+
+def test_parsed_copy_matches_the_signed_bytes_and_damage_falls_back(signed_catalogue, caplog):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    assert trust.accepted_index(spec) == parse_index(sc.signed()[0])
+    parsed = next((sc.store / "state" / "catalogue").glob("index-*.yaml.json"))
+    parsed.write_bytes(b"{not json")
+    with caplog.at_level("WARNING"):
+        assert trust.verified_image(spec, "sage")
+    assert "parsing the index again" in caplog.text
