@@ -38,6 +38,11 @@ def spec_image_files(spec: ClusterSpec) -> set[str]:
     return out
 
 
+def version_key(version: str) -> tuple:
+    """'1.10' after '1.9': digits compare as numbers (ties in `created` are common in a batch)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|[^\d.+_-]+", version))
+
+
 def wanted_files(spec: ClusterSpec, index, keep: int) -> dict[str, object]:
     """File name -> Entry for the endorsed, approved, unexpired entries worth keeping."""
     from catalogue.approvals import is_approved
@@ -48,7 +53,7 @@ def wanted_files(spec: ClusterSpec, index, keep: int) -> dict[str, object]:
             by_name.setdefault(e.name, []).append(e)
     out: dict[str, object] = {}
     for entries in by_name.values():
-        entries.sort(key=lambda e: e.created, reverse=True)
+        entries.sort(key=lambda e: (e.created, version_key(e.version)), reverse=True)
         for e in entries[:keep] if keep > 0 else entries:
             out[e.file_name] = e
     return out

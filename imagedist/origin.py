@@ -8,7 +8,7 @@ origin link very unevenly and the laggards then hold the whole swarm back.
 from __future__ import annotations
 
 import logging
-import queue
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,50 +28,53 @@ PACE_SECONDS = 1.0
 
 
 class Pacer:
-    """One peer class per host IP at the origin, limits re-split every second."""
+    """One peer class per host IP at the origin, limits re-split every second.
+
+    `add_host` runs on the tracker's thread before it answers the host's first announce, so the
+    host's class exists before it can connect (classes are assigned at connection time). libtorrent
+    session calls are thread-safe; the lock guards our own maps.
+    """
 
     def __init__(self, session: lt.session, rate: int):
         self.session = session
         self.rate = rate
         self.classes: dict[str, int] = {}
-        self.new_ips: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._limits: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def add_host(self, ip: str) -> None:
-        """Thread-safe (the tracker calls it); applied on the next update()."""
-        self.new_ips.put(ip)
-
-    def _apply_new_hosts(self) -> None:
-        added = False
-        while not self.new_ips.empty():
-            ip = self.new_ips.get()
-            if ip not in self.classes:
-                self.classes[ip] = self.session.create_peer_class(f"host {ip}")
-                set_upload_limit(self.session, self.classes[ip], f"host {ip}", 0)
-                added = True
-        if added:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            if ip in self.classes:
+                return
+            cls = self.session.create_peer_class(f"host {ip}")
+            # Until the first update, a new host gets the whole origin rate, not unlimited.
+            set_upload_limit(self.session, cls, f"host {ip}", self.rate)
+            self.classes[ip] = cls
+            self._limits[ip] = self.rate
             glob = 1 << self.session.global_peer_class_id
             f = lt.ip_filter()
             f.add_rule("0.0.0.0", "255.255.255.255", glob)
-            for ip, cls in self.classes.items():
-                f.add_rule(ip, ip, glob | (1 << cls))
+            for host, c in self.classes.items():
+                f.add_rule(host, host, glob | (1 << c))
             self.session.set_peer_class_filter(f)
 
     def update(self, handles: list[lt.torrent_handle]) -> None:
         if self.rate <= 0:
             return
-        self._apply_new_hosts()
         interested: set[str] = set()
         for h in handles:
             for p in h.get_peer_info():
                 if p.flags & lt.peer_info.remote_interested and not p.flags & lt.peer_info.seed:
                     interested.add(p.ip[0])
         limit = steering.pacing_limit(self.rate, len(interested))
-        for ip, cls in self.classes.items():
-            want = limit if ip in interested else 0
-            if self._limits.get(ip) != want:
-                set_upload_limit(self.session, cls, f"host {ip}", want)
-                self._limits[ip] = want
+        with self._lock:
+            for ip, cls in self.classes.items():
+                want = limit if ip in interested else self.rate
+                if self._limits.get(ip) != want:
+                    set_upload_limit(self.session, cls, f"host {ip}", want)
+                    self._limits[ip] = want
 
 
 def catalogue_torrents(directory: Path) -> dict[str, tuple[bytes, Path]]:

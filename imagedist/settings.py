@@ -52,7 +52,12 @@ def session_settings(cfg: SessionConfig) -> dict:
         "tracker_completion_timeout": 10,
         "tracker_receive_timeout": 5,
         "announce_to_all_trackers": True,
+        # The ip filter gates and bans peers; the tracker lives on the (gated) origin.
+        "apply_ip_filter_to_trackers": False,
         "close_redundant_connections": True,
+        # libtorrent 2.1 keeps up to this much written data in memory before flushing; 100 MiB by
+        # default, which a SIGKILL loses (and a resume file would claim). Flush early instead.
+        "max_queued_disk_bytes": 8 << 20,
         # Hashing is the CPU cost of a pull: give it threads.
         "hashing_threads": 2,
         "aio_threads": 4,

@@ -78,6 +78,7 @@ class _Active:
     info_hash: str
     last_progress: float
     stall_timeout: float
+    best: int = 0  # high-water mark of bytes done: a failed piece's blocks are counted, then dropped
     gated: bool = False
     gate_lifted: bool = False
     fallback_at: float = 0.0
@@ -128,7 +129,9 @@ class Swarm:
         self._active: dict[str, _Active] = {}
         self._removing: dict[str, _Active] = {}
         self._seeds: dict[str, lt.torrent_handle] = {}
-        self._gated_ips: frozenset[str] = frozenset()
+        self._own_ips = {cfg.listen_ip} | ({"127.0.0.1"} if cfg.listen_ip == "0.0.0.0" else set())
+        self._banned_ips: set[str] = set()
+        self._filtered: frozenset[str] = frozenset()
         self._last_resume = 0.0
 
     # -- seeding ---------------------------------------------------------------------------------
@@ -167,7 +170,6 @@ class Swarm:
         # nothing else): they load the origin, which the swarm exists to spare.
         atp.flags |= lt.torrent_flags.override_web_seeds
         atp.url_seeds = []
-        atp.flags &= ~lt.torrent_flags.apply_ip_filter
         atp.flags &= ~lt.torrent_flags.seed_mode
         atp.flags &= ~lt.torrent_flags.paused
         atp.flags &= ~lt.torrent_flags.auto_managed
@@ -215,7 +217,9 @@ class Swarm:
         if now - self._last_resume >= RESUME_EVERY:
             self._last_resume = now
             for act in self._active.values():
-                act.handle.save_resume_data(lt.torrent_handle.only_if_modified)
+                # flush_disk_cache: the resume data must not list pieces still only in memory.
+                act.handle.save_resume_data(lt.torrent_handle.only_if_modified
+                                            | lt.torrent_handle.flush_disk_cache)
         self._apply_gate()
 
     def close(self) -> None:
@@ -231,7 +235,6 @@ class Swarm:
         atp.save_path = str(save_dir)
         atp.renamed_files = {0: filename}
         atp.trackers = list(trackers)
-        atp.flags &= ~lt.torrent_flags.apply_ip_filter
         atp.flags &= ~lt.torrent_flags.auto_managed
         atp.flags &= ~lt.torrent_flags.paused
         atp.flags |= lt.torrent_flags.override_web_seeds
@@ -279,6 +282,10 @@ class Swarm:
             if act and ep not in act.progress.banned:
                 act.progress.banned.append(ep)
                 log.warning("%s: banned peer %s (sent a piece that failed its hash)", act.req.key, ep)
+            # libtorrent bans the (ip, port) entry, which an incoming reconnection from a new port
+            # escapes; a host's own IP is blocked outright unless it is ours (all of loopback).
+            if a.endpoint[0] not in self._own_ips:
+                self._banned_ips.add(a.endpoint[0])
         elif isinstance(a, lt.url_seed_alert):
             log.warning("web seed %s: %s", getattr(a, "server_url", "?"), a.message())
         elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
@@ -310,9 +317,10 @@ class Swarm:
         if p.state in ("starting", "checking"):
             p.resumed = st.total_wanted_done
             p.state = "downloading"
-        if st.total_wanted_done > p.done:
+        if st.total_wanted_done > act.best:
+            act.best = st.total_wanted_done
             act.last_progress = now
-        p.done = st.total_wanted_done
+        p.done = min(st.total_wanted_done, p.total)
         p.rate = float(st.download_payload_rate)
         p.downloaded = st.total_payload_download
         if st.is_finished or st.is_seeding:
@@ -343,24 +351,22 @@ class Swarm:
             log.warning("%s: %s; using the web seed %s", act.req.key, why, ", ".join(act.req.web_seeds))
 
     def _apply_gate(self) -> None:
-        """Blocks the origin for the torrents whose own slice is complete (per torrent flag)."""
-        want = frozenset().union(*(a.req.origin_ips for a in self._active.values() if a.gated))
-        if want != self._gated_ips:
+        """One session-wide IP filter: banned hosts always; the origin while every steered pull
+        has its own slice (ip filters are per session, and a host pulls one image at a time)."""
+        steered = [a for a in self._active.values() if a.req.origin_ips]
+        gate = frozenset().union(*(a.req.origin_ips for a in steered)) \
+            if steered and all(a.gated for a in steered) else frozenset()
+        want = frozenset(self._banned_ips) | gate
+        if want != self._filtered:
             f = lt.ip_filter()
             for ip in want:
                 f.add_rule(ip, ip, 1)
             self.session.set_ip_filter(f)
-            self._gated_ips = want
-        for act in self._active.values():
-            flagged = bool(act.handle.flags() & lt.torrent_flags.apply_ip_filter)
-            if act.gated and not flagged:
-                act.handle.set_flags(lt.torrent_flags.apply_ip_filter)
-            elif not act.gated and flagged:
-                act.handle.unset_flags(lt.torrent_flags.apply_ip_filter)
+            self._filtered = want
 
     def _save_resume_now(self, act: _Active) -> None:
         if act.handle.is_valid():
-            act.handle.save_resume_data()
+            act.handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 a = self.session.wait_for_alert(500)

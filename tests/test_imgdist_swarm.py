@@ -61,3 +61,93 @@ def test_second_sync_is_a_no_op(imgdist_lab):
     again = imgdist_lab.run(h, "--sync")
     assert again.returncode == 0, again.stderr
     assert "present   sage@1.0" in again.stdout
+
+
+def test_host_serving_corrupt_pieces_is_banned_and_the_others_finish_correct(imgdist_lab, tmp_path):
+    from tests.fixtures.imgdist_lab import BadSeeder
+
+    entry = imgdist_lab.add_image("sage", "1.0", 24)
+    imgdist_lab.sign()
+    # A slow origin, so the hosts take much of the image from the fast, lying peer.
+    imgdist_lab.start_origin(upload_rate=3 * MiB)
+    cat_image = imgdist_lab.cat_dir / "images" / entry.file_name
+    meta = (imgdist_lab.cat_dir / entry.torrent).read_bytes()
+    bad = BadSeeder(meta, cat_image, tmp_path / "bad", corrupt_every=4)
+    try:
+        hosts = [imgdist_lab.host(f"h{i}", approve=("sage@1.0",), peers=(f"{bad.ip}:{bad.port}",))
+                 for i in range(3)]
+        procs = [imgdist_lab.spawn(h, "--sync") for h in hosts]
+        logs = []
+        for h, p in zip(hosts, procs):
+            out, err = p.communicate(timeout=180)
+            logs.append(err.decode())
+            assert p.returncode == 0, logs[-1][-3000:]
+            assert_installed(h, entry)
+        assert bad.uploaded() > 0, "the bad peer never served anything: the test proves nothing"
+    finally:
+        bad.stop()
+    banned = [log for log in logs if f"banned peer {bad.ip}:" in log]
+    assert banned, "no host banned the peer that served corrupt pieces:\n" + logs[0][-3000:]
+    assert all("failed its hash check" in log for log in banned)
+
+
+def test_lone_bad_source_falls_back_to_the_web_seed(imgdist_lab, tmp_path):
+    from tests.fixtures.imgdist_lab import BadSeeder
+
+    entry = imgdist_lab.add_image("sage", "1.0", 8)
+    imgdist_lab.sign()
+    meta = (imgdist_lab.cat_dir / entry.torrent).read_bytes()
+    bad = BadSeeder(meta, imgdist_lab.cat_dir / "images" / entry.file_name, tmp_path / "bad", corrupt_every=1)
+    try:
+        # No origin seeder, no tracker: the only peer lies about every piece.
+        h = imgdist_lab.host("h0", approve=("sage@1.0",), tracker=False, stall=4,
+                             peers=(f"{bad.ip}:{bad.port}",))
+        r = imgdist_lab.run(h, "--sync", timeout=120)
+    finally:
+        bad.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"banned peer {bad.ip}:" in r.stderr
+    assert "using the web seed" in r.stderr
+    assert_installed(h, entry)
+
+
+def _wait_for_progress(spec: Path, key: str, percent: float, proc, timeout: float = 90) -> float:
+    from imagedist.state import read_status
+    from imagedist.store import Store
+
+    store = Store(store_of(spec))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = read_status(store)
+        img = st.images.get(key) if st else None
+        if img and img.percent >= percent and store.resume_file(key).exists():
+            return img.percent
+        assert proc.poll() is None, "the pull ended before it could be killed"
+        time.sleep(0.2)
+    raise AssertionError(f"{key} never reached {percent}%")
+
+
+def test_sigkilled_pull_resumes_where_it_left_off(imgdist_lab):
+    import re
+
+    entry = imgdist_lab.add_image("sage", "1.0", 32)
+    imgdist_lab.sign()
+    imgdist_lab.start_origin(upload_rate=4 * MiB)
+    h = imgdist_lab.host("h0", approve=("sage@1.0",))
+    p = imgdist_lab.spawn(h, "--sync")
+    reached = _wait_for_progress(h, "sage-1.0", 35.0, p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    partial = store_of(h) / "images" / "partial" / entry.file_name
+    assert partial.exists() and not (store_of(h) / "images" / "base" / entry.file_name).exists()
+    r = imgdist_lab.run(h, "--sync", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from saved state" in r.stderr
+    m = re.search(r"installed \(.*?(\d+) MiB fetched, (\d+) MiB resumed", r.stderr)
+    assert m, r.stderr[-2000:]
+    fetched, resumed = int(m.group(1)), int(m.group(2))
+    # What was flushed before the kill is kept (up to max_queued_disk_bytes may have been only in
+    # memory); only the rest is fetched again.
+    assert resumed >= 4, (reached, fetched, resumed)
+    assert fetched <= 32 - resumed + 2, (reached, fetched, resumed)
+    assert_installed(h, entry)
