@@ -129,7 +129,8 @@ def main() -> int:
         uncached, cached, h_uncached, h_cached = bench_preboot(Path(tmp), args.image_mib, args.entries, args.runs)
     print(f"pre-boot check of a {args.image_mib} MiB image (verified_image: index fresh, endorsed, approved, hash):")
     print(f"  naive: hash at every boot                        {uncached:9.1f} ms")
-    print(f"  ours:  digest cached on (path,size,mtime,ctime,inode) {cached:4.1f} ms  ({uncached / cached:.1f}x faster)")
+    print(f"  ours:  digest cached on (path,size,mtime,ctime,inode) {cached:4.1f} ms  "
+          f"({uncached / cached:.1f}x faster)")
     print(f"  of which the hash step: {h_uncached:.1f} ms uncached, {h_cached:.2f} ms cached; the rest is "
           f"re-checking the signature of the {args.entries}-entry accepted index and loading its parsed copy")
     print(f"verify_entries={args.entries} verify_ms={ours:.1f} naive_verify_ms={naive:.1f} image_mib={args.image_mib} "

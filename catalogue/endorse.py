@@ -111,7 +111,8 @@ def image_info(image: Path) -> str:
     except FileNotFoundError:
         raise SpecError("qemu-img not found (Debian package qemu-utils)") from None
     except subprocess.CalledProcessError as e:
-        raise DataError(f"{image}: qemu-img cannot read it: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}") from None
+        why = e.stderr.strip().splitlines()[-1] if e.stderr.strip() else str(e)
+        raise DataError(f"{image}: qemu-img cannot read it: {why}") from None
     info = json.loads(out)
     fmt = info.get("format")
     if fmt not in ("qcow2", "raw"):

@@ -170,8 +170,8 @@ class Index:
         d = json.loads(raw)
         entries = [Entry(**{**e, "created": _time(e["created"]), "expires": _time(e["expires"])})
                    for e in d["entries"]]
-        return cls(version=int(d["version"]), issued=_time(d["issued"]), expires=_time(d["expires"]),  # type: ignore[arg-type]
-                   entries=entries, revoked=list(d["revoked"]))
+        return cls(version=int(d["version"]), issued=_time(d["issued"]),  # type: ignore[arg-type]
+                   expires=_time(d["expires"]), entries=entries, revoked=list(d["revoked"]))  # type: ignore[arg-type]
 
     def render(self) -> bytes:
         """The bytes `sign` writes and signs; never used to verify (verification uses the file)."""

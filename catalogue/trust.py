@@ -12,8 +12,9 @@ Accepting an index (`accept_index`, used by `salvus_jobs catalogue accept` and i
 order: size before reading (endless data), signatures over the exact bytes (arbitrary software,
 mix-and-match), structure, expiry (freeze), version not older than the last accepted one and not the
 same version with other bytes (rollback). Only then is the copy stored, atomically, under
-`STORE/state/catalogue/`: `index-<sha>.yaml`, `index-<sha>.yaml.sig` and the pointer
-`accepted.json` whose rename is the commit point.
+`STORE/state/catalogue/`: `index-V-SHA.yaml` (the exact bytes), `.yaml.sig`, `.yaml.json` (the
+parsed form, so a boot need not re-parse a large index) and the pointer `accepted.json`, whose
+rename is the commit point.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from catalogue.keys import load_trust_keys
 log = logging.getLogger(__name__)
 
 CHECKS = ("index fresh", "endorsed", "approved", "hash")
-__all__ = ["accept_index", "accepted_index", "accepted_version", "base_image_path", "check_image_bytes", "check_signed_index",
-           "is_approved", "trust_keys", "verified_image"]
+__all__ = ["accept_index", "accepted_index", "accepted_version", "base_image_path", "check_image_bytes",
+           "check_signed_index", "is_approved", "trust_keys", "verified_image"]
 
 
 def state_dir(spec: ClusterSpec) -> Path:

@@ -120,7 +120,8 @@ def test_oversized_index_refused_before_reading(signed_catalogue):
 
 # Nested aliases: 10^9 strings if anything walked the expansion; the strict parser stops at entries[0].
 BILLION_LAUGHS = (b"schema: salvus-image-index/1\nversion: 1\nissued: '2026-01-01T00:00:00Z'\n"
-                  b"expires: '2099-01-01T00:00:00Z'\nentries:\n- - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                  b"expires: '2099-01-01T00:00:00Z'\nentries:\n"
+                  b"- - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
                   + b"".join(b"  - &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]\n"
                              % ((i,) + (i - 1,) * 10) for i in range(1, 9)))
 
