@@ -70,7 +70,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = action("sign", cmd_sign, "write index.yaml (next version) and its detached signature",
                "example: SALVUS_KEY_PASSPHRASE=... catalogue sign --dir cat --key endorser.key --expires 30d")
     p.add_argument("--key", type=Path, required=True, help="encrypted private key file")
-    p.add_argument("--expires", type=parse_duration, default=timedelta(days=30), help="validity (default 30d)")
+    p.add_argument("--expires", type=parse_duration, default=timedelta(days=30), metavar="DURATION",
+                   help="validity, e.g. 30d, 12h (default 30d)")
     p.add_argument("--cosign", action="store_true",
                    help="add this key's signature to the published index instead of signing a new version")
     p = action("verify", cmd_verify, "check the signature, expiry and every image and torrent",

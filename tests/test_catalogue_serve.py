@@ -127,3 +127,18 @@ def test_serve_refuses_a_directory_without_index(tmp_path, cli):
     r = cli("catalogue", "serve", "--dir", str(tmp_path), "--bind", "127.0.0.1:0")
     assert r.returncode == 78 and "no index.yaml to serve" in r.stderr
     assert tree_snapshot(tmp_path) == {}
+
+
+def test_accept_over_http_refuses_an_oversized_index_unread(signed_catalogue, origin, cli):
+    sc = signed_catalogue
+    sc.write_spec(extra="  max_index_bytes: 4096\n")
+    sc.cat.index_path.write_bytes(sc.cat.index_path.read_bytes() + b"#" * 8192)
+    before = tree_snapshot(sc.store)
+    r = cli("catalogue", "accept", "--spec", str(sc.spec_path), "--url", origin)
+    assert r.returncode == 65 and "exceeds the limit of 4096 bytes; refused unread" in r.stderr, r.stderr
+    assert tree_snapshot(sc.store) == before
+
+
+def test_accept_from_an_unreachable_origin_is_transient(signed_catalogue, cli):
+    r = cli("catalogue", "accept", "--spec", str(signed_catalogue.spec_path), "--url", "http://127.0.0.1:9/")
+    assert r.returncode == 75 and "cannot fetch" in r.stderr, r.stderr
