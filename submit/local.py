@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from cluster.errors import SpecError
 from submit.base import Backend, Job, atomic_write_text, quote, wrapper_path
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class LocalBackend(Backend):
     def submit(self, role: str, n: int) -> list[Job]:
         self.role(role)
         wrapper = wrapper_path(self.spec)
+        if not os.access(wrapper, os.X_OK):
+            raise SpecError(f"scheduler.wrapper: {wrapper}: not an executable file")
         logs = self.log_dir()
         logs.mkdir(parents=True, exist_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
