@@ -192,7 +192,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for ref, e in sorted(refs.items()):
         in_signed = signed_index is not None and signed_index.find(e.name, e.version) is not None
         if ref in revoked:
-            endorsed = "revoked"
+            endorsed = "revoking" if in_signed else "revoked"  # "revoking": until the next sign
         elif not in_signed:
             endorsed = "pending"
         else:
@@ -201,6 +201,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         approved = ("yes" if approvals.is_approved(spec, e.name, e.version) else "no") if spec else "-"
         expires = format_time(e.expires) + (" (expired)" if e.expired() else "") if e.expires else "-"
         rows.append([ref, str(e.size), e.format, ",".join(e.roles) or "*", endorsed, approved, expires])
+    for ref in sorted(set(revoked) - set(refs)):  # withdrawn: no entry left, only the revocation
+        rows.append([ref, "-", "-", "-", "revoked", "-", "-"])
     print(format_table(["IMAGE", "SIZE", "FORMAT", "ROLES", "ENDORSED", "APPROVED", "EXPIRES"], rows))
     if signed_index:
         print(f"index version {signed_index.version}, expires {format_time(signed_index.expires)}"

@@ -81,8 +81,10 @@ def test_endorser_flow_add_sign_verify_list_revoke(signed_catalogue, cli, tmp_pa
     r = cli("catalogue", "revoke", "--dir", d, "demo@1")
     assert r.returncode == 0 and "revoked demo@1" in r.stdout
     r = cli("catalogue", "list", "--dir", d, "--trust", str(sc.pub_path))
-    assert any(line.startswith("demo@1") and "revoked" in line for line in r.stdout.splitlines())
+    assert any(line.startswith("demo@1") and "revoking" in line for line in r.stdout.splitlines())
     cli("catalogue", "sign", "--dir", d, "--key", str(sc.key_path), env=ENV)
+    r = cli("catalogue", "list", "--dir", d, "--trust", str(sc.pub_path))
+    assert any(line.startswith("demo@1") and " revoked " in line for line in r.stdout.splitlines()), r.stdout
     index = parse_index(sc.cat.index_path.read_bytes())
     assert index.version == 3 and index.revoked == ["demo@1"] and index.find("demo", "1") is None
 
