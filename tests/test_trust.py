@@ -192,10 +192,11 @@ def test_no_accepted_index_refused(signed_catalogue):
 
 def test_accepted_index_that_expired_since_refused(signed_catalogue):
     sc = signed_catalogue
-    sc.sign(days=3 / 86400)  # valid for 3 seconds
+    sc.sign(days=10 / 86400)  # valid for 10 seconds: accepted and booted while fresh, then frozen
     spec, _ = accept_installed_approved(sc)
     trust.verified_image(spec, "sage")
-    time.sleep(3.5)
+    expires = trust.accepted_index(spec).expires
+    time.sleep(max(0.0, (expires - now_utc()).total_seconds()) + 1.1)
     assert_boot_refused(sc, spec, "index fresh", "expired at", "stale index")
 
 
