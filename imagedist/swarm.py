@@ -178,6 +178,10 @@ class Swarm:
         prog = PullProgress(key=req.key, total=image_size(ti))
         if req.stripe:
             h.prioritize_pieces(steering.stripe_priorities(ti.num_pieces(), req.stripe))
+            own = req.stripe.pieces(ti.num_pieces())
+            log.info("%s: starting on pieces %d-%d of %d (host %d of %d)%s", req.key, own.start,
+                     own.stop - 1, ti.num_pieces(), req.stripe.index + 1, req.stripe.count,
+                     f"; origin {', '.join(sorted(req.origin_ips))} gated after that" if req.origin_ips else "")
         for ip, port in req.peers:
             h.connect_peer((ip, port))
         act = _Active(req, h, prog, ih, time.monotonic(), self.stall_timeout)

@@ -1,0 +1,282 @@
+"""Swarm vs plain HTTP on an emulated LAN: origin + 8 hypervisors, 100 Mbit/s links (run as root).
+
+The LAN is network namespaces this script creates and deletes: one holding a bridge, one per node,
+veth pairs shaped with `tbf rate 100mbit` on both ends, addresses from the benchmarking range
+198.18.0.0/24 that exist only inside those namespaces. The origin runs the catalogue's HTTP server
+(index, torrents, web seed) and `imgdist --origin` (seeder + tracker, paced per host); every host
+runs `imgdist --daemon` with the site's host list (steering: striped priorities, origin gated once
+a host's slice is done). Then, in the same run, every host fetches the same image with plain HTTP
+(`curl`, then `sha256sum`, as a naive script would).
+
+    sudo .venv/bin/python benchmarks/swarm_lan.py [--size-mib 256] [--hosts 8]
+
+Figures: wall time of each way (until the last host has the verified image), their ratio, the swarm
+time as a fraction of the per-host link limit (size / 100 Mbit/s), and the origin's egress in
+image copies (bytes sent on its link / image size). The last line is key=value pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+MiB = 1 << 20
+LINK_BITS = 100_000_000
+SUBNET = "198.18.0"
+ORIGIN_IP = f"{SUBNET}.1"
+HTTP_PORT = 8765
+TRACKER_PORT = 6969
+BT_PORT = 6881
+PASSPHRASE = b"swarm-bench"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+
+
+@dataclass
+class Lan:
+    """The namespaces, veths and shaping; everything it makes, `delete` removes."""
+
+    prefix: str
+    hosts: int
+    made: list[str] = field(default_factory=list)
+
+    @property
+    def bridge_ns(self) -> str:
+        return f"{self.prefix}-br"
+
+    def ns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def ip(self, node: str) -> str:
+        return ORIGIN_IP if node == "o" else f"{SUBNET}.{11 + int(node[1:])}"
+
+    def nodes(self) -> list[str]:
+        return ["o"] + [f"h{i}" for i in range(self.hosts)]
+
+    def create(self) -> None:
+        sh("ip", "netns", "add", self.bridge_ns)
+        self.made.append(self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        for i, node in enumerate(self.nodes()):
+            ns = self.ns(node)
+            sh("ip", "netns", "add", ns)
+            self.made.append(ns)
+            outer, inner = f"{self.prefix[-6:]}b{i}", f"{self.prefix[-6:]}n{i}"
+            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+            sh("ip", "link", "set", outer, "netns", self.bridge_ns)
+            sh("ip", "link", "set", inner, "netns", ns)
+            sh("ip", "-n", ns, "link", "set", inner, "name", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip(node)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", self.bridge_ns, "link", "set", outer, "master", "br0")
+            sh("ip", "-n", self.bridge_ns, "link", "set", outer, "up")
+            # Both directions of every link: a node's upload (eth0) and its download (outer end).
+            for where, dev in ((ns, "eth0"), (self.bridge_ns, outer)):
+                sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                   "rate", "100mbit", "burst", "64kb", "latency", "50ms")
+
+    def delete(self) -> None:
+        for ns in reversed(self.made):
+            sh("ip", "netns", "del", ns, check=False)
+        self.made.clear()
+
+    def tx_bytes(self, node: str) -> int:
+        out = sh("ip", "-n", self.ns(node), "-s", "-j", "link", "show", "eth0").stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+
+@dataclass
+class Procs:
+    """Processes this benchmark started (each its own process group), stopped by pid."""
+
+    running: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, lan: Lan, node: str, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", lan.ns(node), *args], stdout=open(log, "wb"),
+                             stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+        self.running.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, timeout: float = 20) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop_all(self) -> None:
+        for p in self.running:
+            self.stop(p)
+
+
+def make_catalogue(work: Path, size_mib: int):
+    """A signed catalogue with one random-data qcow2 image, via the catalogue's own code."""
+    from datetime import timedelta
+
+    from catalogue.endorse import CatalogueDir, add_image, sign_index
+    from catalogue.keys import generate_key, load_private_key
+
+    raw, image = work / "image.raw", work / "bench.qcow2"
+    with open(raw, "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(MiB))
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    raw.unlink()
+    key = work / "endorser.key"
+    generate_key(key, PASSPHRASE)
+    cat = CatalogueDir(work / "catalogue")
+    entry = add_image(cat, image, "bench", "1", [], [], f"http://{ORIGIN_IP}:{HTTP_PORT}/")
+    image.unlink()
+    sign_index(cat, load_private_key(key, PASSPHRASE), timedelta(days=1))
+    return entry, key
+
+
+def write_spec(path: Path, store: Path, key: Path, lan: Lan, me: str, origin_rate: int) -> None:
+    hosts = [lan.ip(n) for n in lan.nodes() if n != "o"]
+    path.write_text(
+        f"store: {store}\n"
+        "roles: {sage: {image: bench@1, port: 6000}}\n"
+        f"hypervisor: {{advertise_host: '{lan.ip(me)}', hosts: {json.dumps(hosts)}}}\n"
+        f"catalogue: {{url: 'http://{ORIGIN_IP}:{HTTP_PORT}/', trust: {{keys: ['{key}.pub']}}}}\n"
+        f"imgdist: {{listen_port: {BT_PORT}, tracker: 'http://{ORIGIN_IP}:{TRACKER_PORT}/announce', "
+        f"origin_upload_rate: {origin_rate}, stall_timeout: 60, reserve_mb: 1}}\n")
+
+
+def wait_for(paths: dict[str, Path], procs: dict[str, subprocess.Popen], t0: float, timeout: float) -> dict[str, float]:
+    done: dict[str, float] = {}
+    while len(done) < len(paths) and time.monotonic() - t0 < timeout:
+        for node, path in paths.items():
+            if node not in done and path.exists():
+                done[node] = time.monotonic() - t0
+            if node not in done and procs[node].poll() is not None:
+                raise RuntimeError(f"{node}: exited with {procs[node].returncode} before finishing")
+        time.sleep(0.05)
+    if len(done) < len(paths):
+        raise RuntimeError(f"timed out after {timeout:.0f} s; done: {sorted(done)}")
+    return done
+
+
+def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate: int) -> tuple[float, int, dict]:
+    from catalogue.approvals import approve
+    from cluster.spec import load_spec
+
+    specs = {}
+    for node in lan.nodes():
+        d = work / node
+        d.mkdir(exist_ok=True)
+        spec = d / "cluster.yaml"
+        write_spec(spec, d / "store", key, lan, node, origin_rate)
+        if node != "o":
+            approve(load_spec(spec), "bench@1")
+        specs[node] = spec
+    imgdist = str(VENV_BIN / "imgdist")
+    procs.start(lan, "o", [imgdist, "--spec", str(specs["o"]), "--origin", str(work / "catalogue"),
+                           "--tracker-port", str(TRACKER_PORT)], work / "o" / "origin.log")
+    time.sleep(2)  # the tracker and seeder up before the hosts announce
+    tx0 = lan.tx_bytes("o")
+    t0 = time.monotonic()
+    hosts = {n: procs.start(lan, n, [imgdist, "--spec", str(specs[n]), "--daemon", "--interval", "3600"],
+                            work / n / "imgdist.log") for n in lan.nodes() if n != "o"}
+    targets = {n: work / n / "store" / "images" / "base" / entry.file_name for n in hosts}
+    done = wait_for(targets, hosts, t0, timeout=900)
+    wall = max(done.values())
+    sent = lan.tx_bytes("o") - tx0
+    for p in hosts.values():
+        procs.stop(p)
+    return wall, sent, done
+
+
+def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dict]:
+    url = f"http://{ORIGIN_IP}:{HTTP_PORT}/images/{entry.file_name}"
+    tx0 = lan.tx_bytes("o")
+    t0 = time.monotonic()
+    pulls = {}
+    for n in lan.nodes():
+        if n == "o":
+            continue
+        out = work / n / "http.qcow2"
+        script = f"curl -sSf -o {out} {url} && sha256sum {out} > {out}.sha && mv {out}.sha {out}.ok"
+        pulls[n] = procs.start(lan, n, ["sh", "-c", script], work / n / "http.log")
+    done = wait_for({n: work / n / "http.qcow2.ok" for n in pulls}, pulls, t0, timeout=900)
+    wall = max(done.values())
+    sent = lan.tx_bytes("o") - tx0
+    for n in pulls:
+        got = (work / n / "http.qcow2.ok").read_text().split()[0]
+        if got != entry.sha256:
+            raise RuntimeError(f"{n}: HTTP copy has sha256 {got}, expected {entry.sha256}")
+    return wall, sent, done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--origin-rate", type=int, default=12_000_000,
+                    help="bytes/s the origin paces among interested hosts (its link's goodput)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("swarm_lan: needs root (network namespaces, tc)", file=sys.stderr)
+        return 1
+    lan = Lan(prefix=f"sjb{os.getpid() % 100000}", hosts=args.hosts)
+    procs = Procs()
+    work = Path(tempfile.mkdtemp(prefix="swarm-lan-"))
+    try:
+        print(f"image: {args.size_mib} MiB random-data qcow2; building the catalogue...", flush=True)
+        entry, key = make_catalogue(work, args.size_mib)
+        lan.create()
+        http_server = procs.start(lan, "o", [str(VENV_BIN / "salvus_jobs"), "catalogue", "serve", "--dir",
+                                             str(work / "catalogue"), "--bind", f"{ORIGIN_IP}:{HTTP_PORT}"],
+                                  work / "http-origin.log")
+        time.sleep(1.5)
+        if http_server.poll() is not None:
+            raise RuntimeError((work / "http-origin.log").read_text())
+        print(f"LAN: origin + {args.hosts} hosts, 100 Mbit/s tbf links, {SUBNET}.0/24 in namespaces {lan.prefix}-*",
+              flush=True)
+        swarm_s, swarm_sent, swarm_done = run_swarm(lan, procs, work, entry, key, args.origin_rate)
+        print(f"imgdist swarm: {swarm_s:6.1f} s  (hosts done at "
+              f"{', '.join(f'{t:.1f}' for t in sorted(swarm_done.values()))} s)", flush=True)
+        http_s, http_sent, http_done = run_http(lan, procs, work, entry)
+        print(f"plain HTTP:    {http_s:6.1f} s  (hosts done at "
+              f"{', '.join(f'{t:.1f}' for t in sorted(http_done.values()))} s)", flush=True)
+    finally:
+        procs.stop_all()
+        lan.delete()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}")
+    size = entry.size
+    link_limit = size * 8 / LINK_BITS
+    swarm_copies, http_copies = swarm_sent / size, http_sent / size
+    print(f"link limit (size / 100 Mbit/s per host): {link_limit:.1f} s; HTTP fan-out limit: "
+          f"{link_limit * args.hosts:.1f} s")
+    print(f"{'':14}{'wall s':>8}{'origin copies':>15}")
+    print(f"{'imgdist':14}{swarm_s:8.1f}{swarm_copies:15.2f}")
+    print(f"{'plain HTTP':14}{http_s:8.1f}{http_copies:15.2f}")
+    print("note: origin copies count every byte on the origin's link (headers, BitTorrent overhead)")
+    print(f"swarm_s={swarm_s:.1f} http_s={http_s:.1f} speedup={http_s / swarm_s:.2f} "
+          f"link_fraction={link_limit / swarm_s:.2f} origin_copies={swarm_copies:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
