@@ -176,6 +176,10 @@ class Backend(abc.ABC):
     def kill(self, job: Job) -> None:
         """Last resort after the grace period; schedulers escalate to SIGKILL themselves."""
 
+    def recorded_ids(self) -> set[str]:
+        """Ids of the jobs in our records (submitted by us and not yet forgotten)."""
+        return {j.job_id for j in self.ledger.jobs()}
+
     def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
         """Jobs we submitted that the queue no longer shows (finished, or removed behind our back)."""
         seen = {j.job_id for j in listed}

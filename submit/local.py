@@ -150,6 +150,9 @@ class LocalBackend(Backend):
         for suffix in (".json", ".state", ".cancel"):
             (self.dir / f"{job.job_id}{suffix}").unlink(missing_ok=True)
 
+    def recorded_ids(self) -> set[str]:
+        return {r["job_id"] for r in self._records()}
+
     def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
         return []  # the records are the queue itself
 

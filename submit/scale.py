@@ -125,12 +125,15 @@ def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | No
             raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
     queue = backend.list()
     services = live_services(spec)
+    recorded = backend.recorded_ids()
     plans = []
     for role, n in desired.items():
         listed = [j for j in queue if j.role == role]
         rp = RolePlan(role, n)
         rp.jobs = [j for j in listed if j.state not in ("done", "failed")]
-        rp.gone = [j for j in listed if j.state in ("done", "failed")] + backend.known_but_not_listed(role, listed)
+        # Finished jobs the queue still shows are news only once: while they are in our records.
+        rp.gone = [j for j in listed if j.state in ("done", "failed") and j.job_id in recorded] \
+            + backend.known_but_not_listed(role, listed)
         active = [j for j in rp.jobs if j.state in ACTIVE_STATES]
         rp.registered = registered_ids(rp.jobs, services, backend.name)
         if n > len(active):

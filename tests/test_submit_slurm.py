@@ -1,0 +1,211 @@
+"""Slurm and PBS (through Slurm's qsub wrappers) with the real daemons the fixture starts, booting
+real VMs; `scale` against the real queue; bad input from the scheduler's side."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.errors import SalvusError
+from cluster.registry import open_registry
+from cluster.spec import load_spec
+from submit import open_backend
+from submit.slurm import parse_squeue
+from tests.fixtures.demo_image import demo_spec_text
+from tests.fixtures.slurm import KILL_WAIT
+
+pytestmark = pytest.mark.slurm
+TORQUE_BIN = Path("/opt/salvus/slurm-torque/bin")
+_sites = itertools.count()
+
+
+def slurm_spec(tmp_path: Path, demo_image, extra: str = "", image_path: str | None = None) -> Path:
+    """A spec on the fixture's Slurm with a site name of its own (tests share one queue)."""
+    path = tmp_path / "cluster.yaml"
+    text = demo_spec_text(demo_image, tmp_path / "store")
+    if image_path:
+        text = text.replace(f"image_path: {demo_image.disk}", f"image_path: {image_path}")
+    path.write_text(f"site: s{next(_sites)}{tmp_path.name[-6:].replace('_', '')}\n"
+                    f"scheduler: {{backend: slurm{extra}}}\n" + text)
+    return path
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def live(spec_path: Path, role: str) -> dict:
+    with open_registry(load_spec(spec_path)) as reg:
+        return {s.service_id: s for s in reg.lookup(role)}
+
+
+def logs_of(spec_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}"
+                     for p in sorted((load_spec(spec_path).store_path / "logs").glob("*")))
+
+
+@pytest.mark.vm
+def test_slurm_scale_boots_registered_vms_and_scale_down_stops_one_gracefully(tmp_path, demo_image, slurm_cluster, cli):
+    spec = slurm_spec(tmp_path, demo_image)
+    r = cli("--spec", str(spec), "scale", "sage=2")
+    assert r.returncode == 0, r.stderr
+    jobs = open_backend(load_spec(spec)).list("sage")
+    assert len(jobs) == 2
+    try:
+        services = wait_for(lambda: len(live(spec, "sage")) == 2 and live(spec, "sage"), 240, "2 sage registered")
+    except AssertionError:
+        raise AssertionError(logs_of(spec)) from None
+    # Registered by the wrappers Slurm started, under Slurm's job ids.
+    assert {(s.scheduler, s.job_id) for s in services.values()} == {("slurm", j.job_id) for j in jobs}
+    st = json.loads(cli("--spec", str(spec), "status", "--json").stdout)
+    assert st["roles"]["sage"]["running"] == 2 and st["roles"]["sage"]["registered"] == 2
+    assert all(j["endpoint"] == services[j["service_id"]].endpoint for j in st["jobs"])
+
+    assert "nothing to do" in cli("--spec", str(spec), "scale", "sage=2").stdout
+
+    newest = max(jobs, key=lambda j: int(j.job_id))
+    t0 = time.monotonic()
+    r = cli("--spec", str(spec), "scale", "sage=1")
+    assert f"cancel 1 ({newest.job_id}:running)" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: newest.service_id not in live(spec, "sage"), KILL_WAIT, "deregistered before SIGKILL")
+    gone_after = time.monotonic() - t0
+    # The wrapper (exec'd by the batch script) got SIGTERM, shut the guest down by ACPI, deregistered
+    # and exited by itself well before Slurm's KillWait would have sent SIGKILL.
+    wait_for(lambda: slurm_cluster.run("squeue", "-h", "-t", "all", "-j", newest.job_id, "-o", "%T").stdout.strip()
+             == "CANCELLED", KILL_WAIT, "job ended")
+    assert gone_after < KILL_WAIT
+    err = next((load_spec(spec).store_path / "logs").glob(f"*-{newest.job_id}.err")).read_text()
+    assert "SIGTERM: stopping the VM" in err and "guest shut down in" in err, err
+    assert set(live(spec, "sage")) == {j.service_id for j in jobs if j is not newest}
+
+    r = cli("--spec", str(spec), "stop", "--all", timeout=150)
+    assert r.returncode == 0, r.stderr
+    assert live(spec, "sage") == {}
+
+
+@pytest.mark.vm
+def test_pbs_script_from_render_runs_through_qsub_and_boots_a_vm(tmp_path, demo_image, slurm_cluster, cli):
+    spec = slurm_spec(tmp_path, demo_image, extra=f", bin_dir: {TORQUE_BIN}")
+    r = cli("--spec", str(spec), "render", "sage", "--scheduler", "pbs")
+    assert r.returncode == 0, r.stderr
+    script = tmp_path / "sage.pbs"
+    script.write_text(r.stdout)
+    assert "#PBS -l nodes=1:ppn=1" in r.stdout and "\nexec " in r.stdout
+    out, err = tmp_path / "pbs.out", tmp_path / "pbs.err"
+    q = subprocess.run([str(TORQUE_BIN / "qsub"), "-o", str(out), "-e", str(err), str(script)],
+                       capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0, q.stdout + q.stderr
+    job_id = q.stdout.strip()
+    try:
+        svc = wait_for(lambda: live(spec, "sage").get(f"sage-{job_id}"), 240, "the PBS job's VM registered")
+    except AssertionError:
+        raise AssertionError(err.read_text() if err.exists() else "no job output") from None
+    assert (svc.scheduler, svc.job_id) == ("slurm", job_id)  # through the wrapper only SLURM_* is set
+    # The pbs backend sees the hand-submitted job by its name, through qstat.
+    pbs_jobs = open_backend(load_spec(spec), "pbs").list("sage")
+    assert [(j.job_id, j.state, j.service_id) for j in pbs_jobs] == [(job_id, "running", f"sage-{job_id}")]
+    subprocess.run([str(TORQUE_BIN / "qdel"), job_id], check=True, capture_output=True, timeout=60)
+    wait_for(lambda: not live(spec, "sage"), KILL_WAIT, "deregistered after qdel")
+    wait_for(lambda: "guest shut down in" in err.read_text(), 30, "graceful shutdown logged")
+
+
+def test_slurm_held_job_is_reported_with_its_exit_code_and_not_replaced(tmp_path, demo_image, slurm_cluster, cli):
+    spec = slurm_spec(tmp_path, demo_image, image_path=str(tmp_path / "missing.qcow2"))
+    assert cli("--spec", str(spec), "scale", "sage=1").returncode == 0
+    backend = open_backend(load_spec(spec))
+    job = wait_for(lambda: next((j for j in backend.list("sage") if j.state == "held"), None), 90,
+                   "exit 65 -> requeued held")
+    assert job.hold_reason.startswith("salvus-vmjob exited 65"), job.hold_reason
+    r = cli("--spec", str(spec), "scale", "sage=1")
+    assert "nothing to do" in r.stdout and f"held {job.job_id}" in r.stdout and "exited 65" in r.stdout, r.stdout
+    assert [j.job_id for j in backend.list("sage")] == [job.job_id]
+    st = json.loads(cli("--spec", str(spec), "status", "--json").stdout)
+    assert st["roles"]["sage"]["held"] == 1 and "exited 65" in st["jobs"][0]["hold_reason"]
+    assert cli("--spec", str(spec), "stop", "sage").returncode == 0
+    assert [j for j in backend.list("sage") if j.state not in ("done", "failed")] == []
+
+
+def test_slurm_scale_counts_jobs_gone_behind_our_back_and_never_submits_twice(tmp_path, demo_image, slurm_cluster, cli):
+    # Jobs that cannot start for an hour: the queue holds them pending while we reconcile.
+    spec = slurm_spec(tmp_path, demo_image, extra=', extra_directives: ["--begin=now+3600"]')
+    procs = [subprocess.Popen([str(Path(sys.executable).parent / "salvus_jobs"),
+                               "--spec", str(spec), "scale", "hub=3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    backend = open_backend(load_spec(spec))
+    jobs = backend.list("hub")
+    assert len(jobs) == 3 and {j.state for j in jobs} == {"queued"}  # two runs, one shortfall
+
+    victim = jobs[0]
+    slurm_cluster.run("scancel", victim.job_id)  # removed behind our back
+    r = cli("--spec", str(spec), "scale", "hub=3", "--dry-run")
+    assert f"gone {victim.job_id}" in r.stdout and "submit 1" in r.stdout, r.stdout
+    r = cli("--spec", str(spec), "scale", "hub=3")
+    assert "submitted slurm job" in r.stdout
+    r = cli("--spec", str(spec), "scale", "hub=3")
+    assert "nothing to do" in r.stdout and "gone" not in r.stdout, r.stdout
+    assert len([j for j in backend.list("hub") if j.state == "queued"]) == 3
+    assert cli("--spec", str(spec), "stop", "hub").returncode == 0
+
+
+def test_malformed_squeue_output_is_one_clear_error():
+    class Named:
+        name = "slurm"
+
+        @staticmethod
+        def role_of(name):
+            return "sage"
+
+    with pytest.raises(SalvusError) as e:
+        parse_squeue("12|x.sage|RUNNING|None|2026-01-01T00:00:00|salvus:\nthis is not squeue output\n", Named)
+    assert str(e.value) == ("squeue: unexpected output on line 2: 'this is not squeue output' "
+                            "(expected JOBID|NAME|STATE|REASON|SUBMIT_TIME|COMMENT)")
+
+
+def test_squeue_printing_garbage_is_one_line_and_submits_nothing(tmp_path, demo_image, slurm_cluster, cli):
+    # A stand-in squeue (Slurm itself never prints this): proves a garbled answer cannot turn into
+    # "no jobs" and a resubmission.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs: garbled <html>'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    (bin_dir / "sbatch").symlink_to("/usr/bin/sbatch")
+    spec = slurm_spec(tmp_path, demo_image, extra=f", bin_dir: {bin_dir}")
+    r = cli("--spec", str(spec), "scale", "sage=1")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "squeue: unexpected output on line 1: 'slurm_load_jobs: garbled <html>'" in r.stderr
+    assert slurm_cluster.run("squeue", "-h", "--name", f"{load_spec(spec).site}.sage").stdout == ""
+
+
+def test_missing_scheduler_command_is_one_line(tmp_path, demo_image, cli):
+    spec = slurm_spec(tmp_path, demo_image, extra=f", bin_dir: {tmp_path}/empty")
+    r = cli("--spec", str(spec), "scale", "sage=1")
+    assert r.returncode == 75
+    assert r.stderr == (f"salvus_jobs: {tmp_path}/empty/squeue: command not found "
+                        "(is the scheduler's client installed and on PATH?)\n")
+
+
+def test_unreachable_slurm_controller_is_one_line(tmp_path, demo_image, slurm_cluster, cli):
+    conf = tmp_path / "slurm.conf"
+    text = slurm_cluster.conf.read_text()
+    port = next(ln for ln in text.splitlines() if ln.startswith("SlurmctldPort=")).split("=")[1]
+    # Nothing listens on port 9; short timeouts so the client gives up in seconds.
+    conf.write_text(text.replace(f"SlurmctldPort={port}", "SlurmctldPort=9")
+                    .replace("MessageTimeout=30", "MessageTimeout=2\nTCPTimeout=1"))
+    spec = slurm_spec(tmp_path, demo_image)
+    r = cli("--spec", str(spec), "status", env={"SLURM_CONF": str(conf)}, timeout=120)
+    assert r.returncode == 75, r.stderr
+    assert r.stderr.startswith("salvus_jobs: squeue: the slurm scheduler is unreachable:")
+    assert r.stderr.count("\n") == 1
