@@ -40,6 +40,7 @@ log = logging.getLogger("salvus-vmjob")
 GUEST_HOST_ADDR = "10.0.2.2"  # how a guest on user-mode networking reaches this host's loopback
 START_ATTEMPTS = 3  # a forwarded port taken between choosing it and QEMU binding it: pick another
 LIVENESS_CHECK_S = 0.5
+UPSTREAM_REFRESH_S = 2.0
 # Unix socket paths are limited to 108 bytes; deep scratch directories get a short socket dir.
 MAX_SOCKET_DIR_LEN = 80
 
@@ -63,6 +64,8 @@ class Job:
     console_log: Path | None = None
     started: float = field(default_factory=time.time)
     sent_upstreams: list[str] | None = None
+    upstreams_checked: float = 0.0
+    here: frozenset[str] = frozenset()
 
     def keep_going(self) -> bool:
         return not self.stop.is_set() and self.runner is not None and self.runner.alive()
@@ -104,11 +107,12 @@ def check_boot_files(role_name: str, role: RoleSpec) -> None:
             raise DataError(f"roles.{role_name}.{label}: {p} is missing or unreadable")
 
 
-def local_names(spec: ClusterSpec) -> set[str]:
-    names = {"127.0.0.1", "localhost", "::1", socket.gethostname(), socket.getfqdn()}
+def local_names(spec: ClusterSpec) -> frozenset[str]:
+    """Names under which registered endpoints are on this very host (no DNS: it may be slow)."""
+    names = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
     if spec.hypervisor.advertise_host:
         names.add(spec.hypervisor.advertise_host)
-    return names
+    return frozenset(names)
 
 
 def guest_upstreams(job: Job, registry: Registry) -> list[str]:
@@ -117,7 +121,7 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
     for upstream_role in job.role.upstreams:
         for svc in registry.lookup(upstream_role):
             host = svc.host
-            if job.role.network == "user" and host in local_names(job.spec):
+            if job.role.network == "user" and host in job.here:
                 host = GUEST_HOST_ADDR
             out.append(f"{host}:{svc.port}")
     return out
@@ -198,6 +202,10 @@ def wait_until_ready(job: Job, machine: Machine) -> float:
 def push_upstreams(job: Job, registry: Registry) -> None:
     if not job.role.upstreams or job.channel is None:
         return
+    # Often enough that a new sage is used within seconds, rarely enough to spare a remote registry.
+    if time.monotonic() - job.upstreams_checked < UPSTREAM_REFRESH_S:
+        return
+    job.upstreams_checked = time.monotonic()
     try:
         current = guest_upstreams(job, registry)
     except Exception as e:
@@ -234,7 +242,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     for up in role.upstreams:
         spec.role(up)
     registry = open_registry(spec)
-    job = Job(spec, args.role, role, service_id, env, image, stop)
+    job = Job(spec, args.role, role, service_id, env, image, stop, here=local_names(spec))
     beat: Heartbeater | None = None
     try:
         machine = prepare_machine(job, registry)
@@ -252,7 +260,11 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             role=args.role, service_id=service_id, host=job.endpoint[0], port=job.endpoint[1],
             hypervisor=socket.gethostname(), scheduler=env.scheduler, job_id=env.job_id,
             image=role.image), interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
-        beat.start()
+        try:
+            beat.start()
+        except Exception as e:  # any backend failure: the scheduler retries the job later
+            beat = None
+            raise TempFailure(f"cannot register {service_id}: {e}") from None
         log.info("registered %s at %s:%d (%.3f s after READY)", service_id, *job.endpoint,
                  time.monotonic() - ready_at)
         job.write_state("running")
