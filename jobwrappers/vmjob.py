@@ -239,6 +239,9 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     # Nothing is created before the image passes its checks.
     image = verified_image(spec, args.role)
     check_boot_files(args.role, role)
+    if role.network != "user":
+        raise SpecError(f"roles.{args.role}.network: salvus-vmjob supports only 'user' networking "
+                        f"(a host port forward) so far, got {role.network!r}")
     for up in role.upstreams:
         spec.role(up)
     registry = open_registry(spec)

@@ -156,3 +156,25 @@ def test_unknown_role_exits_78(spec_path, tmp_path):
     assert r.returncode == 78
     assert r.stderr.strip().splitlines()[-1] == (
         f"salvus-vmjob: {spec_path}: roles.nosuch: no such role (the spec defines: cassandra, hub, sage)")
+
+
+def test_sigterm_while_booting_stops_cleanly_with_0(spec_path, run_wrapper):
+    run = run_wrapper(spec_path, "sage", "sage-early")
+    qemu = wait_for(run.qemu_pids, 30, "qemu to start")
+    state = spec_path.parent / "store" / "state" / "jobs" / "sage-early.json"
+    assert json.loads(state.read_text())["state"] == "booting"
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(20) == 0, run.output()
+    assert not pid_alive(qemu[0]) and list(run.scratch.iterdir()) == [] and not state.exists()
+
+
+def test_unreachable_registry_at_start_exits_75_and_creates_nothing(tmp_path, demo_image):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(demo_spec_text(demo_image, tmp_path / "store").replace(
+        "registry: {", "registry: {sqlite: /proc/no-such-dir/registry.sqlite, "))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r = run_cli("--spec", str(spec), "--role", "sage", program="salvus-vmjob", env={"TMPDIR": str(scratch)})
+    assert r.returncode == 75, r.stderr
+    assert "registry" in r.stderr.strip().splitlines()[-1]
+    assert list(scratch.iterdir()) == []
