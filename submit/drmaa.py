@@ -19,6 +19,7 @@ from submit.base import Backend, Job, SchedulerError, SchedulerUnavailable, run_
 JOB_SCRIPT = Path(__file__).resolve().parent / "jobscripts" / "drmaa-vmjob.sh"
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
 JEMALLOC = "/lib/x86_64-linux-gnu/libjemalloc.so.2"
+SGE_CLIENT_ENV = ("SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT", "SGE_EXECD_PORT")
 
 # drmaa.JobState values -> ours.
 STATE_MAP = {
@@ -83,7 +84,9 @@ class DrmaaBackend(Backend):
                 "stdout": str(logs / f"{self.job_name(role)}.$JOB_ID.out"),
                 "stderr": str(logs / f"{self.job_name(role)}.$JOB_ID.err"),
                 "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SALVUS_SCHEDULER": self.name,
-                        "LANG": os.environ.get("LANG", "C.UTF-8")}}
+                        "LANG": os.environ.get("LANG", "C.UTF-8"),
+                        # so the job script's qhold reaches this cell
+                        **{k: os.environ[k] for k in SGE_CLIENT_ENV if k in os.environ}}}
 
     def render(self, role: str, service_id: str | None = None) -> str:
         """The DRMAA job template, spelled as the equivalent Grid Engine qsub command."""
@@ -118,7 +121,8 @@ class DrmaaBackend(Backend):
             if j.job_id in cancelled and j.state in ("running", "queued"):
                 j.state = "stopping"
             if j.state == "held":
-                j.hold_reason = f"DRMAA state {state} (exit 65/78 puts the job in error state: see its .err log)"
+                j.hold_reason = (f"DRMAA state {state}: held after salvus-vmjob exit 65/78 (see the job's "
+                                 f".err log), or by an operator; qrls {j.job_id} once fixed")
             jobs.append(j)
         return jobs
 
