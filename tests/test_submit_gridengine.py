@@ -11,29 +11,14 @@ import pytest
 from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
-from tests.fixtures.demo_image import demo_spec_text
 from tests.fixtures.gridengine import TERMINATE_GRACE
+from tests.submit_support import scheduler_spec, wait_for
 
 pytestmark = pytest.mark.sge
 
 
 def sge_spec(tmp_path: Path, demo_image, image_path: str | None = None) -> Path:
-    path = tmp_path / "cluster.yaml"
-    text = demo_spec_text(demo_image, tmp_path / "store")
-    if image_path:
-        text = text.replace(f"image_path: {demo_image.disk}", f"image_path: {image_path}")
-    path.write_text(f"site: g{tmp_path.name[-8:].replace('_', '')}\nscheduler: {{backend: drmaa}}\n" + text)
-    return path
-
-
-def poll(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s")
+    return scheduler_spec(tmp_path, demo_image, "drmaa", image_path=image_path)
 
 
 @pytest.mark.vm
@@ -49,7 +34,7 @@ def test_drmaa_submit_status_terminate_with_graceful_stop(tmp_path, demo_image, 
             return reg.get(job.service_id)
 
     try:
-        svc = poll(registered, 240, "the Grid Engine job's VM registered")
+        svc = wait_for(registered, 240, "the Grid Engine job's VM registered")
     except AssertionError:
         logs = "\n".join(p.read_text()[-1500:] for p in (spec.store_path / "logs").glob("*"))
         raise AssertionError(logs) from None
@@ -75,7 +60,7 @@ def test_drmaa_exit_65_job_is_held_and_not_replaced(tmp_path, demo_image, griden
     spec_path = sge_spec(tmp_path, demo_image, image_path=str(tmp_path / "missing.qcow2"))
     assert cli("--spec", str(spec_path), "scale", "sage=1").returncode == 0
     backend = open_backend(load_spec(spec_path))
-    job = poll(lambda: next((j for j in backend.list("sage") if j.state == "held"), None), 90,
+    job = wait_for(lambda: next((j for j in backend.list("sage") if j.state == "held"), None), 90,
                "exit 65 -> requeued on hold")
     assert "held after salvus-vmjob exit 65/78" in job.hold_reason
     r = cli("--spec", str(spec_path), "scale", "sage=1")

@@ -2,7 +2,6 @@
 real VMs; `scale` against the real queue; bad input from the scheduler's side."""
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -16,33 +15,15 @@ from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
 from submit.slurm import parse_squeue
-from tests.fixtures.demo_image import demo_spec_text
 from tests.fixtures.slurm import KILL_WAIT
+from tests.submit_support import scheduler_spec, wait_for
 
 pytestmark = pytest.mark.slurm
 TORQUE_BIN = Path("/opt/salvus/slurm-torque/bin")
-_sites = itertools.count()
 
 
 def slurm_spec(tmp_path: Path, demo_image, extra: str = "", image_path: str | None = None) -> Path:
-    """A spec on the fixture's Slurm with a site name of its own (tests share one queue)."""
-    path = tmp_path / "cluster.yaml"
-    text = demo_spec_text(demo_image, tmp_path / "store")
-    if image_path:
-        text = text.replace(f"image_path: {demo_image.disk}", f"image_path: {image_path}")
-    path.write_text(f"site: s{next(_sites)}{tmp_path.name[-6:].replace('_', '')}\n"
-                    f"scheduler: {{backend: slurm{extra}}}\n" + text)
-    return path
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s")
+    return scheduler_spec(tmp_path, demo_image, "slurm", extra, image_path)
 
 
 def live(spec_path: Path, role: str) -> dict:

@@ -1,0 +1,33 @@
+"""Helpers shared by the scheduler tests (test_submit_*.py)."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from tests.fixtures.demo_image import demo_spec_text
+
+_sites = itertools.count()
+
+
+def scheduler_spec(tmp_path: Path, demo_image, backend: str, extra: str = "",
+                   image_path: str | None = None) -> Path:
+    """A demo-image spec on `backend` with a site name of its own (tests share one queue)."""
+    path = tmp_path / "cluster.yaml"
+    text = demo_spec_text(demo_image, tmp_path / "store")
+    if image_path:
+        text = text.replace(f"image_path: {demo_image.disk}", f"image_path: {image_path}")
+    site = f"{backend[0]}{next(_sites)}{tmp_path.name[-6:].replace('_', '')}"
+    path.write_text(f"site: {site}\nscheduler: {{backend: {backend}{extra}}}\n" + text)
+    return path
+
+
+def wait_for(check, timeout: float, what: str):
+    """Polls `check` until it returns something true; returns that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s")
