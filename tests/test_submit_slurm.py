@@ -190,3 +190,18 @@ def test_unreachable_slurm_controller_is_one_line(tmp_path, demo_image, slurm_cl
     assert r.returncode == 75, r.stderr
     assert r.stderr.startswith("salvus_jobs: squeue: the slurm scheduler is unreachable:")
     assert r.stderr.count("\n") == 1
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "submit" / "examples"
+
+
+@pytest.mark.parametrize("role", ["sage", "hub", "cassandra"])
+def test_shipped_sbatch_and_pbs_examples_are_accepted_as_written(role, slurm_cluster):
+    sbatch, pbs = EXAMPLES / f"{role}_vm.sbatch", EXAMPLES / f"{role}_vm.pbs"
+    for script in (sbatch, pbs):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+        assert "\nexec \"${SALVUS_VMJOB:-/usr/local/bin/salvus-vmjob}\" --spec \"${SALVUS_SPEC:-/etc/salvus/cluster.yaml}\"" \
+            f" --role {role} " in script.read_text()
+    # Slurm parses every #SBATCH line and finds a node that fits (without queueing anything).
+    r = slurm_cluster.run("sbatch", "--test-only", str(sbatch))
+    assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
