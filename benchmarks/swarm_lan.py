@@ -6,7 +6,8 @@ veth pairs shaped with `tbf rate 100mbit` on both ends, addresses from the bench
 (index, torrents, web seed) and `imgdist --origin` (seeder + tracker, paced per host); every host
 runs `imgdist --daemon` with the site's host list (steering: striped priorities, origin gated once
 a host's slice is done). Then, in the same run, every host fetches the same image with plain HTTP
-(`curl`, then `sha256sum`, as a naive script would).
+(`curl`, then `sha256sum`, as a naive script would). The imgdist daemons run before the clock
+starts, as deployed; it starts when the image is approved and they are reloaded (SIGHUP).
 
     sudo .venv/bin/python benchmarks/swarm_lan.py [--size-mib 256] [--hosts 8]
 
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +177,8 @@ def wait_for(paths: dict[str, Path], procs: dict[str, subprocess.Popen], t0: flo
 
 
 def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate: int) -> tuple[float, int, dict]:
+    """Daemons start as deployed (the image endorsed but not yet approved: they idle); the clock
+    starts when the site approves it and reloads them (SIGHUP), as the curls start below."""
     from catalogue.approvals import approve
     from cluster.spec import load_spec
 
@@ -184,24 +188,61 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
         d.mkdir(exist_ok=True)
         spec = d / "cluster.yaml"
         write_spec(spec, d / "store", key, lan, node, origin_rate)
-        if node != "o":
-            approve(load_spec(spec), "bench@1")
         specs[node] = spec
     imgdist = str(VENV_BIN / "imgdist")
     procs.start(lan, "o", [imgdist, "--spec", str(specs["o"]), "--origin", str(work / "catalogue"),
                            "--tracker-port", str(TRACKER_PORT)], work / "o" / "origin.log")
     time.sleep(2)  # the tracker and seeder up before the hosts announce
-    tx0 = lan.tx_bytes("o")
-    t0 = time.monotonic()
     hosts = {n: procs.start(lan, n, [imgdist, "--spec", str(specs[n]), "--daemon", "--interval", "3600"],
                             work / n / "imgdist.log") for n in lan.nodes() if n != "o"}
+    idle = {n: work / n / "store" / "state" / "imgdist-status.json" for n in hosts}
+    wait_for(idle, hosts, time.monotonic(), timeout=120)
+    for n in hosts:
+        approve(load_spec(specs[n]), "bench@1")
+    tx0 = lan.tx_bytes("o")
+    t0 = time.monotonic()
+    for p in hosts.values():
+        os.killpg(p.pid, signal.SIGHUP)
     targets = {n: work / n / "store" / "images" / "base" / entry.file_name for n in hosts}
-    done = wait_for(targets, hosts, t0, timeout=900)
+    sampler = OriginSampler(lan)
+    sampler.start()
+    try:
+        done = wait_for(targets, hosts, t0, timeout=900)
+    finally:
+        sampler.stop()
     wall = max(done.values())
     sent = lan.tx_bytes("o") - tx0
     for p in hosts.values():
         procs.stop(p)
+    print("origin egress MB/s per 2 s: " + " ".join(f"{r:.1f}" for r in sampler.rates(2.0)))
     return wall, sent, done
+
+
+class OriginSampler(threading.Thread):
+    """The origin link's send rate over time: shows whether the origin was kept busy."""
+
+    def __init__(self, lan: Lan):
+        super().__init__(daemon=True)
+        self.lan = lan
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.samples.append((time.monotonic(), self.lan.tx_bytes("o")))
+            self._stop_event.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def rates(self, step: float) -> list[float]:
+        out, last = [], self.samples[0] if self.samples else None
+        for t, b in self.samples[1:]:
+            if t - last[0] >= step:
+                out.append((b - last[1]) / (t - last[0]) / 1e6)
+                last = (t, b)
+        return out
 
 
 def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dict]:

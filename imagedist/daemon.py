@@ -24,11 +24,15 @@ def _accepted_index(spec: ClusterSpec):
 
 
 def run_daemon(spec: ClusterSpec, interval: float) -> int:
+    """Passes every `interval` seconds; SIGHUP starts one now (a new index was published)."""
     stop = threading.Event()
+    wake = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: wake.set())
     agent = Agent(spec)
     with store_lock(agent.store, wait=False):
+        agent.listen()  # before the first pass: a pull should not wait for the session to start
         try:
             while not stop.is_set():
                 try:
@@ -40,7 +44,8 @@ def run_daemon(spec: ClusterSpec, interval: float) -> int:
                 except SalvusError as e:
                     log.error("sync pass failed: %s", e)
                     _keep_seeding_last_index(agent, spec)
-                _seed_until(agent, time.monotonic() + interval, stop)
+                _seed_until(agent, time.monotonic() + interval, stop, wake)
+                wake.clear()
         finally:
             agent.close()
             agent.status.images.clear()
@@ -58,13 +63,13 @@ def _keep_seeding_last_index(agent: Agent, spec: ClusterSpec) -> None:
         log.error("cannot seed from the last accepted index: %s", e)
 
 
-def _seed_until(agent: Agent, deadline: float, stop: threading.Event) -> None:
+def _seed_until(agent: Agent, deadline: float, stop: threading.Event, wake: threading.Event) -> None:
     enabled = is_enabled(agent.store)
-    while not stop.is_set() and time.monotonic() < deadline:
-        if agent._swarm is not None:
+    while not stop.is_set() and not wake.is_set() and time.monotonic() < deadline:
+        if agent.has_swarm:
             agent.swarm.pump(SEED_PUMP_SECONDS)
         else:
-            stop.wait(SEED_PUMP_SECONDS)
+            wake.wait(SEED_PUMP_SECONDS)
         now_enabled = is_enabled(agent.store)
         if enabled and not now_enabled:
             log.info("disabled: stopped seeding")

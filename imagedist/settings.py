@@ -58,9 +58,9 @@ def session_settings(cfg: SessionConfig) -> dict:
         # libtorrent 2.1 keeps up to this much written data in memory before flushing; 100 MiB by
         # default, which a SIGKILL loses (and a resume file would claim). Flush early instead.
         "max_queued_disk_bytes": 8 << 20,
-        # Hashing is the CPU cost of a pull: give it threads.
-        "hashing_threads": 2,
-        "aio_threads": 4,
+        # Hashing is the CPU cost of a pull; more threads than cores only adds switching.
+        "hashing_threads": 1,
+        "aio_threads": 2,
         "active_downloads": -1,
         "active_seeds": -1,
         "active_limit": -1,

@@ -59,7 +59,8 @@ class PullProgress:
     web_seed_used: bool = False
     error: str = ""
     started: float = field(default_factory=time.monotonic)
-    ended: float = 0.0
+    complete: float = 0.0  # every piece verified (still to be flushed)
+    ended: float = 0.0  # removed from the session: the file is complete on disk
 
     @property
     def percent(self) -> float:
@@ -311,7 +312,9 @@ class Swarm:
         return self._active.get(_alert_hash(h.info_hashes()))
 
     def _tick(self, act: _Active, now: float) -> None:
-        st = act.handle.status()
+        want_pieces = bool(act.req.stripe and act.req.origin_ips and not act.gated and not act.gate_lifted)
+        # The piece bitfield only when steering needs it: it is a Python list per call.
+        st = act.handle.status(lt.torrent_handle.query_pieces if want_pieces else 0)
         p = act.progress
         if st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
             p.state = "checking"
@@ -330,7 +333,7 @@ class Swarm:
         if st.is_finished or st.is_seeding:
             self._finish(act)
             return
-        if act.req.stripe and act.req.origin_ips and not act.gated and not act.gate_lifted:
+        if want_pieces:
             if steering.slice_complete(st.pieces, act.req.stripe):
                 act.gated = True
                 log.info("%s: own slice complete; taking the rest from peers", act.req.key)
@@ -389,6 +392,7 @@ class Swarm:
                     return
 
     def _finish(self, act: _Active) -> None:
+        act.progress.complete = time.monotonic()
         act.progress.state = "flushing"
         act.progress.done = act.progress.total
         self._remove(act)

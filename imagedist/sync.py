@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,7 @@ from imagedist.swarm import PullProgress, PullRequest, Swarm, info_hash_hex, tor
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+STATUS_EVERY = 1.0  # seconds between status file updates for --list
 
 
 def host_name(spec: ClusterSpec) -> str:
@@ -74,6 +76,7 @@ class Agent:
         self.view = view or ProgressView()
         self.status = Status(pid=os.getpid(), updated=0.0)
         self._swarm: Swarm | None = None
+        self._published = 0.0
 
     @property
     def swarm(self) -> Swarm:
@@ -82,6 +85,14 @@ class Agent:
             self._swarm = Swarm(SessionConfig(cfg.listen_ip, cfg.listen_port, "host"),
                                 stall_timeout=float(cfg.stall_timeout))
         return self._swarm
+
+    def listen(self) -> Swarm:
+        """Starts the libtorrent session (it is otherwise started by the first pull or seed)."""
+        return self.swarm
+
+    @property
+    def has_swarm(self) -> bool:
+        return self._swarm is not None
 
     def close(self) -> None:
         if self._swarm is not None:
@@ -141,6 +152,10 @@ class Agent:
             origin_ips=origin_ips(self.spec, list(entry.web_seeds)))
 
     def _publish(self, progs: list[PullProgress]) -> None:
+        now = time.monotonic()
+        if now - self._published < STATUS_EVERY and not any(p.state in ("failed", "finished") for p in progs):
+            return
+        self._published = now
         for p in progs:
             st = {"finished": "verifying", "flushing": "verifying"}.get(p.state, p.state)
             if p.state == "failed":
@@ -178,6 +193,7 @@ class Agent:
                     result.failed[e.ref] = p.error or p.state
                     continue
                 try:
+                    t_verify = time.monotonic()
                     install(self.store, e.file_name, e.size, e.sha256)
                 except DataError as err:
                     if attempt == 0:
@@ -194,8 +210,10 @@ class Agent:
                 result.installed.append(e.ref)
                 self.swarm.seed(p.key, req.metainfo, self.store.base, e.file_name, req.trackers)
                 self.status.images[p.key] = ImageStatus("seeding", 100.0, "", list(p.banned))
-                log.info("%s: installed (%.1f s, %d MiB fetched, %d MiB resumed%s%s)", e.ref,
-                         p.ended - p.started, p.downloaded // MiB, p.resumed // MiB,
+                log.info("%s: installed (%.1f s: swarm %.1f, flush %.1f, verify+install %.1f; "
+                         "%d MiB fetched, %d MiB resumed%s%s)", e.ref, time.monotonic() - p.started,
+                         p.complete - p.started, p.ended - p.complete, time.monotonic() - t_verify,
+                         p.downloaded // MiB, p.resumed // MiB,
                          f", banned {', '.join(p.banned)}" if p.banned else "",
                          ", web seed used" if p.web_seed_used else "")
         write_status(self.store, self.status)

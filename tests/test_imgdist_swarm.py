@@ -151,3 +151,34 @@ def test_sigkilled_pull_resumes_where_it_left_off(imgdist_lab):
     assert resumed >= 4, (reached, fetched, resumed)
     assert fetched <= 32 - resumed + 2, (reached, fetched, resumed)
     assert_installed(h, entry)
+
+
+def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
+    from catalogue.approvals import approve
+
+    entry = imgdist_lab.add_image("sage", "1.0", 8)
+    imgdist_lab.sign()
+    a = imgdist_lab.host("a", tracker=False)
+    daemon = imgdist_lab.spawn(a, "--daemon", "--interval", "3600", log=a.parent / "daemon.log")
+    status = store_of(a) / "state" / "imgdist-status.json"
+    deadline = time.monotonic() + 60
+    while not status.exists():
+        assert daemon.poll() is None and time.monotonic() < deadline, (a.parent / "daemon.log").read_text()
+        time.sleep(0.2)
+    assert not (store_of(a) / "images" / "base" / entry.file_name).exists()  # not approved yet
+    approve(load_spec(a), "sage@1.0")
+    daemon.send_signal(signal.SIGHUP)
+    installed = store_of(a) / "images" / "base" / entry.file_name
+    deadline = time.monotonic() + 60
+    while not installed.exists():
+        assert daemon.poll() is None and time.monotonic() < deadline, (a.parent / "daemon.log").read_text()
+        time.sleep(0.2)
+    # B knows only A: the image must come from A's seeding, not from the web seed.
+    b = imgdist_lab.host("b", approve=("sage@1.0",), tracker=False,
+                         peers=(f"127.0.0.1:{load_spec(a).imgdist.listen_port}",))
+    r = imgdist_lab.run(b, "--sync")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "web seed" not in r.stderr
+    assert_installed(b, entry)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
