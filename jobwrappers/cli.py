@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -14,8 +14,6 @@ from cluster.errors import SpecError, TempFailure
 from cluster.registry import Service, open_registry
 from cluster.spec import ClusterSpec, load_spec, resolve_spec_path
 from jobwrappers.demo_image import DEMO_NAME, DEMO_VERSION, build_demo_image, demo_image_paths
-
-log = logging.getLogger(__name__)
 
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
 DEMO_COUNTS = {"sage": 2, "hub": 1, "cassandra": 1}
@@ -117,8 +115,6 @@ def compute_through_hub(hub: Service, n_sages: int, timeout: float) -> str:
 
 
 def cassandra_report(svc: Service) -> str:
-    import socket
-
     with socket.create_connection((svc.host, svc.port), timeout=10) as s:
         s.shutdown(socket.SHUT_WR)
         return s.makefile().readline().strip()

@@ -5,7 +5,7 @@ import abc
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +40,6 @@ class Machine:
     kernel: Optional[Path] = None
     initrd: Optional[Path] = None
     cmdline: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class VmRunner(abc.ABC):

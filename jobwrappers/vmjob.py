@@ -27,7 +27,7 @@ from cluster.registry import Registry, Service, open_registry
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
 from jobwrappers.accel import choose_accel
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
-from jobwrappers.disks import create_overlay, ensure_persistent_disk, image_format
+from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
 from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job_from_env
 from jobwrappers.machine import Disk, Machine, VmRunner, free_port
@@ -249,7 +249,6 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     beat: Heartbeater | None = None
     try:
         machine = prepare_machine(job, registry)
-        job.write_state("booting")
         start_vm(job, machine)
         job.write_state("booting")
         print(f"salvus-vmjob: {service_id}: {job.runner.kind} VM under {machine.accel.name}, "
