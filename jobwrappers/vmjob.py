@@ -249,6 +249,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     beat: Heartbeater | None = None
     try:
         machine = prepare_machine(job, registry)
+        job.write_state("booting")  # visible to `status` at once; again below with the endpoint
         start_vm(job, machine)
         job.write_state("booting")
         print(f"salvus-vmjob: {service_id}: {job.runner.kind} VM under {machine.accel.name}, "

@@ -162,7 +162,8 @@ def test_sigterm_while_booting_stops_cleanly_with_0(spec_path, run_wrapper):
     run = run_wrapper(spec_path, "sage", "sage-early")
     qemu = wait_for(run.qemu_pids, 30, "qemu to start")
     state = spec_path.parent / "store" / "state" / "jobs" / "sage-early.json"
-    assert json.loads(state.read_text())["state"] == "booting"
+    booting = wait_for(lambda: state.exists() and json.loads(state.read_text()), 10, "the status file")
+    assert booting["state"] == "booting" and booting["pid"] == run.proc.pid
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(20) == 0, run.output()
     assert not pid_alive(qemu[0]) and list(run.scratch.iterdir()) == [] and not state.exists()
