@@ -40,17 +40,20 @@ the keyspace can serve the consistency level asked for and that its tables have 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from cassandra import AuthenticationFailed, ConsistencyLevel, DriverException, OperationTimedOut, ProtocolVersion
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionException
 from cassandra.encoder import Encoder
+from cassandra.protocol import ErrorMessage
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from cluster.errors import RegistryUnavailable, SpecError
@@ -80,6 +83,10 @@ REPLICAS_NEEDED: dict[str, Callable[[int], int]] = {
     "EACH_QUORUM": lambda rf: rf // 2 + 1, "ALL": lambda rf: rf,
 }
 
+# Server-side errors the driver raises as protocol messages (InvalidRequest, Unauthorized...) are not
+# DriverExceptions; connection errors are neither.
+DRIVER_ERRORS = (NoHostAvailable, DriverException, ConnectionException, ErrorMessage)
+
 T = TypeVar("T")
 
 
@@ -96,6 +103,9 @@ def _table_ddl(keyspace: str, table: str) -> str:
 def _reason(exc: BaseException) -> str:
     """The useful part of a driver error, on one line."""
     text = str(exc).replace("\n", " ")
+    server_says = re.search(r'message="(.*?)"', text)  # "Error from server: code=... message=..."
+    if server_says:
+        text = server_says.group(1)
     if "Last error: " in text:
         text = text.split("Last error: ", 1)[1]
     return text.strip(" .\"'") or type(exc).__name__
@@ -124,9 +134,22 @@ def _translate(op: Callable[..., T]) -> Callable[..., T]:
     def wrapped(self: "CassandraRegistry", *args: Any, **kw: Any) -> T:
         try:
             return op(self, *args, **kw)
-        except (NoHostAvailable, DriverException, ConnectionException) as e:
+        except DRIVER_ERRORS as e:
             raise RegistryUnavailable(describe_failure(e, f"{self.where}: {op.__name__}")) from None
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_driver_logs() -> Iterator[None]:
+    """While connecting, the driver logs a traceback per failed contact point; the failure reaches
+    the caller as one RegistryUnavailable line instead, so those records would only repeat it."""
+    driver_log = logging.getLogger("cassandra")
+    level = driver_log.level
+    driver_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        driver_log.setLevel(level)
 
 
 def _read_password(spec: CassandraSpec) -> str | None:
@@ -180,14 +203,15 @@ class CassandraRegistry(Registry):
         except DriverException as e:
             raise RegistryUnavailable(describe_failure(e, self.where)) from None
         try:
-            self._session: Session = self._cluster.connect()
+            with _quiet_driver_logs():
+                self._session: Session = self._cluster.connect()
             self._ensure_schema()
             self._check_replication(spec.consistency.upper())
             self._prepare()
         except RegistryUnavailable:
             self._cluster.shutdown()
             raise
-        except (NoHostAvailable, DriverException, ConnectionException) as e:
+        except DRIVER_ERRORS as e:
             self._cluster.shutdown()
             raise RegistryUnavailable(describe_failure(e, self.where)) from None
 
@@ -198,7 +222,7 @@ class CassandraRegistry(Registry):
             self._session.execute(cql, timeout=DDL_TIMEOUT_S)
         except (NoHostAvailable, OperationTimedOut, ConnectionException):
             raise
-        except DriverException as e:  # Unauthorized, InvalidRequest, ...: the keyspace is not ours to use
+        except (DriverException, ErrorMessage) as e:  # Unauthorized, InvalidRequest, ConfigurationException
             raise RegistryUnavailable(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
 
     def _ensure_schema(self) -> None:
@@ -233,7 +257,7 @@ class CassandraRegistry(Registry):
         if [c.name for c in meta.partition_key] != partition or [c.name for c in meta.clustering_key] != clustering:
             problems.append(f"primary key is not (({', '.join(partition)}){''.join(', ' + c for c in clustering)})")
         if problems:
-            raise RegistryUnavailable(f"{self.where}: table {table} exists with another schema ({problems[0]}); "
+            raise RegistryUnavailable(f"{self.where}: table {table} exists with another schema ({'; '.join(problems)}); "
                                       f"is registry.cassandra.keyspace another application's?")
 
     def _check_replication(self, consistency: str) -> None:
