@@ -200,6 +200,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     for n in hosts:
         approve(load_spec(specs[n]), "bench@1")
     tx0 = lan.tx_bytes("o")
+    cpu0 = sum(cpu_seconds(p.pid) for p in hosts.values())
     t0 = time.monotonic()
     for p in hosts.values():
         os.killpg(p.pid, signal.SIGHUP)
@@ -212,10 +213,19 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
         sampler.stop()
     wall = max(done.values())
     sent = lan.tx_bytes("o") - tx0
+    cpu = sum(cpu_seconds(p.pid) for p in hosts.values()) - cpu0
     for p in hosts.values():
         procs.stop(p)
+    print(f"host daemons used {cpu:.1f} CPU s in {wall:.1f} s ({cpu / wall:.2f} cores; the machine has "
+          f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
     print("origin egress MB/s per 2 s: " + " ".join(f"{r:.1f}" for r in sampler.rates(2.0)))
     return wall, sent, done
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (the `ip netns exec` pid is the exec'd program)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class OriginSampler(threading.Thread):
@@ -273,6 +283,7 @@ def main() -> int:
     ap.add_argument("--origin-rate", type=int, default=12_000_000,
                     help="bytes/s the origin paces among interested hosts (its link's goodput)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--swarm-only", action="store_true", help="skip the HTTP run (tuning; no summary line)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("swarm_lan: needs root (network namespaces, tc)", file=sys.stderr)
@@ -295,6 +306,10 @@ def main() -> int:
         swarm_s, swarm_sent, swarm_done = run_swarm(lan, procs, work, entry, key, args.origin_rate)
         print(f"imgdist swarm: {swarm_s:6.1f} s  (hosts done at "
               f"{', '.join(f'{t:.1f}' for t in sorted(swarm_done.values()))} s)", flush=True)
+        if args.swarm_only:
+            print(f"swarm only: link_fraction={entry.size * 8 / LINK_BITS / swarm_s:.2f} "
+                  f"origin_copies={swarm_sent / entry.size:.2f}")
+            return 0
         http_s, http_sent, http_done = run_http(lan, procs, work, entry)
         print(f"plain HTTP:    {http_s:6.1f} s  (hosts done at "
               f"{', '.join(f'{t:.1f}' for t in sorted(http_done.values()))} s)", flush=True)

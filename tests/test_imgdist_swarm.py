@@ -136,6 +136,8 @@ def test_sigkilled_pull_resumes_where_it_left_off(imgdist_lab):
     h = imgdist_lab.host("h0", approve=("sage@1.0",))
     p = imgdist_lab.spawn(h, "--sync")
     reached = _wait_for_progress(h, "sage-1.0", 35.0, p)
+    listing = imgdist_lab.run(h, "--list").stdout
+    assert "downloading" in next(line for line in listing.splitlines() if line.startswith("sage "))
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
     partial = store_of(h) / "images" / "partial" / entry.file_name
