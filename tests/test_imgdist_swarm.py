@@ -182,5 +182,14 @@ def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "web seed" not in r.stderr
     assert_installed(b, entry)
+    # Disabled, A stops seeding at once: C, which knows only A, has to fall back to the web seed.
+    assert imgdist_lab.run(a, "--disable").returncode == 0
+    time.sleep(3)
+    c = imgdist_lab.host("c", approve=("sage@1.0",), tracker=False, stall=3,
+                         peers=(f"127.0.0.1:{load_spec(a).imgdist.listen_port}",))
+    r = imgdist_lab.run(c, "--sync")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "using the web seed" in r.stderr
+    assert_installed(c, entry)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
