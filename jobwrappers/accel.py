@@ -32,12 +32,13 @@ class Accel:
     qemu_args: tuple[str, ...]
     libvirt_type: str  # <domain type=...>
     libvirt_cpu: str  # <cpu> element
+    libvirt_features: str = ""  # extra children of <features>
 
 
 KVM = Accel("kvm", ("-accel", "kvm", "-cpu", "host"), "kvm", "<cpu mode='host-passthrough'/>")
 # A small translation cache: the default (1 GiB per VM under TCG) would cap a host at a few guests.
-TCG = Accel("tcg", ("-accel", "tcg,tb-size=16", "-cpu", "max"), "qemu",
-            "<cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>")
+TCG = Accel("tcg", ("-accel", "tcg,tb-size=16", "-cpu", "max"), "qemu", "<cpu mode='maximum'/>",
+            "<tcg><tb-cache unit='MiB'>16</tb-cache></tcg>")
 
 
 def kvm_works(qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S) -> bool:

@@ -64,6 +64,7 @@ def render_domain_xml(m: Machine, template: Path | None = None) -> str:
     fields = {
         "domain_type": m.accel.libvirt_type, "name": escape(f"salvus-{m.name}"),
         "memory_mb": str(m.memory_mb), "vcpus": str(m.vcpus), "boot": _boot_xml(m), "cpu": m.accel.libvirt_cpu,
+        "accel_features": m.accel.libvirt_features,
         "emulator": escape(shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"),
         "disks": _disks_xml(m), "console_log": escape(str(m.console_log)),
         "channel_path": escape(str(m.channel_path)), "channel_name": CHANNEL_NAME,
