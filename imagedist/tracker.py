@@ -100,20 +100,20 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
                 if len(ih) != 20 or not 0 < port < 65536:
                     raise ValueError
             except (KeyError, ValueError, IndexError):
-                self._reply({"failure reason": "bad announce: need info_hash (20 bytes) and port"})
+                self._reply({b"failure reason": b"bad announce: need info_hash (20 bytes) and port"})
                 return
             ip = self.client_address[0]
             stopped = q.get("event", [""])[0] == "stopped"
             others = table.announce(ih, (ip, port), stopped, time.time())
             if others is None:
-                self._reply({"failure reason": "unknown info_hash: the origin does not seed it"})
+                self._reply({b"failure reason": b"unknown info_hash: the origin does not seed it"})
                 return
             # The origin seeds everything, at the address this host reached us on.
             origin = (self.connection.getsockname()[0], origin_port)
             if ipaddress.ip_address(origin[0]).version == 4 and origin != (ip, port):
                 others = [origin, *[p for p in others if p != origin]]
-            self._reply({"interval": ANNOUNCE_INTERVAL, "min interval": 2,
-                         "complete": 1, "incomplete": len(others), "peers": _compact(others)})
+            self._reply({b"interval": ANNOUNCE_INTERVAL, b"min interval": 2,
+                         b"complete": 1, b"incomplete": len(others), b"peers": _compact(others)})
 
     return Handler
 

@@ -1,0 +1,80 @@
+"""imgdist's pure parts: steering stripes, the tracker's peer table, version ordering, classad names."""
+from __future__ import annotations
+
+import time
+import urllib.request
+from urllib.parse import quote_from_bytes
+
+import libtorrent as lt
+import pytest
+
+from imagedist import steering
+from imagedist.classad import attr_suffix
+from imagedist.gc import version_key
+from imagedist.tracker import PEER_TTL, PeerTable, Tracker
+
+
+@pytest.mark.parametrize("pieces,count", [(513, 8), (7, 3), (1024, 5)])
+def test_stripes_cover_every_piece_exactly_once(pieces, count):
+    seen = []
+    for i in range(count):
+        seen += list(steering.Stripe(i, count).pieces(pieces))
+    assert seen == list(range(pieces))
+    prio = steering.stripe_priorities(pieces, steering.Stripe(1, count))
+    own = steering.Stripe(1, count).pieces(pieces)
+    assert all(prio[p] == steering.OWN_PRIORITY for p in own)
+    assert prio.count(steering.OTHER_PRIORITY) == pieces - len(own)
+
+
+def test_stripe_for_needs_the_host_in_a_list_of_two_or_more():
+    assert steering.stripe_for("hv2", ["hv1", "hv2", "hv3"]) == steering.Stripe(1, 3)
+    assert steering.stripe_for("hv9", ["hv1", "hv2"]) is None
+    assert steering.stripe_for("hv1", ["hv1"]) is None
+    have = [False] * 10
+    for p in steering.Stripe(0, 2).pieces(10):
+        have[p] = True
+    assert steering.slice_complete(have, steering.Stripe(0, 2))
+    assert not steering.slice_complete(have, steering.Stripe(1, 2))
+
+
+def test_pacing_splits_the_origin_rate_among_interested_hosts():
+    assert steering.pacing_limit(12_000_000, 8) == 1_500_000
+    assert steering.pacing_limit(12_000_000, 0) == 12_000_000
+    assert steering.pacing_limit(0, 8) == 0
+
+
+def test_peer_table_lists_others_forgets_stopped_and_stale_and_refuses_unknown_hashes():
+    ih = b"\x01" * 20
+    t = PeerTable()
+    t.allow([ih])
+    now = time.time()
+    assert t.announce(b"\x02" * 20, ("10.0.0.1", 1), False, now) is None
+    assert t.announce(ih, ("10.0.0.1", 6881), False, now) == []
+    assert t.announce(ih, ("10.0.0.2", 6881), False, now) == [("10.0.0.1", 6881)]
+    assert t.announce(ih, ("10.0.0.1", 6881), True, now) == [("10.0.0.2", 6881)]
+    assert t.announce(ih, ("10.0.0.3", 6881), False, now + PEER_TTL + 1) == []
+
+
+def test_tracker_answers_a_bencoded_compact_announce_with_the_origin_first():
+    ih = b"\xab" * 20
+    table = PeerTable()
+    table.allow([ih])
+    table.announce(ih, ("127.0.0.1", 7001), False, time.time())
+    tracker = Tracker("127.0.0.1", 0, table, origin_port=6881).start()
+    try:
+        url = (f"http://127.0.0.1:{tracker.port}/announce?info_hash={quote_from_bytes(ih)}"
+               "&peer_id=-XX0000-000000000000&port=7002&uploaded=0&downloaded=0&left=1&compact=1")
+        reply = lt.bdecode(urllib.request.urlopen(url, timeout=10).read())
+        peers = reply[b"peers"]
+        got = [(".".join(str(b) for b in peers[i:i + 4]), int.from_bytes(peers[i + 4:i + 6], "big"))
+               for i in range(0, len(peers), 6)]
+        assert got == [("127.0.0.1", 6881), ("127.0.0.1", 7001)]
+        bad = url.replace(quote_from_bytes(ih), quote_from_bytes(b"\x00" * 20))
+        assert b"failure reason" in urllib.request.urlopen(bad, timeout=10).read()
+    finally:
+        tracker.stop()
+
+
+def test_versions_order_numerically_and_names_become_classad_attributes():
+    assert sorted(["1.10", "1.9", "1.2"], key=version_key) == ["1.2", "1.9", "1.10"]
+    assert attr_suffix("sage-ubuntu.22+x") == "sage_ubuntu_22_x"
