@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 import uuid
@@ -12,6 +13,8 @@ from typing import Mapping
 
 from cluster.errors import SpecError
 
+PRIVATE_PREFIX = "salvus-vmjob-"
+OWNER_FILE = "owner"
 _SERVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -58,7 +61,35 @@ def job_from_env(default_scheduler: str, env: Mapping[str, str] | None = None) -
     scratch = env.get("_CONDOR_SCRATCH_DIR") or env.get("TMPDIR")
     if scratch and Path(scratch).is_dir():
         return JobEnv(job_id, scheduler, Path(scratch), private_scratch=False)
-    return JobEnv(job_id, scheduler, Path(tempfile.mkdtemp(prefix="salvus-vmjob-")), private_scratch=True)
+    private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
+    (private / OWNER_FILE).write_text(_process_identity(os.getpid()))
+    sweep_stale_private_scratch(private.parent)
+    return JobEnv(job_id, scheduler, private, private_scratch=True)
+
+
+def _process_identity(pid: int) -> str:
+    """pid and kernel start time: still names the same process after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid} {stat[stat.rindex(')') + 2:].split()[19]}"
+    except (OSError, IndexError):
+        return ""
+
+
+def sweep_stale_private_scratch(parent: Path) -> list[Path]:
+    """Removes private scratch dirs of wrappers that were SIGKILLed (no scheduler cleans them):
+    a batch system wipes its own scratch directories, nobody wipes these."""
+    removed = []
+    for d in parent.glob(f"{PRIVATE_PREFIX}*"):
+        try:
+            owner = (d / OWNER_FILE).read_text()
+        except OSError:
+            continue  # being created right now, or not ours
+        pid = owner.split()[0] if owner.split() else ""
+        if pid.isdigit() and _process_identity(int(pid)) != owner:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def default_service_id(role: str, job_id: str) -> str:

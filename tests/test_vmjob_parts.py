@@ -3,6 +3,7 @@ accelerator choice, job environment, heartbeats against a real SQLite registry."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from jobwrappers.accel import TCG, choose_accel
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
-from jobwrappers.jobenv import check_service_id, default_service_id, job_from_env
+from jobwrappers.jobenv import check_service_id, default_service_id, job_from_env, sweep_stale_private_scratch
 
 
 def qemu_img_info(path: Path) -> dict:
@@ -94,7 +95,13 @@ def test_job_env_from_each_scheduler(tmp_path):
         assert (job.job_id, job.scheduler) == want and job.scratch == tmp_path and not job.private_scratch
     private = job_from_env("local", {})
     assert private.private_scratch and private.scratch.is_dir()
-    private.scratch.rmdir()
+    # A SIGKILLed wrapper's private scratch is swept by the next wrapper; a live one's is kept.
+    dead = private.scratch.with_name(private.scratch.name + "-dead")
+    dead.mkdir()
+    (dead / "owner").write_text("999999999 1\n")
+    (dead / "root.qcow2").write_bytes(b"x")
+    assert sweep_stale_private_scratch(private.scratch.parent) == [dead] and private.scratch.is_dir()
+    shutil.rmtree(private.scratch)
     assert default_service_id("sage", "5.server") == "sage-5.server"
     with pytest.raises(SpecError, match="--service-id"):
         check_service_id("../etc")
