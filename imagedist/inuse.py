@@ -1,10 +1,11 @@
 """Which base images running VMs use, so gc never removes one.
 
-Three independent signs, any one is enough:
+Independent signs, any one is enough:
 - the wrapper's status files `STORE/state/jobs/*.json` whose pid is alive: the role's image
-  (or the file's own `image` field);
-- qcow2 overlays next to such a job's console log whose backing file is a base image;
-- QEMU processes holding a base image open (/proc/PID/fd).
+  (or the file's own `image` field when a wrapper records it);
+- the backing chain of a job's overlay when the status file names it (`overlay` or `workdir`);
+- QEMU processes holding a base image open (/proc/PID/fd): QEMU opens the whole backing chain,
+  so this catches a VM still running an older version after the role moved on.
 """
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ def _job_image_files(spec: ClusterSpec, job: dict) -> set[str]:
 
 
 def _overlays(job: dict) -> list[Path]:
-    log_path = job.get("console_log")
-    if not isinstance(log_path, str):
+    if isinstance(job.get("overlay"), str):
+        return [Path(job["overlay"])]
+    if not isinstance(job.get("workdir"), str):
         return []
-    d = Path(log_path).parent
     try:
-        return [p for p in d.iterdir() if p.suffix == ".qcow2"]
+        return [p for p in Path(job["workdir"]).iterdir() if p.suffix == ".qcow2"]
     except OSError:
         return []
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,26 @@ def _qemu_overlay(base: Path, overlay: Path) -> None:
                    check=True)
 
 
+def _paused_qemu(overlay: Path) -> subprocess.Popen:
+    """A real QEMU with the overlay (and so its backing base image) open, its CPU never started."""
+    return subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
+                             "-blockdev", f"driver=qcow2,node-name=root,file.driver=file,"
+                                          f"file.filename={overlay}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_open(pid: int, path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(os.readlink(f) == str(path) for f in Path(f"/proc/{pid}/fd").iterdir()):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"QEMU {pid} never opened {path}")
+
+
 def test_gc_never_removes_an_image_a_running_vm_uses(imgdist_lab, tmp_path):
     old = imgdist_lab.add_image("sage", "0.9", 8)
     new = imgdist_lab.add_image("sage", "1.0", 8)
@@ -99,28 +120,34 @@ def test_gc_never_removes_an_image_a_running_vm_uses(imgdist_lab, tmp_path):
     assert imgdist_lab.run(h, "--sync").returncode == 0
     assert base_files(h) == sorted([old.file_name, new.file_name])
     store = store_of(h)
-    # A running VM as the wrapper leaves it: a live pid, a status file, and an overlay in its
-    # scratch directory whose backing file is the old base image (the spec's role names 1.0).
+    old_base = store / "images" / "base" / old.file_name
+    # A VM started before the role moved to sage@1.0: its wrapper's status file (as the wrapper
+    # writes it: the role, no image) and its QEMU running from an overlay on the old base.
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    _qemu_overlay(store / "images" / "base" / old.file_name, scratch / "overlay.qcow2")
-    vm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    _qemu_overlay(old_base, scratch / "root.qcow2")
+    wrapper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    vm = _paused_qemu(scratch / "root.qcow2")
     try:
+        _wait_open(vm.pid, old_base)
         (store / "state" / "jobs").mkdir(parents=True, exist_ok=True)
         (store / "state" / "jobs" / "sage-7.json").write_text(json.dumps({
-            "service_id": "sage-7", "role": "sage", "job_id": "7", "pid": vm.pid, "state": "running",
-            "endpoint": "127.0.0.1:6000", "console_log": str(scratch / "console.log"), "started": 0}))
-        row = next(line for line in imgdist_lab.run(h, "--list").stdout.splitlines() if " 0.9 " in line)
-        assert row.split()[-1] == "1"
+            "service_id": "sage-7", "role": "sage", "job_id": "7", "pid": wrapper.pid, "state": "running",
+            "endpoint": "127.0.0.1:6000", "console_log": str(store / "logs" / "console" / "sage-7.log"),
+            "started": time.time()}))
+        rows = {line.split()[1]: line for line in imgdist_lab.run(h, "--list").stdout.splitlines()[1:]}
+        assert rows["0.9"].split()[-1] == "1" and rows["1.0"].split()[-1] == "1"
         r = imgdist_lab.run(h, "--gc", "--keep", "1")
         assert r.returncode == 0, r.stderr
         assert f"kept    {old.file_name}: in use by a running VM" in r.stdout
         assert base_files(h) == sorted([old.file_name, new.file_name])
     finally:
-        vm.kill()
-        vm.wait()
+        for p in (vm, wrapper):
+            p.kill()
+            p.wait()
     r = imgdist_lab.run(h, "--gc", "--keep", "1")
     assert r.returncode == 0, r.stderr
+    assert f"removed {old_base}" in r.stdout
     assert base_files(h) == [new.file_name]
     assert not (store / "images" / "torrents" / "sage-0.9.torrent").exists()
 
