@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 
+import pytest
+
+from cluster.errors import SalvusError
+from cluster.spec import load_spec
+from submit.scale import stop_roles
 from tests.fixtures.demo_image import demo_spec_text
 
 _sites = itertools.count()
@@ -20,6 +26,20 @@ def scheduler_spec(tmp_path: Path, demo_image, backend: str, extra: str = "",
     site = f"{backend[0]}{next(_sites)}{tmp_path.name[-6:].replace('_', '')}"
     path.write_text(f"site: {site}\nscheduler: {{backend: {backend}{extra}}}\n" + text)
     return path
+
+
+@pytest.fixture
+def stop_everything_after():
+    """Collects spec paths; at teardown stops every job of those specs (a failed test must not
+    leave VMs or queued jobs behind)."""
+    specs: list[Path] = []
+    yield specs.append
+    for path in specs:
+        try:
+            spec = load_spec(path)
+            stop_roles(spec, list(spec.roles), wait=True, timeout=60)
+        except SalvusError as e:
+            logging.getLogger(__name__).warning("cleanup of %s: %s", path, e)
 
 
 def wait_for(check, timeout: float, what: str):

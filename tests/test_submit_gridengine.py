@@ -12,7 +12,7 @@ from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
 from tests.fixtures.gridengine import TERMINATE_GRACE
-from tests.submit_support import scheduler_spec, wait_for
+from tests.submit_support import scheduler_spec, stop_everything_after, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sge
 
@@ -22,8 +22,9 @@ def sge_spec(tmp_path: Path, demo_image, image_path: str | None = None) -> Path:
 
 
 @pytest.mark.vm
-def test_drmaa_submit_status_terminate_with_graceful_stop(tmp_path, demo_image, gridengine, cli):
+def test_drmaa_submit_status_terminate_with_graceful_stop(tmp_path, demo_image, stop_everything_after, gridengine, cli):
     spec_path = sge_spec(tmp_path, demo_image)
+    stop_everything_after(spec_path)
     spec = load_spec(spec_path)
     r = cli("--spec", str(spec_path), "scale", "sage=1")
     assert r.returncode == 0, r.stderr
@@ -56,8 +57,9 @@ def test_drmaa_submit_status_terminate_with_graceful_stop(tmp_path, demo_image, 
     assert open_backend(spec).list("sage") == []
 
 
-def test_drmaa_exit_65_job_is_held_and_not_replaced(tmp_path, demo_image, gridengine, cli):
+def test_drmaa_exit_65_job_is_held_and_not_replaced(tmp_path, demo_image, stop_everything_after, gridengine, cli):
     spec_path = sge_spec(tmp_path, demo_image, image_path=str(tmp_path / "missing.qcow2"))
+    stop_everything_after(spec_path)
     assert cli("--spec", str(spec_path), "scale", "sage=1").returncode == 0
     backend = open_backend(load_spec(spec_path))
     job = wait_for(lambda: next((j for j in backend.list("sage") if j.state == "held"), None), 90,

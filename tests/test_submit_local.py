@@ -12,6 +12,7 @@ from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
+from tests.submit_support import stop_everything_after  # noqa: F401 (fixture)
 
 
 def write_spec(tmp_path: Path, demo_image, backend: str = "local", site: str = "loc", extra: str = "") -> Path:
@@ -41,8 +42,9 @@ def wait_registered(spec_path: Path, role: str, n: int, timeout: float = 240) ->
 
 
 @pytest.mark.vm
-def test_local_scale_up_same_down_then_stop_with_real_vms(tmp_path, demo_image, cli):
+def test_local_scale_up_same_down_then_stop_with_real_vms(tmp_path, demo_image, stop_everything_after, cli):
     spec = write_spec(tmp_path, demo_image)
+    stop_everything_after(spec)
     r = cli("--spec", str(spec), "scale", "sage=2")
     assert r.returncode == 0, r.stderr
     assert "submit 2" in r.stdout
@@ -84,8 +86,9 @@ def test_local_scale_up_same_down_then_stop_with_real_vms(tmp_path, demo_image, 
     assert status(cli, spec)["jobs"] == []
 
 
-def test_local_job_with_missing_image_is_held_with_reason_not_replaced(tmp_path, demo_image, cli):
+def test_local_job_with_missing_image_is_held_with_reason_not_replaced(tmp_path, demo_image, stop_everything_after, cli):
     spec = write_spec(tmp_path, demo_image)
+    stop_everything_after(spec)
     text = spec.read_text().replace(f"image_path: {demo_image.disk}", f"image_path: {tmp_path}/missing.qcow2", 1)
     spec.write_text(text)
     r = cli("--spec", str(spec), "scale", "sage=1")

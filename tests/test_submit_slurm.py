@@ -16,7 +16,7 @@ from cluster.spec import load_spec
 from submit import open_backend
 from submit.slurm import parse_squeue
 from tests.fixtures.slurm import KILL_WAIT
-from tests.submit_support import scheduler_spec, wait_for
+from tests.submit_support import scheduler_spec, stop_everything_after, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slurm
 TORQUE_BIN = Path("/opt/salvus/slurm-torque/bin")
@@ -37,8 +37,9 @@ def logs_of(spec_path: Path) -> str:
 
 
 @pytest.mark.vm
-def test_slurm_scale_boots_registered_vms_and_scale_down_stops_one_gracefully(tmp_path, demo_image, slurm_cluster, cli):
+def test_slurm_scale_boots_registered_vms_and_scale_down_stops_one_gracefully(tmp_path, demo_image, stop_everything_after, slurm_cluster, cli):
     spec = slurm_spec(tmp_path, demo_image)
+    stop_everything_after(spec)
     r = cli("--spec", str(spec), "scale", "sage=2")
     assert r.returncode == 0, r.stderr
     jobs = open_backend(load_spec(spec)).list("sage")
@@ -76,8 +77,9 @@ def test_slurm_scale_boots_registered_vms_and_scale_down_stops_one_gracefully(tm
 
 
 @pytest.mark.vm
-def test_pbs_script_from_render_runs_through_qsub_and_boots_a_vm(tmp_path, demo_image, slurm_cluster, cli):
+def test_pbs_script_from_render_runs_through_qsub_and_boots_a_vm(tmp_path, demo_image, stop_everything_after, slurm_cluster, cli):
     spec = slurm_spec(tmp_path, demo_image, extra=f", bin_dir: {TORQUE_BIN}")
+    stop_everything_after(spec)
     r = cli("--spec", str(spec), "render", "sage", "--scheduler", "pbs")
     assert r.returncode == 0, r.stderr
     script = tmp_path / "sage.pbs"
@@ -101,8 +103,9 @@ def test_pbs_script_from_render_runs_through_qsub_and_boots_a_vm(tmp_path, demo_
     wait_for(lambda: "guest shut down in" in err.read_text(), 30, "graceful shutdown logged")
 
 
-def test_slurm_held_job_is_reported_with_its_exit_code_and_not_replaced(tmp_path, demo_image, slurm_cluster, cli):
+def test_slurm_held_job_is_reported_with_its_exit_code_and_not_replaced(tmp_path, demo_image, stop_everything_after, slurm_cluster, cli):
     spec = slurm_spec(tmp_path, demo_image, image_path=str(tmp_path / "missing.qcow2"))
+    stop_everything_after(spec)
     assert cli("--spec", str(spec), "scale", "sage=1").returncode == 0
     backend = open_backend(load_spec(spec))
     job = wait_for(lambda: next((j for j in backend.list("sage") if j.state == "held"), None), 90,
@@ -117,9 +120,10 @@ def test_slurm_held_job_is_reported_with_its_exit_code_and_not_replaced(tmp_path
     assert [j for j in backend.list("sage") if j.state not in ("done", "failed")] == []
 
 
-def test_slurm_scale_counts_jobs_gone_behind_our_back_and_never_submits_twice(tmp_path, demo_image, slurm_cluster, cli):
+def test_slurm_scale_counts_jobs_gone_behind_our_back_and_never_submits_twice(tmp_path, demo_image, stop_everything_after, slurm_cluster, cli):
     # Jobs that cannot start for an hour: the queue holds them pending while we reconcile.
     spec = slurm_spec(tmp_path, demo_image, extra=', extra_directives: ["--begin=now+3600"]')
+    stop_everything_after(spec)
     procs = [subprocess.Popen([str(Path(sys.executable).parent / "salvus_jobs"),
                                "--spec", str(spec), "scale", "hub=3"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
