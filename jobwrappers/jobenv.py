@@ -18,12 +18,28 @@ OWNER_FILE = "owner"
 _SERVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobEnv:
     job_id: str
     scheduler: str
-    scratch: Path
-    private_scratch: bool  # a temp dir this process made (and removes) because none was given
+    given_scratch: Path | None  # the batch system's scratch directory, if it gave one
+    private_dir: Path | None = None  # made by this process (and removed) because none was given
+
+    def scratch(self) -> Path:
+        """The scratch directory; a private one is made on first use, so a job refused before it
+        boots leaves nothing behind."""
+        if self.given_scratch is not None:
+            return self.given_scratch
+        if self.private_dir is None:
+            self.private_dir = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
+            (self.private_dir / OWNER_FILE).write_text(_process_identity(os.getpid()))
+            sweep_stale_private_scratch(self.private_dir.parent)
+        return self.private_dir
+
+    def remove_private_scratch(self) -> None:
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
 
 
 def _condor_job_id(env: Mapping[str, str]) -> str | None:
@@ -59,12 +75,7 @@ def job_from_env(default_scheduler: str, env: Mapping[str, str] | None = None) -
         found = (env["SALVUS_LOCAL_JOB_ID"], "local")
     job_id, scheduler = found or (f"{socket.gethostname()}-{os.getpid()}", "none")
     scratch = env.get("_CONDOR_SCRATCH_DIR") or env.get("TMPDIR")
-    if scratch and Path(scratch).is_dir():
-        return JobEnv(job_id, scheduler, Path(scratch), private_scratch=False)
-    private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
-    (private / OWNER_FILE).write_text(_process_identity(os.getpid()))
-    sweep_stale_private_scratch(private.parent)
-    return JobEnv(job_id, scheduler, private, private_scratch=True)
+    return JobEnv(job_id, scheduler, Path(scratch) if scratch and Path(scratch).is_dir() else None)
 
 
 def _process_identity(pid: int) -> str:

@@ -85,8 +85,7 @@ class Job:
         for d in (self.workdir, self.sockdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
-        if self.env.private_scratch:
-            shutil.rmtree(self.env.scratch, ignore_errors=True)
+        self.env.remove_private_scratch()
         remove_status(self.spec.store_path, self.service_id, os.getpid())
 
 
@@ -130,7 +129,7 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
 def prepare_machine(job: Job, registry: Registry) -> Machine:
     spec, role = job.spec, job.role
     accel = choose_accel(spec.hypervisor.accel)
-    job.workdir = Path(tempfile.mkdtemp(prefix=f"salvus-{job.service_id}-", dir=job.env.scratch))
+    job.workdir = Path(tempfile.mkdtemp(prefix=f"salvus-{job.service_id}-", dir=job.env.scratch()))
     job.sockdir = (job.workdir if len(str(job.workdir)) <= MAX_SOCKET_DIR_LEN
                    else Path(tempfile.mkdtemp(prefix="salvus-sock-", dir="/tmp")))
     overlay = create_overlay(job.image, job.workdir / "root.qcow2")

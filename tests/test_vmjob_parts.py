@@ -3,7 +3,6 @@ accelerator choice, job environment, heartbeats against a real SQLite registry."
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -92,16 +91,19 @@ def test_job_env_from_each_scheduler(tmp_path):
              ({"SALVUS_LOCAL_JOB_ID": "L1", "TMPDIR": str(tmp_path)}, ("L1", "local"))]
     for env, want in cases:
         job = job_from_env("local", env)
-        assert (job.job_id, job.scheduler) == want and job.scratch == tmp_path and not job.private_scratch
+        assert (job.job_id, job.scheduler) == want and job.scratch() == tmp_path and job.private_dir is None
     private = job_from_env("local", {})
-    assert private.private_scratch and private.scratch.is_dir()
+    assert private.private_dir is None, "nothing is made before the job needs it"
+    scratch = private.scratch()
+    assert scratch.is_dir() and private.private_dir == scratch
     # A SIGKILLed wrapper's private scratch is swept by the next wrapper; a live one's is kept.
-    dead = private.scratch.with_name(private.scratch.name + "-dead")
+    dead = scratch.with_name(scratch.name + "-dead")
     dead.mkdir()
     (dead / "owner").write_text("999999999 1\n")
     (dead / "root.qcow2").write_bytes(b"x")
-    assert sweep_stale_private_scratch(private.scratch.parent) == [dead] and private.scratch.is_dir()
-    shutil.rmtree(private.scratch)
+    assert sweep_stale_private_scratch(scratch.parent) == [dead] and scratch.is_dir()
+    private.remove_private_scratch()
+    assert not scratch.exists()
     assert default_service_id("sage", "5.server") == "sage-5.server"
     with pytest.raises(SpecError, match="--service-id"):
         check_service_id("../etc")
