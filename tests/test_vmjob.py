@@ -76,6 +76,10 @@ def test_hub_and_sage_boot_register_forward_and_stop_cleanly(spec_path, demo_ima
     assert state["state"] == "running" and state["endpoint"] == f"127.0.0.1:{sage_svc.port}"
     console = Path(state["console_log"])
     assert str(console) in sage.output() and "Power down" not in console.read_text()
+    # One warning for the unsigned demo image, at most one for TCG, nothing else.
+    warnings = [line for line in sage.err.read_text().splitlines() if " WARNING: " in line]
+    assert sum("insecure_allow_unsigned" in w for w in warnings) == 1
+    assert sum("TCG" in w for w in warnings) <= 1 and len(warnings) <= 2, warnings
     # The guest wrote its root disk (hostname, SSH keys) into the overlay, never into the base.
     overlays = list(sage.scratch.glob("salvus-sage-0-*/root.qcow2"))
     assert len(overlays) == 1 and overlays[0].stat().st_size > 300 * 1024
