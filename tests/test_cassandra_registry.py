@@ -112,6 +112,8 @@ def test_keyspace_that_cannot_meet_the_consistency_level_is_refused(cassandra_no
     unknown_dc = ", replication: {class: NetworkTopologyStrategy, dc9: 3}"
     message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=unknown_dc))
     assert "dc9" in message
+    message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=", local_dc: dc9"))
+    assert "local_dc 'dc9' is not a datacenter of this cluster (it has: datacenter1)" in message
 
 
 def test_bad_keyspace_or_consistency_names_are_spec_errors(cassandra_node, tmp_path):
@@ -134,6 +136,14 @@ def test_heartbeat_rewrites_the_whole_row_and_its_ttl(cassandra_node, tmp_path):
             row = reg._session.execute(f"SELECT TTL(host), TTL(port), TTL(image), TTL(started), "
                                        f"TTL(last_heartbeat) FROM ttlcheck.{table} WHERE {where}").one()
             assert all(58 <= t <= 60 for t in row), (table, row)
+
+
+def test_reregistering_under_another_role_moves_the_row(cassandra_node, tmp_path):
+    with open_registry(node_spec(cassandra_node, tmp_path, "moves")) as reg:
+        reg.register(svc("x1", role="sage"))
+        reg.register(svc("x1", role="hub"))
+        assert reg.lookup("sage") == [] and [s.service_id for s in reg.lookup("hub")] == ["x1"]
+        assert reg.get("x1").role == "hub"
 
 
 def test_three_nodes_rf3_keep_answering_with_one_node_stopped(tmp_path):

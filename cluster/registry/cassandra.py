@@ -54,6 +54,7 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, N
 from cassandra.connection import ConnectionException
 from cassandra.encoder import Encoder
 from cassandra.protocol import ErrorMessage
+from cassandra.query import tuple_factory
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from cluster.errors import RegistryUnavailable, SpecError
@@ -114,7 +115,9 @@ def _reason(exc: BaseException) -> str:
 def describe_failure(exc: BaseException, where: str) -> str:
     """One line saying what failed talking to the cluster at `where`."""
     if isinstance(exc, NoHostAvailable):
-        errors = getattr(exc, "errors", {}) or {}
+        errors = getattr(exc, "errors", None) or {}
+        if not isinstance(errors, dict):  # a list of hosts when none was even tried
+            return f"{where}: no node available ({', '.join(map(str, errors))})"
         auth = [e for e in errors.values() if isinstance(e, AuthenticationFailed)]
         if auth:
             return f"{where}: authentication failed: {_reason(auth[0])}"
@@ -187,6 +190,7 @@ class CassandraRegistry(Registry):
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=spec.local_dc)),
             consistency_level=consistency,
             request_timeout=spec.request_timeout,
+            row_factory=tuple_factory,  # rows become Service(*row): no namedtuple class per result
             # A replica that has not answered within half the budget is skipped for the next one
             # (only for statements marked idempotent: all of ours are).
             speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
@@ -203,8 +207,14 @@ class CassandraRegistry(Registry):
         except DriverException as e:
             raise RegistryUnavailable(describe_failure(e, self.where)) from None
         try:
-            with _quiet_driver_logs():
-                self._session: Session = self._cluster.connect()
+            try:
+                with _quiet_driver_logs():
+                    self._session: Session = self._cluster.connect()
+            except NoHostAvailable:
+                # The control connection may have reached nodes that the load balancer then refused
+                # to use because they are in another datacenter than local_dc.
+                self._check_local_dc()
+                raise
             self._ensure_schema()
             self._check_replication(spec.consistency.upper())
             self._prepare()
@@ -259,6 +269,13 @@ class CassandraRegistry(Registry):
         if problems:
             raise RegistryUnavailable(f"{self.where}: table {table} exists with another schema ({'; '.join(problems)}); "
                                       f"is registry.cassandra.keyspace another application's?")
+
+    def _check_local_dc(self) -> None:
+        """A local_dc the cluster does not have leaves the load balancer no node to ask."""
+        dcs = sorted({h.datacenter for h in self._cluster.metadata.all_hosts() if h.datacenter})
+        if self.spec.local_dc is not None and dcs and self.spec.local_dc not in dcs:
+            raise RegistryUnavailable(f"{self.where}: local_dc {self.spec.local_dc!r} is not a datacenter "
+                                      f"of this cluster (it has: {', '.join(dcs)})")
 
     def _check_replication(self, consistency: str) -> None:
         """Refuses a keyspace whose replicas in the local DC can never satisfy the consistency level
