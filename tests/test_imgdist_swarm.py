@@ -38,12 +38,16 @@ def test_origin_and_three_hosts_pull_one_image_and_all_verify(imgdist_lab):
     entry = imgdist_lab.add_image("sage", "1.0", 24, roles=("sage",))
     imgdist_lab.sign()
     imgdist_lab.start_origin()
-    hosts = [imgdist_lab.host(f"h{i}", approve=("sage@1.0",)) for i in range(3)]
+    # The site's host list: each host starts on its own third of the pieces (steering).
+    hosts = [imgdist_lab.host(f"h{i}", approve=("sage@1.0",),
+                              extra=f"hypervisor: {{advertise_host: h{i}, hosts: [h0, h1, h2]}}\n")
+             for i in range(3)]
     procs = [imgdist_lab.spawn(h, "--sync") for h in hosts]
-    for h, p in zip(hosts, procs):
+    for i, (h, p) in enumerate(zip(hosts, procs)):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-3000:]
         assert "installed sage@1.0" in out.decode()
+        assert f"(host {i + 1} of 3)" in err.decode()
         assert_installed(h, entry)
     listing = imgdist_lab.run(hosts[0], "--list")
     assert listing.returncode == 0, listing.stderr
