@@ -240,10 +240,12 @@ class CassandraRegistry(Registry):
         meta = self._cluster.metadata
         if self.keyspace not in meta.keyspaces:
             replication = Encoder().cql_encode_all_types(dict(self.spec.replication))
+            log.info("creating keyspace %s with replication %s", self.keyspace, replication)
             self._ddl(f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} WITH replication = {replication}")
         for table in (BY_ROLE, BY_ID):
             ks = meta.keyspaces.get(self.keyspace)
             if ks is None or table not in ks.tables:
+                log.info("creating table %s.%s", self.keyspace, table)
                 self._ddl(_table_ddl(self.keyspace, table))
             self._check_table(table)
 
