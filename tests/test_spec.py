@@ -41,6 +41,8 @@ BAD = [
     ("negative count", "roles: {sage: {image: demo@1, port: 6000, count: -1}}",
      "roles.sage.count: input should be greater than or equal to 0, got -1"),
     ("yaml syntax", "roles: {sage: {image: demo@1", "YAML syntax error at line 1, column 29"),
+    ("duplicate key", "roles: {}\nscheduler: {backend: slurm}\nscheduler: {backend: local}",
+     "YAML syntax error at line 3, column 1: key 'scheduler' appears twice in one mapping"),
     ("not a mapping", "- a\n- b", "expected a mapping of sections"),
     ("image escaping the store", "roles: {sage: {image: ../../etc@1, port: 1}}", "roles.sage.image: expected NAME@VERSION"),
     ("bad scheduler", "roles: {}\nscheduler: {backend: lsf}", "scheduler.backend: input should be 'local', 'slurm'"),
