@@ -174,6 +174,14 @@ class CassandraSpec:
             raise ValueError("expected a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
         return v
 
+    @field_validator("consistency")
+    @classmethod
+    def _consistency(cls, v: str) -> str:
+        levels = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
+        if v.upper() not in levels:
+            raise ValueError(f"expected a consistency level ({', '.join(levels)})")
+        return v.upper()
+
 
 @dataclass(config=_STRICT)
 class RegistrySpec:

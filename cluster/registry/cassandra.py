@@ -79,7 +79,7 @@ SYSTEM_KEYSPACES = {"system", "system_auth", "system_schema", "system_distribute
                     "system_views", "system_virtual_schema"}
 # Replicas of the local DC a consistency level needs, given that DC's replication factor.
 REPLICAS_NEEDED: dict[str, Callable[[int], int]] = {
-    "ANY": lambda rf: 0, "ONE": lambda rf: 1, "LOCAL_ONE": lambda rf: 1, "TWO": lambda rf: 2,
+    "ONE": lambda rf: 1, "LOCAL_ONE": lambda rf: 1, "TWO": lambda rf: 2,
     "THREE": lambda rf: 3, "QUORUM": lambda rf: rf // 2 + 1, "LOCAL_QUORUM": lambda rf: rf // 2 + 1,
     "EACH_QUORUM": lambda rf: rf // 2 + 1, "ALL": lambda rf: rf,
 }
@@ -191,8 +191,8 @@ class CassandraRegistry(Registry):
             consistency_level=consistency,
             request_timeout=spec.request_timeout,
             row_factory=tuple_factory,  # rows become Service(*row): no namedtuple class per result
-            # A replica that has not answered within half the budget is skipped for the next one
-            # (only for statements marked idempotent: all of ours are).
+            # A replica that has not answered within half the budget gets company: the request also
+            # goes to the next one and the first answer wins (idempotent statements only: all ours).
             speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
                 delay=spec.request_timeout / 2, max_attempts=2))
         try:
