@@ -3,6 +3,7 @@ failures after start-up surface as RegistryUnavailable, and a 3-node RF=3 ring k
 a node stopped. (The backend-independent behaviour is tests/test_registry.py's [cassandra] params.)"""
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from cassandra.cluster import Cluster
 
 from cluster.errors import EXIT_CONFIG, EXIT_TEMPFAIL, RegistryUnavailable, SpecError
 from cluster.registry import Service, open_registry
+from cluster.spec import load_spec
 from jobwrappers.heartbeat import Heartbeater
 from tests.fixtures.cassandra import (CassandraNode, cassandra_spec, free_loopback_addresses, free_port,
                                       start_node, stop_node)
@@ -77,6 +79,21 @@ def test_wrong_password_is_one_line_naming_authentication(cassandra_node, tmp_pa
     done = cli("services", "--spec", str(spec_file))
     assert done.returncode == EXIT_TEMPFAIL
     assert len(done.stderr.strip().splitlines()) == 1 and "authentication failed" in done.stderr
+
+
+def test_services_command_lists_what_the_cassandra_registry_holds(cassandra_node, tmp_path, cli):
+    spec_file = write_spec_file(tmp_path, (
+        f"registry: {{cassandra: {{contact_points: [{cassandra_node.address}], keyspace: clilist, "
+        f"username: cassandra, password_file: {cassandra_node.password_file}}}}}\n"
+        "roles: {sage: {image: demo@1, port: 6000}, hub: {image: demo@1, port: 8080}}\n"))
+    with open_registry(load_spec(spec_file)) as reg:
+        reg.register(svc("sage-cli"))
+        reg.register(svc("hub-cli", role="hub"))
+    done = cli("services", "sage", "--json", "--spec", str(spec_file))
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [(s["service_id"], s["host"], s["port"], s["image"]) for s in listed] == [
+        ("sage-cli", "10.0.0.5", 6000, "demo@1")]
 
 
 def test_missing_credentials_are_a_spec_error(cassandra_node, tmp_path):
