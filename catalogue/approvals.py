@@ -17,7 +17,8 @@ import yaml
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
-from catalogue.files import locked, read_limited, write_atomic
+from catalogue.files import locked, read_limited
+from cluster.files import write_atomic
 
 MAX_APPROVALS_BYTES = 1 << 20
 HEADER = b"# written by `salvus_jobs catalogue approve/unapprove`\n"

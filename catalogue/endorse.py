@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import split_image_ref
-from catalogue.files import read_limited, write_atomic
+from catalogue.files import read_limited
+from cluster.files import write_atomic
 from catalogue.hashcache import sha256_file
 from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, load_yaml_mapping, new_signature_file,
                              now_utc, parse_entries, parse_index, parse_signature_file, sign_index_bytes)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the catalogue modules: atomic replace, bounded reads, a lock."""
+"""Small file helpers shared by the catalogue modules: bounded reads and a lock."""
 from __future__ import annotations
 
 import contextlib
@@ -8,21 +8,6 @@ from pathlib import Path
 from typing import Iterator
 
 from cluster.errors import DataError
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never half of one (temp + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_limited(path: Path, max_bytes: int) -> bytes:

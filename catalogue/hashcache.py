@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from catalogue.files import write_atomic
+from cluster.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
 from catalogue import hashcache
 from catalogue.approvals import is_approved
-from catalogue.files import locked, read_limited, write_atomic
+from catalogue.files import locked, read_limited
+from cluster.files import write_atomic
 from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
 from catalogue.keys import load_trust_keys
 

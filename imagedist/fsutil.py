@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Atomic writes and whole-file hashing are the catalogue's (catalogue.files, catalogue.hashcache).
-from catalogue.files import write_atomic as atomic_write  # noqa: F401
+# Atomic writes are shared (cluster.files); whole-file hashing is the catalogue's (catalogue.hashcache).
+from cluster.files import write_atomic as atomic_write  # noqa: F401
 from catalogue.hashcache import sha256_file  # noqa: F401
 
 

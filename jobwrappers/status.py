@@ -3,10 +3,11 @@ endpoints of jobs that have not registered yet. Written by rename, removed on ex
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cluster.files import write_atomic
 
 
 @dataclass
@@ -19,6 +20,9 @@ class JobStatus:
     endpoint: str
     console_log: str
     started: float = field(default_factory=time.time)
+    # What imgdist's gc must not remove while this VM runs: its base image and its overlay's folder.
+    image: str = ""  # NAME@VERSION
+    workdir: str = ""
 
 
 def status_path(store: Path, service_id: str) -> Path:
@@ -27,10 +31,7 @@ def status_path(store: Path, service_id: str) -> Path:
 
 def write_status(store: Path, status: JobStatus) -> Path:
     path = status_path(store, status.service_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(status)) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(asdict(status)) + "\n").encode())
     return path
 
 

@@ -74,7 +74,7 @@ class Job:
         endpoint = f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else ""
         write_status(self.spec.store_path, JobStatus(
             self.service_id, self.role_name, self.env.job_id, os.getpid(), state, endpoint,
-            str(self.console_log or ""), self.started))
+            str(self.console_log or ""), self.started, self.role.image, str(self.workdir or "")))
 
     def cleanup(self) -> None:
         if self.channel:

@@ -24,7 +24,7 @@ from typing import Iterable
 
 from cluster.errors import SalvusError, SpecError, TempFailure
 from cluster.spec import ClusterSpec, RoleSpec
-from imagedist.fsutil import atomic_write
+from cluster.files import write_atomic as atomic_write
 
 log = logging.getLogger(__name__)
 
