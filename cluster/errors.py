@@ -32,3 +32,9 @@ class TempFailure(SalvusError):
 
 class RegistryUnavailable(TempFailure):
     """The registry cannot be reached right now (a wrapper keeps its VM and retries)."""
+
+
+class RegistryMisconfigured(SpecError):
+    """The registry answered but refuses this configuration (wrong credentials, a keyspace holding
+    another application's tables, a replication the consistency level can never meet): exit 78,
+    so a scheduler holds the job instead of retrying it forever."""

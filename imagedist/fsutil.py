@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Atomic writes are shared (cluster.files); whole-file hashing is the catalogue's (catalogue.hashcache).
+# Atomic writes are shared by every part (cluster.files).
 from cluster.files import write_atomic as atomic_write  # noqa: F401
-from catalogue.hashcache import sha256_file  # noqa: F401
 
 
 def fsync_dir(path: Path) -> None:

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from cluster.errors import DataError, TempFailure
-from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir, sha256_file
+from catalogue import hashcache
+from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir
 from imagedist.store import Store
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,18 @@ def check_space(store: Store, file_name: str, size: int, reserve: int) -> None:
                       f"only {free / MiB:.0f} MiB free; not pulling")
 
 
-def install(store: Store, file_name: str, size: int, sha256: str) -> Path:
+def install(store: Store, file_name: str, size: int, sha256: str, hash_cache: Path | None = None) -> Path:
     """Moves images/partial/FILE into images/base/ read-only once its bytes match the index.
 
-    Raises DataError (and leaves the partial file for a recheck) when they don't.
+    Raises DataError (and leaves the partial file for a recheck) when they don't. With `hash_cache`
+    (the wrapper's pre-boot cache) the digest just computed is remembered for the installed file,
+    so the first boot does not hash the image a second time.
     """
     src = store.partial / file_name
     actual_size = src.stat().st_size
     if actual_size != size:
         raise DataError(f"{src}: {actual_size} bytes, the signed index says {size}")
-    digest = sha256_file(src)
+    digest, stamp = hashcache.hash_with_stamp(src)
     if digest != sha256:
         raise DataError(f"{src}: sha256 {digest} does not match the signed index ({sha256})")
     os.chmod(src, 0o444)
@@ -55,5 +58,11 @@ def install(store: Store, file_name: str, size: int, sha256: str) -> Path:
     os.replace(src, dst)  # same file system: readers see no file or the whole verified one
     fsync_dir(store.base)
     fsync_dir(store.partial)
+    if hash_cache is not None:
+        now = hashcache.file_stamp(os.stat(dst))
+        # chmod and rename move only ctime; anything else changing means the bytes hashed are not
+        # known to be the bytes installed, so nothing is remembered (the boot hashes again).
+        if {k: v for k, v in now.items() if k != "ctime_ns"} == {k: v for k, v in stamp.items() if k != "ctime_ns"}:
+            hashcache.remember(hash_cache, dst, digest, now)
     log.info("installed %s (sha256 %s)", dst, digest[:16])
     return dst

@@ -12,6 +12,7 @@ from cluster.errors import DataError, SalvusError
 from cluster.spec import ClusterSpec
 from imagedist import steering
 from imagedist.fsutil import atomic_write
+from catalogue.trust import hash_cache_path
 from imagedist.install import check_space, install
 from imagedist.progress import ProgressView
 from imagedist.settings import SessionConfig
@@ -194,7 +195,7 @@ class Agent:
                     continue
                 try:
                     t_verify = time.monotonic()
-                    install(self.store, e.file_name, e.size, e.sha256)
+                    install(self.store, e.file_name, e.size, e.sha256, hash_cache_path(self.spec))
                 except DataError as err:
                     if attempt == 0:
                         # Resume data can claim pieces whose writes were lost (host crash):

@@ -1,5 +1,5 @@
-"""The Cassandra registry against real Cassandra nodes: bad input at start-up gives one clear line,
-failures after start-up surface as RegistryUnavailable, and a 3-node RF=3 ring keeps answering with
+"""The Cassandra registry against real Cassandra nodes: bad input at start-up gives one clear line
+(exit 78 for what retrying cannot fix, 75 for what may pass), failures after start-up surface as RegistryUnavailable, and a 3-node RF=3 ring keeps answering with
 a node stopped. (The backend-independent behaviour is tests/test_registry.py's [cassandra] params.)"""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster
 
-from cluster.errors import EXIT_CONFIG, EXIT_TEMPFAIL, RegistryUnavailable, SpecError
+from cluster.errors import EXIT_CONFIG, EXIT_TEMPFAIL, RegistryMisconfigured, RegistryUnavailable, SpecError
 from cluster.registry import Service, open_registry
 from cluster.spec import load_spec
 from jobwrappers.heartbeat import Heartbeater
@@ -28,9 +28,10 @@ def svc(sid: str, role: str = "sage") -> Service:
                    scheduler="slurm", job_id="7", image="demo@1")
 
 
-def open_fails(spec) -> str:
-    """The RegistryUnavailable message opening `spec` gives; it must be one line."""
-    with pytest.raises(RegistryUnavailable) as err:
+def open_fails(spec, kind: type = RegistryUnavailable) -> str:
+    """The one-line message opening `spec` fails with: RegistryUnavailable (75) for what may pass,
+    RegistryMisconfigured (78) for what the cluster refuses whatever the time."""
+    with pytest.raises(kind) as err:
         open_registry(spec)
     message = str(err.value)
     assert "\n" not in message and "Traceback" not in message
@@ -71,13 +72,13 @@ def test_wrong_password_is_one_line_naming_authentication(cassandra_node, tmp_pa
     bad = tmp_path / "bad-password"
     bad.write_text("not-the-password\n")
     spec = cassandra_spec(tmp_path, [cassandra_node.address], "authcheck", username="cassandra", password_file=bad)
-    message = open_fails(spec)
+    message = open_fails(spec, RegistryMisconfigured)
     assert "authentication failed" in message and cassandra_node.address in message
     spec_file = write_spec_file(tmp_path, (
         f"registry: {{cassandra: {{contact_points: [{cassandra_node.address}], username: cassandra, "
         f"password_file: {bad}}}}}\nroles: {{sage: {{image: demo@1, port: 6000}}}}\n"))
     done = cli("services", "--spec", str(spec_file))
-    assert done.returncode == EXIT_TEMPFAIL
+    assert done.returncode == EXIT_CONFIG  # a scheduler must not retry a wrong password forever
     assert len(done.stderr.strip().splitlines()) == 1 and "authentication failed" in done.stderr
 
 
@@ -101,7 +102,8 @@ def test_missing_credentials_are_a_spec_error(cassandra_node, tmp_path):
         open_registry(cassandra_spec(tmp_path, [cassandra_node.address], "nocreds", username="cassandra",
                                      password_file=tmp_path / "absent"))
     # Without credentials the node (PasswordAuthenticator) refuses the connection.
-    assert "authentication" in open_fails(cassandra_spec(tmp_path, [cassandra_node.address], "nocreds")).lower()
+    assert "authentication" in open_fails(cassandra_spec(tmp_path, [cassandra_node.address], "nocreds"),
+                                         RegistryMisconfigured).lower()
 
 
 def test_keyspace_of_another_application_is_refused(cassandra_node, tmp_path):
@@ -115,22 +117,23 @@ def test_keyspace_of_another_application_is_refused(cassandra_node, tmp_path):
                         "PRIMARY KEY (role, service_id))", timeout=60)
     finally:
         cluster.shutdown()
-    message = open_fails(node_spec(cassandra_node, tmp_path, "otherapp"))
+    message = open_fails(node_spec(cassandra_node, tmp_path, "otherapp"), RegistryMisconfigured)
     assert "services_by_role exists with another schema" in message and "port" in message
 
 
 def test_keyspace_that_cannot_meet_the_consistency_level_is_refused(cassandra_node, tmp_path):
     rf3 = ", replication: {class: SimpleStrategy, replication_factor: 3}"
-    message = open_fails(node_spec(cassandra_node, tmp_path, "toowide", extra=rf3))
+    message = open_fails(node_spec(cassandra_node, tmp_path, "toowide", extra=rf3), RegistryMisconfigured)
     assert "replication factor 3" in message and "LOCAL_QUORUM needs 2" in message
     # The same keyspace is fine at a consistency level one node can give.
     with open_registry(node_spec(cassandra_node, tmp_path, "toowide", extra=rf3 + ", consistency: ONE")) as reg:
         reg.register(svc("s1"))
         assert [s.service_id for s in reg.lookup("sage")] == ["s1"]
     unknown_dc = ", replication: {class: NetworkTopologyStrategy, dc9: 3}"
-    message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=unknown_dc))
+    message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=unknown_dc), RegistryMisconfigured)
     assert "dc9" in message
-    message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=", local_dc: dc9"))
+    message = open_fails(node_spec(cassandra_node, tmp_path, "elsewhere", extra=", local_dc: dc9"),
+                         RegistryMisconfigured)
     assert "local_dc 'dc9' is not a datacenter of this cluster (it has: datacenter1)" in message
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from catalogue.hashcache import cached_sha256
+from catalogue.trust import hash_cache_path
 from cluster.spec import load_spec
 
 MiB = 1 << 20
@@ -31,6 +33,8 @@ def assert_installed(spec: Path, entry) -> Path:
     assert sha256(path) == entry.sha256
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     assert not list((store_of(spec) / "images" / "partial").iterdir())
+    # The digest checked at install is the pre-boot check's cache entry: the first boot won't re-hash.
+    assert cached_sha256(hash_cache_path(load_spec(spec)), path) == entry.sha256
     return path
 
 

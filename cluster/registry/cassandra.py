@@ -35,8 +35,10 @@ Client: one Cluster/Session per registry object, reused for every request (the p
 registry once; never a connection per request), prepared statements, token-aware routing over
 DC-aware round robin, consistency and request timeout from the spec (defaults LOCAL_QUORUM, 1 s),
 and speculative execution so a slow replica is skipped instead of waited for. Every driver failure
-— at start-up or later — surfaces as RegistryUnavailable with one line; start-up also checks that
-the keyspace can serve the consistency level asked for and that its tables have our schema.
+— at start-up or later — surfaces as one line: RegistryUnavailable (exit 75, worth retrying) for
+what may pass, RegistryMisconfigured (exit 78) for what the cluster refuses whatever the time (wrong
+credentials, a keyspace that cannot serve the consistency level asked for, tables with another
+schema, an unknown local_dc).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from cassandra import AuthenticationFailed, ConsistencyLevel, DriverException, OperationTimedOut, ProtocolVersion
+from cassandra import (AuthenticationFailed, ConsistencyLevel, DriverException, InvalidRequest, OperationTimedOut,
+                       ProtocolVersion)
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionException
@@ -57,7 +60,7 @@ from cassandra.protocol import ErrorMessage
 from cassandra.query import BatchStatement, BatchType, tuple_factory
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
-from cluster.errors import RegistryUnavailable, SpecError
+from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError, SpecError
 from cluster.registry.base import Registry, Service
 from cluster.spec import CassandraSpec
 
@@ -74,6 +77,7 @@ COLUMNS: dict[str, str] = {
 KEYS = {BY_ROLE: (["role"], ["service_id"]), BY_ID: (["service_id"], [])}
 GC_GRACE_SECONDS = 900
 TWCS_WINDOW_MINUTES = 5
+SCHEMA_SETTLE_ATTEMPTS = 5  # many wrappers starting at once on a new keyspace race to create it
 DDL_TIMEOUT_S = 60.0  # schema changes wait for agreement between nodes; not the 1 s request budget
 SYSTEM_KEYSPACES = {"system", "system_auth", "system_schema", "system_distributed", "system_traces",
                     "system_views", "system_virtual_schema"}
@@ -99,6 +103,9 @@ def _table_ddl(keyspace: str, table: str) -> str:
             f"gc_grace_seconds = {GC_GRACE_SECONDS} AND compaction = {{'class': "
             f"'TimeWindowCompactionStrategy', 'compaction_window_unit': 'MINUTES', "
             f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}}")
+
+
+MISSING = "table missing"
 
 
 def _reason(exc: BaseException) -> str:
@@ -128,6 +135,16 @@ def describe_failure(exc: BaseException, where: str) -> str:
     if isinstance(exc, OperationTimedOut):
         return f"{where}: request timed out ({_reason(exc)})"
     return f"{where}: {type(exc).__name__}: {_reason(exc)}"
+
+
+def startup_failure(exc: BaseException, where: str) -> SalvusError:
+    """A failure while connecting: credentials the cluster refuses are configuration (78); anything
+    else may pass (75)."""
+    errors = getattr(exc, "errors", None)
+    if isinstance(exc, NoHostAvailable) and isinstance(errors, dict) and errors and all(
+            isinstance(e, AuthenticationFailed) for e in errors.values()):
+        return RegistryMisconfigured(describe_failure(exc, where))
+    return RegistryUnavailable(describe_failure(exc, where))
 
 
 def _translate(op: Callable[..., T]) -> Callable[..., T]:
@@ -218,12 +235,12 @@ class CassandraRegistry(Registry):
             self._ensure_schema()
             self._check_replication(spec.consistency.upper())
             self._prepare()
-        except RegistryUnavailable:
+        except SalvusError:
             self._cluster.shutdown()
             raise
         except DRIVER_ERRORS as e:
             self._cluster.shutdown()
-            raise RegistryUnavailable(describe_failure(e, self.where)) from None
+            raise startup_failure(e, self.where) from None
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -233,7 +250,7 @@ class CassandraRegistry(Registry):
         except (NoHostAvailable, OperationTimedOut, ConnectionException):
             raise
         except (DriverException, ErrorMessage) as e:  # Unauthorized, InvalidRequest, ConfigurationException
-            raise RegistryUnavailable(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
+            raise RegistryMisconfigured(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
 
     def _ensure_schema(self) -> None:
         """Creates what is missing (and only that: a user without CREATE may use an existing schema)."""
@@ -259,24 +276,37 @@ class CassandraRegistry(Registry):
         return ks.tables.get(table) if ks else None
 
     def _check_table(self, table: str) -> None:
+        # When several clients create the schema at once, one may see the table before the schema
+        # event carrying its columns has reached it: refresh and look again before refusing.
+        for attempt in range(SCHEMA_SETTLE_ATTEMPTS):
+            problems = self._table_problems(table)
+            if not problems:
+                return
+            if attempt + 1 < SCHEMA_SETTLE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                self._cluster.refresh_schema_metadata(max_schema_agreement_wait=DDL_TIMEOUT_S)
+        if problems == [MISSING]:
+            raise RegistryUnavailable(f"{self.where}: table {table} missing after creating it")
+        raise RegistryMisconfigured(f"{self.where}: table {table} exists with another schema ({'; '.join(problems)}); "
+                                    f"is registry.cassandra.keyspace another application's?")
+
+    def _table_problems(self, table: str) -> list[str]:
         meta = self._table_meta(table)
         if meta is None:
-            raise RegistryUnavailable(f"{self.where}: table {table} missing after creating it")
+            return [MISSING]
         partition, clustering = KEYS[table]
         problems = [f"column {c} is {meta.columns[c].cql_type if c in meta.columns else 'missing'}, "
                     f"expected {t}" for c, t in COLUMNS.items()
                     if c not in meta.columns or meta.columns[c].cql_type != t]
         if [c.name for c in meta.partition_key] != partition or [c.name for c in meta.clustering_key] != clustering:
             problems.append(f"primary key is not (({', '.join(partition)}){''.join(', ' + c for c in clustering)})")
-        if problems:
-            raise RegistryUnavailable(f"{self.where}: table {table} exists with another schema ({'; '.join(problems)}); "
-                                      f"is registry.cassandra.keyspace another application's?")
+        return problems
 
     def _check_local_dc(self) -> None:
         """A local_dc the cluster does not have leaves the load balancer no node to ask."""
         dcs = sorted({h.datacenter for h in self._cluster.metadata.all_hosts() if h.datacenter})
         if self.spec.local_dc is not None and dcs and self.spec.local_dc not in dcs:
-            raise RegistryUnavailable(f"{self.where}: local_dc {self.spec.local_dc!r} is not a datacenter "
+            raise RegistryMisconfigured(f"{self.where}: local_dc {self.spec.local_dc!r} is not a datacenter "
                                       f"of this cluster (it has: {', '.join(dcs)})")
 
     def _check_replication(self, consistency: str) -> None:
@@ -293,7 +323,7 @@ class CassandraRegistry(Registry):
         rf = int(options.get(local_dc, 0)) if options is not None else int(getattr(strategy, "replication_factor", 1))
         needed = REPLICAS_NEEDED[consistency](rf)
         if needed > min(rf, nodes) or (rf == 0 and consistency.startswith("LOCAL")):
-            raise RegistryUnavailable(
+            raise RegistryMisconfigured(
                 f"{self.where}: keyspace {self.keyspace} has replication factor {rf} in datacenter "
                 f"{local_dc} ({nodes} node{'s' if nodes != 1 else ''}); {consistency} needs {max(needed, 1)} "
                 f"replica{'s' if needed != 1 else ''} there (check registry.cassandra.replication/local_dc)")
@@ -313,9 +343,21 @@ class CassandraRegistry(Registry):
         }
         self._stmt = {}
         for name, cql in statements.items():
-            stmt = self._session.prepare(cql)
+            stmt = self._prepare_settled(cql)
             stmt.is_idempotent = True  # upserts/deletes with client timestamps: safe to send twice
             self._stmt[name] = stmt
+
+    def _prepare_settled(self, cql: str) -> Any:
+        """Prepares `cql`, waiting out a node that has not applied a just-created table yet."""
+        for attempt in range(SCHEMA_SETTLE_ATTEMPTS):
+            try:
+                return self._session.prepare(cql)
+            except InvalidRequest as e:  # "table ... does not exist" while the schema settles
+                if "does not exist" not in str(e) or attempt + 1 == SCHEMA_SETTLE_ATTEMPTS:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+                self._cluster.control_connection.wait_for_schema_agreement(wait_time=DDL_TIMEOUT_S)
+        raise AssertionError("unreachable")
 
     # -- operations -------------------------------------------------------------------------------
 
