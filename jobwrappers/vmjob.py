@@ -90,7 +90,13 @@ class Job:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="salvus-vmjob", description="Run one service VM as this job.")
+    p = argparse.ArgumentParser(
+        prog="salvus-vmjob", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one service VM as this job: check the image, boot it from a copy-on-write\n"
+                    "overlay, register it once it answers, heartbeat, and on SIGTERM shut it down.",
+        epilog="exit codes: 0 stopped on request; 75 temporary failure, retry (guest died, registry\n"
+               "down at start, boot timeout); 65 image not trusted or missing; 78 spec or role wrong.\n"
+               "example: salvus-vmjob --spec examples/cluster.yaml --role sage --service-id sage-test")
     p.add_argument("--spec", help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
     p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
