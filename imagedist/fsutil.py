@@ -4,9 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Atomic writes are shared by every part (cluster.files).
-from cluster.files import write_atomic as atomic_write  # noqa: F401
-
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

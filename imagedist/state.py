@@ -5,7 +5,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from imagedist.fsutil import atomic_write
+from cluster.files import write_atomic as atomic_write
 from imagedist.store import Store
 
 MAX_STATE_BYTES = 1 << 20

@@ -22,7 +22,8 @@ from typing import Callable
 import libtorrent as lt
 
 from imagedist import steering
-from imagedist.fsutil import atomic_write, boot_time
+from cluster.files import write_atomic as atomic_write
+from imagedist.fsutil import boot_time
 from imagedist.settings import SessionConfig, make_session
 
 log = logging.getLogger(__name__)

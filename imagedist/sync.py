@@ -11,7 +11,7 @@ from typing import Callable
 from cluster.errors import DataError, SalvusError
 from cluster.spec import ClusterSpec
 from imagedist import steering
-from imagedist.fsutil import atomic_write
+from cluster.files import write_atomic as atomic_write
 from catalogue.trust import hash_cache_path
 from imagedist.install import check_space, install
 from imagedist.progress import ProgressView

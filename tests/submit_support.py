@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -42,12 +41,3 @@ def stop_everything_after():
             logging.getLogger(__name__).warning("cleanup of %s: %s", path, e)
 
 
-def wait_for(check, timeout: float, what: str):
-    """Polls `check` until it returns something true; returns that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s")

@@ -5,11 +5,9 @@ import hashlib
 import os
 import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from catalogue.hashcache import cached_sha256
 from catalogue.trust import hash_cache_path

@@ -6,7 +6,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from cluster.registry import Service, open_registry
 from tests import registry_workers

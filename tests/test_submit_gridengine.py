@@ -12,7 +12,8 @@ from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
 from tests.fixtures.gridengine import TERMINATE_GRACE
-from tests.submit_support import scheduler_spec, stop_everything_after, wait_for  # noqa: F401 (fixture)
+from tests.polling import wait_for
+from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sge
 

@@ -16,7 +16,8 @@ from cluster.spec import load_spec
 from submit import open_backend
 from submit.slurm import parse_squeue
 from tests.fixtures.slurm import KILL_WAIT
-from tests.submit_support import scheduler_spec, stop_everything_after, wait_for  # noqa: F401 (fixture)
+from tests.polling import wait_for
+from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slurm
 TORQUE_BIN = Path("/opt/salvus/slurm-torque/bin")

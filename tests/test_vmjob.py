@@ -15,6 +15,7 @@ from cluster.registry import open_registry
 from jobwrappers.cli import http_get
 from tests.conftest import run_cli
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -31,16 +32,6 @@ def ask(host: str, port: int, line: str, timeout: float = 10) -> str:
         while chunk := s.recv(4096):
             data += chunk
     return data.decode()
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 from cluster.registry import open_registry
 from jobwrappers.libvirt_runner import DEFAULT_TEMPLATE
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
-from tests.test_vmjob import ask, wait_for
+from tests.polling import wait_for
+from tests.test_vmjob import ask
 
 pytestmark = pytest.mark.vm
 
