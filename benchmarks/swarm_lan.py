@@ -98,6 +98,22 @@ class Lan:
             sh("ip", "netns", "del", ns, check=False)
         self.made.clear()
 
+    def bridge_side_bytes(self) -> dict[str, tuple[int, int]]:
+        """node -> (bytes sent to it, bytes it sent), from the bridge ends of the veths."""
+        out = sh("ip", "-n", self.bridge_ns, "-s", "-j", "link", "show").stdout
+        by_dev = {d["ifname"]: d["stats64"] for d in json.loads(out)}
+        res = {}
+        for i, node in enumerate(self.nodes()):
+            st = by_dev[f"{self.prefix[-6:]}b{i}"]
+            res[node] = (int(st["tx"]["bytes"]), int(st["rx"]["bytes"]))
+        return res
+
+    def tcp_segments(self, node: str) -> dict[str, int]:
+        """The node's TCP counters (OutSegs, RetransSegs, ...) from its namespace's /proc."""
+        lines = sh("ip", "netns", "exec", self.ns(node), "cat", "/proc/net/snmp").stdout.splitlines()
+        tcp = [line.split()[1:] for line in lines if line.startswith("Tcp:")]
+        return {k: int(v) for k, v in zip(tcp[0], tcp[1])}
+
     def tx_bytes(self, node: str) -> int:
         out = sh("ip", "-n", self.ns(node), "-s", "-j", "link", "show", "eth0").stdout
         return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
@@ -200,12 +216,13 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     for n in hosts:
         approve(load_spec(specs[n]), "bench@1")
     tx0 = lan.tx_bytes("o")
+    tcp0 = lan.tcp_segments("o")
     cpu0 = sum(cpu_seconds(p.pid) for p in hosts.values())
     t0 = time.monotonic()
     for p in hosts.values():
         os.killpg(p.pid, signal.SIGHUP)
     targets = {n: work / n / "store" / "images" / "base" / entry.file_name for n in hosts}
-    sampler = OriginSampler(lan)
+    sampler = LinkSampler(lan)
     sampler.start()
     try:
         done = wait_for(targets, hosts, t0, timeout=900)
@@ -213,12 +230,17 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
         sampler.stop()
     wall = max(done.values())
     sent = lan.tx_bytes("o") - tx0
+    tcp = {k: v - tcp0[k] for k, v in lan.tcp_segments("o").items()}
+    print(f"origin TCP: {tcp['OutSegs']} segments sent, {tcp['RetransSegs']} retransmitted "
+          f"({100 * tcp['RetransSegs'] / max(tcp['OutSegs'], 1):.1f}%)")
     cpu = sum(cpu_seconds(p.pid) for p in hosts.values()) - cpu0
     for p in hosts.values():
         procs.stop(p)
     print(f"host daemons used {cpu:.1f} CPU s in {wall:.1f} s ({cpu / wall:.2f} cores; the machine has "
           f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
-    print("origin egress MB/s per 2 s: " + " ".join(f"{r:.1f}" for r in sampler.rates(2.0)))
+    print("origin sent, MB/s per 2 s:       " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 1)))
+    print("a host received, MB/s per 2 s:   " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 2, len(hosts))))
+    print("a host sent, MB/s per 2 s:       " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 3, len(hosts))))
     return wall, sent, done
 
 
@@ -228,30 +250,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class OriginSampler(threading.Thread):
-    """The origin link's send rate over time: shows whether the origin was kept busy."""
+class LinkSampler(threading.Thread):
+    """Bytes on every node's link over time, read on the bridge side (one `ip` call per sample):
+    shows whether the origin was kept busy and how fast the hosts were receiving."""
 
     def __init__(self, lan: Lan):
         super().__init__(daemon=True)
         self.lan = lan
-        self.samples: list[tuple[float, int]] = []
+        # time, origin sent, bytes all hosts received, bytes all hosts sent
+        self.samples: list[tuple[float, int, int, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.samples.append((time.monotonic(), self.lan.tx_bytes("o")))
+            links = self.lan.bridge_side_bytes()
+            sent = links["o"][1]
+            received = sum(tx for node, (tx, _) in links.items() if node != "o")
+            uploaded = sum(rx for node, (_, rx) in links.items() if node != "o")
+            self.samples.append((time.monotonic(), sent, received, uploaded))
             self._stop_event.wait(0.5)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
 
-    def rates(self, step: float) -> list[float]:
+    def rates(self, step: float, column: int, per: int = 1) -> list[float]:
+        """MB/s per `step` seconds of one column (1: origin sent, 2: hosts received, 3: hosts sent),
+        divided by `per`."""
         out, last = [], self.samples[0] if self.samples else None
-        for t, b in self.samples[1:]:
-            if t - last[0] >= step:
-                out.append((b - last[1]) / (t - last[0]) / 1e6)
-                last = (t, b)
+        for row in self.samples[1:]:
+            if row[0] - last[0] >= step:
+                out.append((row[column] - last[column]) / (row[0] - last[0]) / 1e6 / per)
+                last = row
         return out
 
 

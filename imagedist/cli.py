@@ -156,7 +156,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=max(logging.INFO - 10 * args.verbose, logging.DEBUG), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(dispatch(args) or 0)
     except SalvusError as e:

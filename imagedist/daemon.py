@@ -47,6 +47,8 @@ def run_daemon(spec: ClusterSpec, interval: float) -> int:
                     log.error("sync pass failed: %s", e)
                     _keep_seeding_last_index(agent, spec)
                 _seed_until(agent, time.monotonic() + interval, stop, wake)
+                if wake.is_set():
+                    log.info("SIGHUP: starting a pass now")
                 wake.clear()
         finally:
             agent.close()

@@ -1,9 +1,10 @@
 """The origin: seeds every image of a catalogue directory, runs the tracker, paces per host.
 
 Run next to the catalogue's HTTP server (`salvus_jobs catalogue serve`, the web seed) as
-`imgdist --origin DIR`. Pacing: each host that announces gets its own peer class whose upload
-limit is `imgdist.origin_upload_rate` / hosts currently interested, because plain TCP shares the
-origin link very unevenly and the laggards then hold the whole swarm back.
+`imgdist --origin DIR`. Pacing: each host that announces gets its own peer class; the classes
+share `imgdist.origin_upload_rate` in proportion to what each interested host still lacks of its
+own stripe (imagedist.steering.pacing_limits), because plain TCP shares the origin link very
+unevenly and the laggards then hold the whole swarm back.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from imagedist.tracker import PeerTable, Tracker, announce_hashes
 log = logging.getLogger(__name__)
 
 RESCAN_SECONDS = 10.0
-PACE_SECONDS = 1.0
+PACE_SECONDS = 0.5
 
 
 class Pacer:
@@ -35,9 +36,10 @@ class Pacer:
     session calls are thread-safe; the lock guards our own maps.
     """
 
-    def __init__(self, session: lt.session, rate: int):
+    def __init__(self, session: lt.session, rate: int, table: PeerTable):
         self.session = session
         self.rate = rate
+        self.table = table
         self.classes: dict[str, int] = {}
         self._limits: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -63,15 +65,17 @@ class Pacer:
     def update(self, handles: list[lt.torrent_handle]) -> None:
         if self.rate <= 0:
             return
-        interested: set[str] = set()
+        wants: list[tuple[str, int | None]] = []
         for h in handles:
             for p in h.get_peer_info():
                 if p.flags & lt.peer_info.remote_interested and not p.flags & lt.peer_info.seed:
-                    interested.add(p.ip[0])
-        limit = steering.pacing_limit(self.rate, len(interested))
+                    stripe = self.table.stripe_of(p.ip[0])
+                    wants.append((p.ip[0], steering.missing_in_stripe(p.pieces, stripe)
+                                  if stripe and p.pieces else None))
+        limits = steering.pacing_limits(self.rate, wants)
         with self._lock:
             for ip, cls in self.classes.items():
-                want = limit if ip in interested else self.rate
+                want = limits.get(ip, self.rate)
                 if self._limits.get(ip) != want:
                     set_upload_limit(self.session, cls, f"host {ip}", want)
                     self._limits[ip] = want
@@ -100,8 +104,9 @@ class Origin:
         cfg = spec.imgdist
         self.directory = directory
         self.swarm = Swarm(SessionConfig(bind, cfg.listen_port, "origin"))
-        self.pacer = Pacer(self.swarm.session, cfg.origin_upload_rate)
-        self.table = PeerTable(on_new_ip=self.pacer.add_host)
+        self.table = PeerTable()
+        self.pacer = Pacer(self.swarm.session, cfg.origin_upload_rate, self.table)
+        self.table.on_new_ip = self.pacer.add_host
         self.tracker = Tracker(bind, tracker_port, self.table, cfg.listen_port)
         self.handles: dict[str, lt.torrent_handle] = {}
 

@@ -6,8 +6,10 @@ it for the same rarest pieces. Measured fixes, combined here:
   different slices and then trade them;
 - gating: once its slice is complete a host stops taking pieces from the origin (unless the
   swarm goes idle, see swarm.GATE_IDLE_SECONDS);
-- pacing (origin side, imagedist.origin): one peer class per host, upload limit = origin rate /
-  hosts interested, because plain TCP shares the origin link very unevenly.
+- pacing (origin side, imagedist.origin): one peer class per host, because plain TCP shares the
+  origin link very unevenly. The origin rate is split in proportion to what each host still lacks
+  of its own slice (hosts tell the tracker their stripe): an even split let a host whose downlink
+  was crowded by its peers fall up to 7 MiB behind, and the whole swarm then waited for its slice.
 """
 from __future__ import annotations
 
@@ -50,8 +52,42 @@ def slice_complete(have: list[bool], stripe: Stripe) -> bool:
     return all(have[i] for i in stripe.pieces(len(have)))
 
 
-def pacing_limit(origin_rate: int, interested_hosts: int) -> int:
-    """Per-host upload limit at the origin (bytes/s); 0 = unlimited."""
-    if origin_rate <= 0:
-        return 0
-    return max(origin_rate // max(interested_hosts, 1), 16 << 10)
+MIN_PACE = 16 << 10  # bytes/s: a host with nothing of its own left still gets its last blocks
+
+
+def stripe_param(stripe: Stripe) -> str:
+    """How a host tells the tracker its stripe (an extra announce parameter)."""
+    return f"{stripe.index}/{stripe.count}"
+
+
+def parse_stripe(text: str) -> Stripe | None:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        return Stripe(index, count)
+    except ValueError:
+        return None
+
+
+def missing_in_stripe(have: list[bool], stripe: Stripe) -> int:
+    return sum(1 for i in stripe.pieces(len(have)) if not have[i])
+
+
+def pacing_limits(origin_rate: int, wants: list[tuple[str, int | None]]) -> dict[str, int]:
+    """Per-IP upload limits at the origin (bytes/s); empty when the origin is not paced.
+
+    `wants` has one row per interested host: its IP and how many pieces of its own stripe it still
+    lacks, or None when it is not steered (it then weighs as much as the average steered host).
+    Hosts sharing an IP (one machine) share its class, so their shares add up.
+    """
+    if origin_rate <= 0 or not wants:
+        return {}
+    known = [w for _, w in wants if w is not None]
+    default = sum(known) / len(known) if known and sum(known) > 0 else 1.0
+    weights = [(ip, float(default if w is None else w)) for ip, w in wants]
+    total = sum(w for _, w in weights)
+    if total <= 0:  # every steered host has its slice: an even split
+        weights, total = [(ip, 1.0) for ip, _ in wants], float(len(wants))
+    out: dict[str, float] = {}
+    for ip, w in weights:
+        out[ip] = out.get(ip, 0.0) + origin_rate * w / total
+    return {ip: max(int(v), MIN_PACE) for ip, v in out.items()}

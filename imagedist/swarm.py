@@ -167,7 +167,8 @@ class Swarm:
         ti = torrent_info(req.metainfo)
         ih = info_hash_hex(ti)
         atp = self._load_resume(req, ti) or self._params(ti, req.save_dir, req.filename, [])
-        atp.trackers = list(dict.fromkeys([*atp.trackers, *req.trackers]))
+        # This pass's trackers, not the resume data's: the spec (or this host's stripe) may have changed.
+        atp.trackers = list(req.trackers)
         # Web seeds come only from the signed index and only when the swarm stalls (or there is
         # nothing else): they load the origin, which the swarm exists to spare.
         atp.flags |= lt.torrent_flags.override_web_seeds

@@ -145,12 +145,16 @@ class Agent:
     # -- one pass ------------------------------------------------------------------------------
     def _request(self, entry, meta: bytes) -> PullRequest:
         key = image_key(entry.name, entry.version)
+        stripe = steering.stripe_for(host_name(self.spec), self.spec.hypervisor.hosts)
+        trackers = self._trackers()
+        if stripe is not None:
+            # libtorrent appends its own parameters after ours ("&info_hash=...").
+            trackers = [f"{t}{'&' if '?' in t else '?'}stripe={steering.stripe_param(stripe)}" for t in trackers]
         return PullRequest(
             key=key, metainfo=meta, save_dir=self.store.partial, filename=entry.file_name,
-            resume_file=self.store.resume_file(key), trackers=self._trackers(),
+            resume_file=self.store.resume_file(key), trackers=trackers,
             peers=parse_peers(self.spec), web_seeds=list(entry.web_seeds),
-            stripe=steering.stripe_for(host_name(self.spec), self.spec.hypervisor.hosts),
-            origin_ips=origin_ips(self.spec, list(entry.web_seeds)))
+            stripe=stripe, origin_ips=origin_ips(self.spec, list(entry.web_seeds)))
 
     def _publish(self, progs: list[PullProgress]) -> None:
         now = time.monotonic()
@@ -209,7 +213,7 @@ class Agent:
                     continue
                 req.resume_file.unlink(missing_ok=True)
                 result.installed.append(e.ref)
-                self.swarm.seed(p.key, req.metainfo, self.store.base, e.file_name, req.trackers)
+                self.swarm.seed(p.key, req.metainfo, self.store.base, e.file_name, self._trackers())
                 self.status.images[p.key] = ImageStatus("seeding", 100.0, "", list(p.banned))
                 log.info("%s: installed (%.1f s: swarm %.1f, flush %.1f, verify+install %.1f; "
                          "%d MiB fetched, %d MiB resumed%s%s)", e.ref, time.monotonic() - p.started,

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 
+from imagedist.steering import Stripe, parse_stripe
+
 log = logging.getLogger(__name__)
 
 ANNOUNCE_INTERVAL = 10
@@ -35,6 +37,23 @@ class PeerTable:
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_new_ip: Callable[[str], None] | None = None
     seen_ips: set[str] = field(default_factory=set)
+    # (ip, port) as announced -> the stripe that host starts on. By address, because libtorrent
+    # announces and handshakes under different peer ids; the origin's connections only show the IP.
+    stripes: dict[tuple[str, int], Stripe] = field(default_factory=dict)
+
+    def note_stripe(self, ep: tuple[str, int], stripe: Stripe | None) -> None:
+        with self.lock:
+            if stripe is None:
+                self.stripes.pop(ep, None)
+            else:
+                self.stripes[ep] = stripe
+
+    def stripe_of(self, ip: str) -> Stripe | None:
+        """The stripe of the host at `ip`; None when unknown or when hosts sharing the IP (one
+        machine, as in tests) announced different ones."""
+        with self.lock:
+            found = {s for (i, _), s in self.stripes.items() if i == ip}
+        return found.pop() if len(found) == 1 else None
 
     def allow(self, info_hashes: list[bytes]) -> None:
         with self.lock:
@@ -112,6 +131,9 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
             origin = (self.connection.getsockname()[0], origin_port)
             if ipaddress.ip_address(origin[0]).version == 4 and origin != (ip, port):
                 others = [origin, *[p for p in others if p != origin]]
+            # A steered host names its stripe (`stripe=i/n`, see imagedist.steering): the origin
+            # paces it by what it still lacks of that slice.
+            table.note_stripe((ip, port), None if stopped else parse_stripe(q.get("stripe", [""])[0]))
             self._reply({b"interval": ANNOUNCE_INTERVAL, b"min interval": 2,
                          b"complete": 1, b"incomplete": len(others), b"peers": _compact(others)})
 

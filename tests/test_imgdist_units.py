@@ -37,10 +37,26 @@ def test_stripe_for_needs_the_host_in_a_list_of_two_or_more():
     assert not steering.slice_complete(have, steering.Stripe(1, 2))
 
 
-def test_pacing_splits_the_origin_rate_among_interested_hosts():
-    assert steering.pacing_limit(12_000_000, 8) == 1_500_000
-    assert steering.pacing_limit(12_000_000, 0) == 12_000_000
-    assert steering.pacing_limit(0, 8) == 0
+def test_pacing_splits_the_origin_rate_by_what_each_host_lacks_of_its_stripe():
+    even = steering.pacing_limits(12_000_000, [(f"10.0.0.{i}", 10) for i in range(8)])
+    assert even == {f"10.0.0.{i}": 1_500_000 for i in range(8)}
+    # A host 3x behind gets 3x the share; one with its slice complete only a trickle.
+    uneven = steering.pacing_limits(12_000_000, [("10.0.0.1", 30), ("10.0.0.2", 10), ("10.0.0.3", 0)])
+    assert uneven == {"10.0.0.1": 9_000_000, "10.0.0.2": 3_000_000, "10.0.0.3": steering.MIN_PACE}
+    # Unsteered hosts weigh as much as the average steered one; hosts on one IP add up.
+    mixed = steering.pacing_limits(10_000_000, [("10.0.0.1", 20), ("10.0.0.2", None), ("10.0.0.2", 20)])
+    assert mixed == {"10.0.0.1": 3_333_333, "10.0.0.2": 6_666_666}
+    # Every slice done (or nobody steered): an even split.
+    assert steering.pacing_limits(8_000_000, [("a", 0), ("b", 0)]) == {"a": 4_000_000, "b": 4_000_000}
+    assert steering.pacing_limits(8_000_000, [("a", None), ("b", None)]) == {"a": 4_000_000, "b": 4_000_000}
+    assert steering.pacing_limits(0, [("a", 5)]) == {}
+
+
+def test_stripe_travels_as_an_announce_parameter():
+    s = steering.Stripe(3, 8)
+    assert steering.parse_stripe(steering.stripe_param(s)) == s
+    assert steering.parse_stripe("9/8") is None and steering.parse_stripe("x") is None
+    assert steering.missing_in_stripe([True, False, False, True], steering.Stripe(0, 2)) == 1
 
 
 def test_peer_table_lists_others_forgets_stopped_and_stale_and_refuses_unknown_hashes():
@@ -69,6 +85,12 @@ def test_tracker_answers_a_bencoded_compact_announce_with_the_origin_first():
         got = [(".".join(str(b) for b in peers[i:i + 4]), int.from_bytes(peers[i + 4:i + 6], "big"))
                for i in range(0, len(peers), 6)]
         assert got == [("127.0.0.1", 6881), ("127.0.0.1", 7001)]
+        assert table.stripe_of("127.0.0.1") is None
+        urllib.request.urlopen(url + "&stripe=2/8", timeout=10).read()
+        assert table.stripe_of("127.0.0.1") == steering.Stripe(2, 8)
+        # Two hosts on one IP with different stripes: the origin can't tell them apart.
+        urllib.request.urlopen(url.replace("port=7002", "port=7003") + "&stripe=3/8", timeout=10).read()
+        assert table.stripe_of("127.0.0.1") is None
         bad = url.replace(quote_from_bytes(ih), quote_from_bytes(b"\x00" * 20))
         assert b"failure reason" in urllib.request.urlopen(bad, timeout=10).read()
     finally:
