@@ -248,7 +248,8 @@ class ImgdistSpec:
     keep_versions: NonNegativeInt = 2
     # Announce URL of the origin's tracker (`imgdist --origin`), e.g. http://origin:6969/announce.
     tracker: Optional[StrictStr] = None
-    # Origin only: its upload rate in bytes/s, shared evenly among the hosts pulling (0 = no pacing).
+    # Origin only: its upload rate in bytes/s, shared among the hosts pulling in proportion to what
+    # each still lacks of its own stripe (0 = no pacing).
     origin_upload_rate: NonNegativeInt = 0
     listen_ip: StrictStr = "0.0.0.0"
     # Bytes kept free on the store's file system besides the image being pulled.

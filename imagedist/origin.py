@@ -29,7 +29,7 @@ PACE_SECONDS = 0.5
 
 
 class Pacer:
-    """One peer class per host IP at the origin, limits re-split every second.
+    """One peer class per host IP at the origin, limits re-split every PACE_SECONDS.
 
     `add_host` runs on the tracker's thread before it answers the host's first announce, so the
     host's class exists before it can connect (classes are assigned at connection time). libtorrent

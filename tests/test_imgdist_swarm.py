@@ -138,10 +138,11 @@ def test_sigkilled_pull_resumes_where_it_left_off(imgdist_lab):
 
     entry = imgdist_lab.add_image("sage", "1.0", 32)
     imgdist_lab.sign()
-    imgdist_lab.start_origin(upload_rate=4 * MiB)
+    # Slow enough that a resume save (every swarm.RESUME_EVERY s) falls well before the kill.
+    imgdist_lab.start_origin(upload_rate=2 * MiB)
     h = imgdist_lab.host("h0", approve=("sage@1.0",))
     p = imgdist_lab.spawn(h, "--sync")
-    reached = _wait_for_progress(h, "sage-1.0", 35.0, p)
+    reached = _wait_for_progress(h, "sage-1.0", 60.0, p)
     listing = imgdist_lab.run(h, "--list").stdout
     assert "downloading" in next(line for line in listing.splitlines() if line.startswith("sage "))
     os.killpg(p.pid, signal.SIGKILL)
