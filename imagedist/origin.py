@@ -62,6 +62,11 @@ class Pacer:
                 f.add_rule(host, host, glob | (1 << c))
             self.session.set_peer_class_filter(f)
 
+    def limits(self) -> dict[str, int]:
+        """Host IP -> the upload limit (bytes/s) its class has now."""
+        with self._lock:
+            return dict(self._limits)
+
     def update(self, handles: list[lt.torrent_handle]) -> None:
         if self.rate <= 0:
             return

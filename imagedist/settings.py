@@ -76,6 +76,10 @@ def session_settings(cfg: SessionConfig) -> dict:
         "recv_socket_buffer_size": 1 << 20,
         "send_buffer_watermark": 1 << 20,
     }
+    if cfg.listen_ip not in ("0.0.0.0", "::"):
+        # Connections leave from the address we listen on, so peers (and the origin's pacing and
+        # ip filters, which go by address) see one address per host on a multi-homed machine.
+        s["outgoing_interfaces"] = cfg.listen_ip
     if cfg.role == "host":
         s["unchoke_slots_limit"] = -1
     else:

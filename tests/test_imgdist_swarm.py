@@ -200,3 +200,52 @@ def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
     assert_installed(c, entry)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
+
+
+def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab):
+    """Real origin (in this process, to read its pacer) and two hosts on their own loopback
+    addresses: the hosts name their stripes in the announce, and the one that starts later (so
+    lacks more of its stripe) gets the larger share of the origin's rate."""
+    import threading
+
+    from imagedist.origin import Origin
+    from imagedist.steering import Stripe
+    from tests.fixtures.imgdist_lab import free_port
+
+    entry = imgdist_lab.add_image("sage", "1.0", 16)
+    imgdist_lab.sign()
+    rate = 2 * MiB
+    imgdist_lab.tracker_port, imgdist_lab.origin_bt_port = free_port(), free_port()
+    ospec = imgdist_lab.root / "origin.yaml"
+    ospec.write_text(imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
+                                           upload_rate=rate))
+    origin = Origin(load_spec(ospec), imgdist_lab.cat_dir, imgdist_lab.tracker_port, bind="127.0.0.1")
+    stop = threading.Event()
+    runner = threading.Thread(target=origin.run, args=(stop.is_set,), daemon=True)
+    runner.start()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    hosts = [imgdist_lab.host(f"p{i}", approve=("sage@1.0",), listen_ip=ip,
+                              extra=f"hypervisor: {{advertise_host: '{ip}', hosts: {ips}}}\n")
+             for i, ip in enumerate(ips)]
+    samples: list[dict[str, int]] = []
+    stripes: set[tuple[str, Stripe | None]] = set()
+    try:
+        first = imgdist_lab.spawn(hosts[0], "--sync")
+        _wait_for_progress(hosts[0], "sage-1.0", 20.0, first)
+        second = imgdist_lab.spawn(hosts[1], "--sync")
+        while first.poll() is None or second.poll() is None:
+            samples.append(origin.pacer.limits())
+            stripes.update((ip, origin.table.stripe_of(ip)) for ip in ips)
+            time.sleep(0.1)
+        assert first.returncode == 0 and second.returncode == 0, first.stdout.read()[-2000:]
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    for h in hosts:
+        assert_installed(h, entry)
+    # Each host's announce named its stripe (a host that is done announces "stopped": forgotten).
+    assert {(ips[0], Stripe(0, 2)), (ips[1], Stripe(1, 2))} <= stripes, stripes
+    both = [s for s in samples if s.get(ips[0], rate) < rate and s.get(ips[1], rate) < rate]
+    assert both, f"the origin never paced both hosts at once: {samples}"
+    assert any(s[ips[1]] > s[ips[0]] for s in both), both
+    assert all(s[ips[0]] + s[ips[1]] <= rate + 16 << 10 for s in both), both
