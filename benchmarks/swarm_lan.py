@@ -114,9 +114,8 @@ class Lan:
         tcp = [line.split()[1:] for line in lines if line.startswith("Tcp:")]
         return {k: int(v) for k, v in zip(tcp[0], tcp[1])}
 
-    def tx_bytes(self, node: str) -> int:
-        out = sh("ip", "-n", self.ns(node), "-s", "-j", "link", "show", "eth0").stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+    def sent_bytes(self, node: str) -> int:
+        return self.bridge_side_bytes()[node][1]
 
 
 @dataclass
@@ -215,7 +214,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     wait_for(idle, hosts, time.monotonic(), timeout=120)
     for n in hosts:
         approve(load_spec(specs[n]), "bench@1")
-    tx0 = lan.tx_bytes("o")
+    tx0 = lan.sent_bytes("o")
     tcp0 = lan.tcp_segments("o")
     cpu0 = sum(cpu_seconds(p.pid) for p in hosts.values())
     t0 = time.monotonic()
@@ -229,7 +228,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     finally:
         sampler.stop()
     wall = max(done.values())
-    sent = lan.tx_bytes("o") - tx0
+    sent = lan.sent_bytes("o") - tx0
     tcp = {k: v - tcp0[k] for k, v in lan.tcp_segments("o").items()}
     print(f"origin TCP: {tcp['OutSegs']} segments sent, {tcp['RetransSegs']} retransmitted "
           f"({100 * tcp['RetransSegs'] / max(tcp['OutSegs'], 1):.1f}%)")
@@ -287,7 +286,7 @@ class LinkSampler(threading.Thread):
 
 def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dict]:
     url = f"http://{ORIGIN_IP}:{HTTP_PORT}/images/{entry.file_name}"
-    tx0 = lan.tx_bytes("o")
+    tx0 = lan.sent_bytes("o")
     t0 = time.monotonic()
     pulls = {}
     for n in lan.nodes():
@@ -298,7 +297,7 @@ def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dic
         pulls[n] = procs.start(lan, n, ["sh", "-c", script], work / n / "http.log")
     done = wait_for({n: work / n / "http.qcow2.ok" for n in pulls}, pulls, t0, timeout=900)
     wall = max(done.values())
-    sent = lan.tx_bytes("o") - tx0
+    sent = lan.sent_bytes("o") - tx0
     for n in pulls:
         got = (work / n / "http.qcow2.ok").read_text().split()[0]
         if got != entry.sha256:

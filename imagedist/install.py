@@ -8,18 +8,10 @@ from pathlib import Path
 
 from cluster.errors import DataError, TempFailure
 from catalogue import hashcache
-from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir
+from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir, fsync_path
 from imagedist.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 MiB = 1 << 20
 
@@ -56,13 +48,13 @@ def install(store: Store, file_name: str, size: int, sha256: str, hash_cache: Pa
     # The writeback runs while the file is hashed (both take ~0.5 s for 256 MiB when eight hosts
     # finish at once): the bytes no longer change once the torrent is removed from the session.
     with ThreadPoolExecutor(1) as pool:
-        written = pool.submit(_fsync, src)
+        written = pool.submit(fsync_path, src)
         digest, stamp = hashcache.hash_with_stamp(src)
         written.result()
     if digest != sha256:
         raise DataError(f"{src}: sha256 {digest} does not match the signed index ({sha256})")
     os.chmod(src, 0o444)
-    _fsync(src)  # the mode; the data are already on disk
+    fsync_path(src)  # the mode; the data are already on disk
     store.base.mkdir(parents=True, exist_ok=True)
     dst = store.base / file_name
     os.replace(src, dst)  # same file system: readers see no file or the whole verified one

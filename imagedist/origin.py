@@ -70,11 +70,12 @@ class Pacer:
     def update(self, handles: list[lt.torrent_handle]) -> None:
         if self.rate <= 0:
             return
+        stripes = self.table.stripes_by_ip()
         wants: list[tuple[str, int | None]] = []
         for h in handles:
             for p in h.get_peer_info():
                 if p.flags & lt.peer_info.remote_interested and not p.flags & lt.peer_info.seed:
-                    stripe = self.table.stripe_of(p.ip[0])
+                    stripe = stripes.get(p.ip[0])
                     wants.append((p.ip[0], steering.missing_in_stripe(p.pieces, stripe)
                                   if stripe and p.pieces else None))
         limits = steering.pacing_limits(self.rate, wants)

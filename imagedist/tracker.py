@@ -48,12 +48,17 @@ class PeerTable:
             else:
                 self.stripes[ep] = stripe
 
-    def stripe_of(self, ip: str) -> Stripe | None:
-        """The stripe of the host at `ip`; None when unknown or when hosts sharing the IP (one
-        machine, as in tests) announced different ones."""
+    def stripes_by_ip(self) -> dict[str, Stripe | None]:
+        """IP -> the stripe of the host there; None when hosts sharing the IP (one machine, as in
+        tests) announced different ones. One pass, for the pacer's every update."""
+        seen: dict[str, set[Stripe]] = {}
         with self.lock:
-            found = {s for (i, _), s in self.stripes.items() if i == ip}
-        return found.pop() if len(found) == 1 else None
+            for (ip, _), stripe in self.stripes.items():
+                seen.setdefault(ip, set()).add(stripe)
+        return {ip: next(iter(found)) if len(found) == 1 else None for ip, found in seen.items()}
+
+    def stripe_of(self, ip: str) -> Stripe | None:
+        return self.stripes_by_ip().get(ip)
 
     def allow(self, info_hashes: list[bytes]) -> None:
         with self.lock:
