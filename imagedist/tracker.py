@@ -13,12 +13,13 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 
+from catalogue.serve import SiteHTTPServer
 from imagedist.steering import Stripe, parse_stripe
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,7 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
 class Tracker:
     def __init__(self, bind: str, port: int, table: PeerTable, origin_port: int):
         self.table = table
-        self.server = ThreadingHTTPServer((bind, port), make_handler(table, origin_port))
-        self.server.daemon_threads = True
+        self.server = SiteHTTPServer((bind, port), make_handler(table, origin_port))
         self.thread = threading.Thread(target=self.server.serve_forever, name="tracker", daemon=True)
 
     @property

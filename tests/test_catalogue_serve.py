@@ -8,6 +8,7 @@ import http.client
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from datetime import timedelta
@@ -18,8 +19,10 @@ import pytest
 
 from catalogue import approvals, trust
 from catalogue.endorse import add_image, sign_index
+from catalogue.serve import make_server
 from catalogue.torrent import check_torrent
 from tests.fixtures.catalogue import tree_snapshot
+from tests.http_burst import statuses_of_a_burst
 
 
 @pytest.fixture
@@ -142,3 +145,19 @@ def test_accept_over_http_refuses_an_oversized_index_unread(signed_catalogue, or
 def test_accept_from_an_unreachable_origin_is_transient(signed_catalogue, cli):
     r = cli("catalogue", "accept", "--spec", str(signed_catalogue.spec_path), "--url", "http://127.0.0.1:9/")
     assert r.returncode == 75 and "cannot fetch" in r.stderr, r.stderr
+
+
+
+def test_origin_takes_a_whole_sites_simultaneous_syncs(signed_catalogue):
+    """32 hypervisors syncing at once all connect before the origin accepts one (socketserver's
+    backlog of 5 dropped the 7th SYN), and each is then answered."""
+    server = make_server(signed_catalogue.cat.root)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    try:
+        statuses = statuses_of_a_burst(server.server_address[1], [b"GET /index.yaml HTTP/1.0\r\n\r\n"] * 32,
+                                       serving.start)
+        assert statuses == [200] * 32
+    finally:
+        if serving.is_alive():
+            server.shutdown()
+        server.server_close()

@@ -12,6 +12,7 @@ from imagedist import steering
 from imagedist.classad import attr_suffix
 from imagedist.gc import version_key
 from imagedist.tracker import PEER_TTL, PeerTable, Tracker
+from tests.http_burst import statuses_of_a_burst
 
 
 @pytest.mark.parametrize("pieces,count", [(513, 8), (7, 3), (1024, 5)])
@@ -69,6 +70,21 @@ def test_peer_table_lists_others_forgets_stopped_and_stale_and_refuses_unknown_h
     assert t.announce(ih, ("10.0.0.2", 6881), False, now) == [("10.0.0.1", 6881)]
     assert t.announce(ih, ("10.0.0.1", 6881), True, now) == [("10.0.0.2", 6881)]
     assert t.announce(ih, ("10.0.0.3", 6881), False, now + PEER_TTL + 1) == []
+
+
+def test_tracker_queues_a_whole_sites_simultaneous_announces():
+    """A site's hosts announce together after a reload: all 32 connect before the tracker accepts
+    one (socketserver's backlog of 5 dropped the 7th SYN, a 1 s retry), and each is answered."""
+    ih = b"\xab" * 20
+    table = PeerTable()
+    table.allow([ih])
+    tracker = Tracker("127.0.0.1", 0, table, origin_port=6881)
+    announces = [f"GET /announce?info_hash={quote_from_bytes(ih)}&peer_id=-XX0000-{i:012d}"
+                 f"&port={7000 + i}&left=1&compact=1 HTTP/1.0\r\n\r\n".encode() for i in range(32)]
+    try:
+        assert statuses_of_a_burst(tracker.port, announces, tracker.start) == [200] * 32
+    finally:
+        tracker.stop()
 
 
 def test_tracker_answers_a_bencoded_compact_announce_with_the_origin_first():
