@@ -38,28 +38,34 @@ class PeerTable:
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_new_ip: Callable[[str], None] | None = None
     seen_ips: set[str] = field(default_factory=set)
-    # (ip, port) as announced -> the stripe that host starts on. By address, because libtorrent
-    # announces and handshakes under different peer ids; the origin's connections only show the IP.
-    stripes: dict[tuple[str, int], Stripe] = field(default_factory=dict)
+    # (ip, port) as announced -> (the stripe that host starts on, last announce). By address,
+    # because libtorrent announces and handshakes under different peer ids; the origin's
+    # connections only show the IP. Entries expire with the peer lists (PEER_TTL), so a host that
+    # died no longer draws a share of the origin's rate.
+    stripes: dict[tuple[str, int], tuple[Stripe, float]] = field(default_factory=dict)
 
-    def note_stripe(self, ep: tuple[str, int], stripe: Stripe | None) -> None:
+    def note_stripe(self, ep: tuple[str, int], stripe: Stripe | None, now: float) -> None:
         with self.lock:
             if stripe is None:
                 self.stripes.pop(ep, None)
             else:
-                self.stripes[ep] = stripe
+                self.stripes[ep] = (stripe, now)
 
-    def stripes_by_ip(self) -> dict[str, Stripe | None]:
+    def stripes_by_ip(self, now: float | None = None) -> dict[str, Stripe | None]:
         """IP -> the stripe of the host there; None when hosts sharing the IP (one machine, as in
         tests) announced different ones. One pass, for the pacer's every update."""
+        now = time.time() if now is None else now
         seen: dict[str, set[Stripe]] = {}
         with self.lock:
-            for (ip, _), stripe in self.stripes.items():
-                seen.setdefault(ip, set()).add(stripe)
+            for ep, (stripe, at) in list(self.stripes.items()):
+                if now - at > PEER_TTL:
+                    del self.stripes[ep]
+                else:
+                    seen.setdefault(ep[0], set()).add(stripe)
         return {ip: next(iter(found)) if len(found) == 1 else None for ip, found in seen.items()}
 
-    def stripe_of(self, ip: str) -> Stripe | None:
-        return self.stripes_by_ip().get(ip)
+    def stripe_of(self, ip: str, now: float | None = None) -> Stripe | None:
+        return self.stripes_by_ip(now).get(ip)
 
     def allow(self, info_hashes: list[bytes]) -> None:
         with self.lock:
@@ -129,7 +135,8 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
                 return
             ip = self.client_address[0]
             stopped = q.get("event", [""])[0] == "stopped"
-            others = table.announce(ih, (ip, port), stopped, time.time())
+            now = time.time()
+            others = table.announce(ih, (ip, port), stopped, now)
             if others is None:
                 self._reply({b"failure reason": b"unknown info_hash: the origin does not seed it"})
                 return
@@ -139,7 +146,7 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
                 others = [origin, *[p for p in others if p != origin]]
             # A steered host names its stripe (`stripe=i/n`, see imagedist.steering): the origin
             # paces it by what it still lacks of that slice.
-            table.note_stripe((ip, port), None if stopped else parse_stripe(q.get("stripe", [""])[0]))
+            table.note_stripe((ip, port), None if stopped else parse_stripe(q.get("stripe", [""])[0]), now)
             self._reply({b"interval": ANNOUNCE_INTERVAL, b"min interval": 2,
                          b"complete": 1, b"incomplete": len(others), b"peers": _compact(others)})
 

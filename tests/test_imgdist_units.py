@@ -72,6 +72,20 @@ def test_peer_table_lists_others_forgets_stopped_and_stale_and_refuses_unknown_h
     assert t.announce(ih, ("10.0.0.3", 6881), False, now + PEER_TTL + 1) == []
 
 
+def test_peer_table_forgets_the_stripe_of_a_host_that_stopped_announcing():
+    """A dead host's stripe expires with its peer entry, so the pacer stops reserving it a share."""
+    t = PeerTable()
+    now = time.time()
+    t.note_stripe(("10.0.0.1", 6881), steering.Stripe(0, 2), now)
+    t.note_stripe(("10.0.0.2", 6881), steering.Stripe(1, 2), now)
+    t.note_stripe(("10.0.0.2", 6881), steering.Stripe(1, 2), now + PEER_TTL)  # still announcing
+    assert t.stripes_by_ip(now + PEER_TTL - 1) == {"10.0.0.1": steering.Stripe(0, 2),
+                                                   "10.0.0.2": steering.Stripe(1, 2)}
+    assert t.stripes_by_ip(now + PEER_TTL + 1) == {"10.0.0.2": steering.Stripe(1, 2)}
+    t.note_stripe(("10.0.0.2", 6881), None, now + PEER_TTL + 2)  # "stopped"
+    assert t.stripe_of("10.0.0.2", now + PEER_TTL + 2) is None
+
+
 def test_tracker_queues_a_whole_sites_simultaneous_announces():
     """A site's hosts announce together after a reload: all 32 connect before the tracker accepts
     one (socketserver's backlog of 5 dropped the 7th SYN, a 1 s retry), and each is answered."""
