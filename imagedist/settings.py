@@ -71,17 +71,15 @@ def session_settings(cfg: SessionConfig) -> dict:
         # Fewer requests in flight per peer: near the end of its slice a host otherwise queues
         # seconds' worth of other hosts' pieces at the origin, which then sends them twice.
         "request_queue_time": 1,
-        # Larger socket buffers: fewer system calls per byte (hosts send smaller ones, see below).
-        "send_socket_buffer_size": 1 << 20,
+        # Large socket buffers: fewer system calls per byte (for sending, only the origin's).
         "recv_socket_buffer_size": 1 << 20,
-        "send_buffer_watermark": 1 << 20,
+        "unchoke_slots_limit": -1,
     }
     if cfg.listen_ip not in ("0.0.0.0", "::"):
         # Connections leave from the address we listen on, so peers (and the origin's pacing and
         # ip filters, which go by address) see one address per host on a multi-homed machine.
         s["outgoing_interfaces"] = cfg.listen_ip
     if cfg.role == "host":
-        s["unchoke_slots_limit"] = -1
         # A host's HAVE and REQUEST messages queue behind the piece data already in its send
         # buffers, so deep buffers delay every hop of a piece through the swarm: with 1 MiB buffers
         # hosts forwarded 9.5 MB/s and fell 2-3 s behind the origin. Small buffers keep requested
@@ -91,7 +89,8 @@ def session_settings(cfg: SessionConfig) -> dict:
         s["send_buffer_watermark"] = 128 << 10
         s["send_buffer_watermark_factor"] = 10
     else:
-        s["unchoke_slots_limit"] = -1
+        s["send_socket_buffer_size"] = 1 << 20
+        s["send_buffer_watermark"] = 1 << 20
         s["choking_algorithm"] = 0  # fixed slots; the origin paces per host with peer classes
     return s
 

@@ -38,18 +38,18 @@ class PeerTable:
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_new_ip: Callable[[str], None] | None = None
     seen_ips: set[str] = field(default_factory=set)
-    # (ip, port) as announced -> (the stripe that host starts on, last announce). By address,
-    # because libtorrent announces and handshakes under different peer ids; the origin's
-    # connections only show the IP. Entries expire with the peer lists (PEER_TTL), so a host that
+    # (ip, port) as announced -> the stripe that host starts on. By address, because libtorrent
+    # announces and handshakes under different peer ids; the origin's connections only show the IP.
+    # A stripe counts while its host is in a peer list (announced within PEER_TTL), so a host that
     # died no longer draws a share of the origin's rate.
-    stripes: dict[tuple[str, int], tuple[Stripe, float]] = field(default_factory=dict)
+    stripes: dict[tuple[str, int], Stripe] = field(default_factory=dict)
 
-    def note_stripe(self, ep: tuple[str, int], stripe: Stripe | None, now: float) -> None:
+    def note_stripe(self, ep: tuple[str, int], stripe: Stripe | None) -> None:
         with self.lock:
             if stripe is None:
                 self.stripes.pop(ep, None)
             else:
-                self.stripes[ep] = (stripe, now)
+                self.stripes[ep] = stripe
 
     def stripes_by_ip(self, now: float | None = None) -> dict[str, Stripe | None]:
         """IP -> the stripe of the host there; None when hosts sharing the IP (one machine, as in
@@ -57,8 +57,9 @@ class PeerTable:
         now = time.time() if now is None else now
         seen: dict[str, set[Stripe]] = {}
         with self.lock:
-            for ep, (stripe, at) in list(self.stripes.items()):
-                if now - at > PEER_TTL:
+            for ep, stripe in list(self.stripes.items()):
+                last = max((swarm.get(ep, 0.0) for swarm in self.peers.values()), default=0.0)
+                if now - last > PEER_TTL:
                     del self.stripes[ep]
                 else:
                     seen.setdefault(ep[0], set()).add(stripe)
@@ -135,8 +136,7 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
                 return
             ip = self.client_address[0]
             stopped = q.get("event", [""])[0] == "stopped"
-            now = time.time()
-            others = table.announce(ih, (ip, port), stopped, now)
+            others = table.announce(ih, (ip, port), stopped, time.time())
             if others is None:
                 self._reply({b"failure reason": b"unknown info_hash: the origin does not seed it"})
                 return
@@ -146,7 +146,7 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
                 others = [origin, *[p for p in others if p != origin]]
             # A steered host names its stripe (`stripe=i/n`, see imagedist.steering): the origin
             # paces it by what it still lacks of that slice.
-            table.note_stripe((ip, port), None if stopped else parse_stripe(q.get("stripe", [""])[0]), now)
+            table.note_stripe((ip, port), None if stopped else parse_stripe(q.get("stripe", [""])[0]))
             self._reply({b"interval": ANNOUNCE_INTERVAL, b"min interval": 2,
                          b"complete": 1, b"incomplete": len(others), b"peers": _compact(others)})
 

@@ -147,7 +147,6 @@ def test_accept_from_an_unreachable_origin_is_transient(signed_catalogue, cli):
     assert r.returncode == 75 and "cannot fetch" in r.stderr, r.stderr
 
 
-
 def test_origin_takes_a_whole_sites_simultaneous_syncs(signed_catalogue):
     """32 hypervisors syncing at once all connect before the origin accepts one (socketserver's
     backlog of 5 dropped the 7th SYN), and each is then answered."""

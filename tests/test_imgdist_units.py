@@ -74,15 +74,18 @@ def test_peer_table_lists_others_forgets_stopped_and_stale_and_refuses_unknown_h
 
 def test_peer_table_forgets_the_stripe_of_a_host_that_stopped_announcing():
     """A dead host's stripe expires with its peer entry, so the pacer stops reserving it a share."""
+    ih = b"\x01" * 20
     t = PeerTable()
+    t.allow([ih])
     now = time.time()
-    t.note_stripe(("10.0.0.1", 6881), steering.Stripe(0, 2), now)
-    t.note_stripe(("10.0.0.2", 6881), steering.Stripe(1, 2), now)
-    t.note_stripe(("10.0.0.2", 6881), steering.Stripe(1, 2), now + PEER_TTL)  # still announcing
+    for ep, stripe in ((("10.0.0.1", 6881), steering.Stripe(0, 2)), (("10.0.0.2", 6881), steering.Stripe(1, 2))):
+        t.announce(ih, ep, False, now)
+        t.note_stripe(ep, stripe)
+    t.announce(ih, ("10.0.0.2", 6881), False, now + PEER_TTL)  # still announcing
     assert t.stripes_by_ip(now + PEER_TTL - 1) == {"10.0.0.1": steering.Stripe(0, 2),
                                                    "10.0.0.2": steering.Stripe(1, 2)}
     assert t.stripes_by_ip(now + PEER_TTL + 1) == {"10.0.0.2": steering.Stripe(1, 2)}
-    t.note_stripe(("10.0.0.2", 6881), None, now + PEER_TTL + 2)  # "stopped"
+    t.note_stripe(("10.0.0.2", 6881), None)  # "stopped"
     assert t.stripe_of("10.0.0.2", now + PEER_TTL + 2) is None
 
 
