@@ -14,6 +14,19 @@ def fsync_path(path: Path, flags: int = 0) -> None:
         os.close(fd)
 
 
+def fdatasync_if_present(path: Path) -> None:
+    """Writes a file's dirty pages to disk (no metadata beyond what reading it back needs);
+    nothing when the file does not exist yet."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fsync_path(path, os.O_DIRECTORY)
 

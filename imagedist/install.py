@@ -45,8 +45,8 @@ def install(store: Store, file_name: str, size: int, sha256: str, hash_cache: Pa
     actual_size = src.stat().st_size
     if actual_size != size:
         raise DataError(f"{src}: {actual_size} bytes, the signed index says {size}")
-    # The writeback runs while the file is hashed (both take ~0.5 s for 256 MiB when eight hosts
-    # finish at once): the bytes no longer change once the torrent is removed from the session.
+    # The fsync runs while the file is hashed: the bytes no longer change once the torrent is
+    # removed from the session. The pull wrote most pages back already (swarm.WRITEBACK_EVERY).
     with ThreadPoolExecutor(1) as pool:
         written = pool.submit(fsync_path, src)
         digest, stamp = hashcache.hash_with_stamp(src)
