@@ -13,7 +13,9 @@ starts, as deployed; it starts when the image is approved and they are reloaded 
 
 Figures: wall time of each way (until the last host has the verified image), their ratio, the swarm
 time as a fraction of the per-host link limit (size / 100 Mbit/s), and the origin's egress in
-image copies (bytes sent on its link / image size). The last line is key=value pairs.
+image copies (bytes sent on its link / image size). The last line is key=value pairs. Each way also
+reports how busy the machine's CPUs were and how much of their time the hypervisor gave to other
+guests (steal): the LAN is emulated on this machine's CPUs, so steal slows it.
 """
 from __future__ import annotations
 
@@ -217,6 +219,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     tx0 = lan.sent_bytes("o")
     tcp0 = lan.tcp_segments("o")
     cpu0 = sum(cpu_seconds(p.pid) for p in hosts.values())
+    machine0 = machine_cpu()
     t0 = time.monotonic()
     for p in hosts.values():
         os.killpg(p.pid, signal.SIGHUP)
@@ -228,6 +231,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     finally:
         sampler.stop()
     wall = max(done.values())
+    machine = cpu_report(machine0, machine_cpu())
     sent = lan.sent_bytes("o") - tx0
     tcp = {k: v - tcp0[k] for k, v in lan.tcp_segments("o").items()}
     print(f"origin TCP: {tcp['OutSegs']} segments sent, {tcp['RetransSegs']} retransmitted "
@@ -236,11 +240,26 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     for p in hosts.values():
         procs.stop(p)
     print(f"host daemons used {cpu:.1f} CPU s in {wall:.1f} s ({cpu / wall:.2f} cores; the machine has "
-          f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
+          f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f}); {machine}")
     print("origin sent, MB/s per 2 s:       " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 1)))
     print("a host received, MB/s per 2 s:   " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 2, len(hosts))))
     print("a host sent, MB/s per 2 s:       " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 3, len(hosts))))
     return wall, sent, done
+
+
+def machine_cpu() -> list[int]:
+    """The machine's CPU time counters (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
+def cpu_report(before: list[int], after: list[int]) -> str:
+    """Busy and stolen shares of the machine's CPU time between two readings. Steal is time the
+    hypervisor gave to other guests: on a shared VM it slows the whole emulated LAN, whichever way
+    is being timed, so a figure taken under heavy steal is not comparable with one taken without."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    busy = total - d[3] - d[4] - d[7]
+    return f"machine CPU busy {100 * busy / total:.0f}%, stolen by the hypervisor {100 * d[7] / total:.0f}%"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -287,6 +306,7 @@ class LinkSampler(threading.Thread):
 def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dict]:
     url = f"http://{ORIGIN_IP}:{HTTP_PORT}/images/{entry.file_name}"
     tx0 = lan.sent_bytes("o")
+    machine0 = machine_cpu()
     t0 = time.monotonic()
     pulls = {}
     for n in lan.nodes():
@@ -297,6 +317,7 @@ def run_http(lan: Lan, procs: Procs, work: Path, entry) -> tuple[float, int, dic
         pulls[n] = procs.start(lan, n, ["sh", "-c", script], work / n / "http.log")
     done = wait_for({n: work / n / "http.qcow2.ok" for n in pulls}, pulls, t0, timeout=900)
     wall = max(done.values())
+    print(f"plain HTTP: {cpu_report(machine0, machine_cpu())}")
     sent = lan.sent_bytes("o") - tx0
     for n in pulls:
         got = (work / n / "http.qcow2.ok").read_text().split()[0]
