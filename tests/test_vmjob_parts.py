@@ -13,7 +13,7 @@ from cluster.errors import SpecError
 from cluster.registry import Service
 from cluster.registry.sqlite import SqliteRegistry
 from cluster.spec import DiskSpec
-from jobwrappers.accel import TCG, choose_accel
+from jobwrappers.accel import TCG, choose_accel, pvm_only
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
@@ -79,6 +79,16 @@ def test_accel_tcg_when_asked_and_detection_decides_auto(caplog):
     auto = choose_accel("auto")
     warnings = [r for r in caplog.records if "TCG" in r.getMessage()]
     assert (auto is TCG) == (len(warnings) == 1)
+
+
+def test_kvm_pvm_alone_counts_as_a_kvm_that_cannot_run_stock_guests(tmp_path):
+    modules = tmp_path / "module"
+    (modules / "kvm").mkdir(parents=True)
+    assert not pvm_only(modules)
+    (modules / "kvm_pvm").mkdir()
+    assert pvm_only(modules)
+    (modules / "kvm_intel").mkdir()
+    assert not pvm_only(modules), "a hardware KVM module beside it runs stock guests"
 
 
 def test_job_env_from_each_scheduler(tmp_path):
