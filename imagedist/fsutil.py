@@ -5,24 +5,12 @@ import os
 from pathlib import Path
 
 
-def fsync_path(path: Path, flags: int = 0) -> None:
-    """fsync by path (a file's data and inode, or with O_DIRECTORY a directory's entries)."""
+def fsync_path(path: Path, flags: int = 0, data_only: bool = False) -> None:
+    """fsync by path (a file's data and inode, or with O_DIRECTORY a directory's entries);
+    `data_only`: fdatasync, the data without the timestamps."""
     fd = os.open(path, os.O_RDONLY | flags)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fdatasync_if_present(path: Path) -> None:
-    """Writes a file's dirty pages to disk (no metadata beyond what reading it back needs);
-    nothing when the file does not exist yet."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fdatasync(fd)
+        (os.fdatasync if data_only else os.fsync)(fd)
     finally:
         os.close(fd)
 

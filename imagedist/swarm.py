@@ -24,7 +24,7 @@ import libtorrent as lt
 
 from imagedist import steering
 from cluster.files import write_atomic as atomic_write
-from imagedist.fsutil import boot_time, fdatasync_if_present
+from imagedist.fsutil import boot_time, fsync_path
 from imagedist.settings import SessionConfig, make_session
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,9 @@ def info_hash_hex(ti: lt.torrent_info) -> str:
 def _write_back(files: list[Path]) -> None:
     for f in files:
         try:
-            fdatasync_if_present(f)
+            fsync_path(f, data_only=True)
+        except FileNotFoundError:
+            continue  # libtorrent has not written a block yet
         except OSError as e:  # install's own fsync reports a real disk problem
             log.debug("%s: background writeback: %s", f, e)
 

@@ -29,15 +29,15 @@ def test_partial_file_is_synced_while_it_is_pulled(tmp_path, monkeypatch):
     meta, _ = make_torrent(image, "http://127.0.0.1:9/images/", piece_size=256 << 10)
 
     synced: list[tuple[float, Path, bool]] = []
-    real = swarm_mod.fdatasync_if_present
+    real = swarm_mod.fsync_path
     lock = threading.Lock()
 
-    def recording(path: Path) -> None:
+    def recording(path: Path, *args, **kwargs) -> None:
         with lock:
             synced.append((time.monotonic(), path, path.exists()))
-        real(path)
+        real(path, *args, **kwargs)
 
-    monkeypatch.setattr(swarm_mod, "fdatasync_if_present", recording)
+    monkeypatch.setattr(swarm_mod, "fsync_path", recording)
     origin = Swarm(SessionConfig("127.0.0.1", 0, "origin"))
     host = Swarm(SessionConfig("127.0.0.1", 0, "host"))
     try:
