@@ -116,8 +116,22 @@ class Lan:
         tcp = [line.split()[1:] for line in lines if line.startswith("Tcp:")]
         return {k: int(v) for k, v in zip(tcp[0], tcp[1])}
 
+    def tbf_stats(self, node: str, uplink: bool = True) -> dict:
+        """The shaping qdisc of a node's uplink (its eth0) or downlink (the bridge end): bytes and
+        packets it sent, packets it dropped."""
+        i = self.nodes().index(node)
+        where, dev = (self.ns(node), "eth0") if uplink else (self.bridge_ns, f"{self.prefix[-6:]}b{i}")
+        return json.loads(sh("ip", "netns", "exec", where, "tc", "-s", "-j", "qdisc", "show", "dev", dev).stdout)[0]
+
+    def tbf_drops(self) -> dict[str, tuple[int, int]]:
+        """node -> (packets its uplink's tbf dropped, packets its downlink's tbf dropped)."""
+        return {node: (int(self.tbf_stats(node)["drops"]), int(self.tbf_stats(node, uplink=False)["drops"]))
+                for node in self.nodes()}
+
     def sent_bytes(self, node: str) -> int:
-        return self.bridge_side_bytes()[node][1]
+        """Bytes on the node's uplink, counted by its tbf: every segment with its own headers. (The
+        veth counters count a GSO packet's headers once: 1% under the payload on one TCP flow.)"""
+        return int(self.tbf_stats(node)["bytes"])
 
 
 @dataclass
@@ -218,6 +232,7 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
         approve(load_spec(specs[n]), "bench@1")
     tx0 = lan.sent_bytes("o")
     tcp0 = lan.tcp_segments("o")
+    drops0 = lan.tbf_drops()
     cpu0 = sum(cpu_seconds(p.pid) for p in hosts.values())
     machine0 = machine_cpu()
     t0 = time.monotonic()
@@ -236,6 +251,10 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     tcp = {k: v - tcp0[k] for k, v in lan.tcp_segments("o").items()}
     print(f"origin TCP: {tcp['OutSegs']} segments sent, {tcp['RetransSegs']} retransmitted "
           f"({100 * tcp['RetransSegs'] / max(tcp['OutSegs'], 1):.1f}%)")
+    drops = {n: (u - drops0[n][0], d - drops0[n][1]) for n, (u, d) in lan.tbf_drops().items()}
+    print(f"packets dropped by the links' queues: origin uplink {drops['o'][0]}, hosts' uplinks "
+          f"{sum(u for n, (u, _) in drops.items() if n != 'o')}, hosts' downlinks "
+          f"{sum(d for n, (_, d) in drops.items() if n != 'o')}")
     cpu = sum(cpu_seconds(p.pid) for p in hosts.values()) - cpu0
     for p in hosts.values():
         procs.stop(p)

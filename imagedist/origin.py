@@ -146,5 +146,10 @@ class Origin:
                     next_pace = now + PACE_SECONDS
                 self.swarm.pump(0.25)
         finally:
+            # What an operator sizes the origin's link by: image bytes sent, in copies of the image.
+            for h in self.swarm.session.get_torrents():
+                st = h.status()
+                log.info("origin: %s: sent %.1f MiB of image data (%.3f copies)", st.name,
+                         st.total_payload_upload / 2**20, st.total_payload_upload / max(st.total_wanted, 1))
             self.tracker.stop()
             self.swarm.close()

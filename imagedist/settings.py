@@ -57,7 +57,6 @@ def session_settings(cfg: SessionConfig) -> dict:
         "announce_to_all_trackers": True,
         # The ip filter gates and bans peers; the tracker lives on the (gated) origin.
         "apply_ip_filter_to_trackers": False,
-        "close_redundant_connections": True,
         # libtorrent 2.1 keeps up to this much written data in memory before flushing; 100 MiB by
         # default, which a SIGKILL loses (and a resume file would claim). Flush early instead.
         "max_queued_disk_bytes": 8 << 20,
@@ -88,10 +87,15 @@ def session_settings(cfg: SessionConfig) -> dict:
         s["send_socket_buffer_size"] = 64 << 10
         s["send_buffer_watermark"] = 128 << 10
         s["send_buffer_watermark_factor"] = 10
+        # Steering leaves a host with no wanted piece for a moment when its own slice completes
+        # (the rest only at the origin was priority 0): libtorrent then counts it finished and, by
+        # default, drops its connections to peers that are done, which came back seconds later.
+        s["close_redundant_connections"] = False
     else:
         s["send_socket_buffer_size"] = 1 << 20
         s["send_buffer_watermark"] = 1 << 20
         s["choking_algorithm"] = 0  # fixed slots; the origin paces per host with peer classes
+        s["close_redundant_connections"] = True
     return s
 
 

@@ -49,8 +49,9 @@ def parse_peers(spec: ClusterSpec) -> list[tuple[str, int]]:
 
 
 def origin_ips(spec: ClusterSpec, web_seeds: list[str]) -> frozenset[str]:
-    """The origin's addresses (tracker and web seed hosts), for gating; loopback never counts
-    (on one machine every peer is 127.0.0.1)."""
+    """The origin's addresses (tracker and web seed hosts), for gating. A loopback address counts
+    only for a host that listens on an address of its own: a host listening on every address
+    reaches its peers on one machine from 127.0.0.1 too, so that address is not the origin's."""
     ips: set[str] = set()
     for url in [spec.imgdist.tracker or "", *web_seeds]:
         host = urlsplit(url).hostname
@@ -61,4 +62,6 @@ def origin_ips(spec: ClusterSpec, web_seeds: list[str]) -> frozenset[str]:
                 ips.add(info[4][0])
         except OSError:
             continue
-    return frozenset(ip for ip in ips if not is_loopback(ip))
+    own = spec.imgdist.listen_ip
+    distinct = own not in ("0.0.0.0", "::")
+    return frozenset(ip for ip in ips if ip != own and (distinct or not is_loopback(ip)))

@@ -7,8 +7,8 @@ What this adds on top of libtorrent, each because of something seen on this mach
   older than the last boot (it may list pieces whose writes never reached the disk);
 - a pull is only "done" after `remove_torrent` + `torrent_removed_alert`: reading the file at
   `torrent_finished_alert` gave wrong bytes while writes were still queued;
-- steering (imagedist.steering): each host starts on its own slice and stops taking pieces from
-  the origin once that slice is complete.
+- steering (imagedist.steering): each host starts on its own slice, wants another slice's piece
+  only once a peer holds it, and stops taking pieces from the origin once its slice is complete.
 """
 from __future__ import annotations
 
@@ -89,9 +89,11 @@ class _Active:
     info_hash: str
     last_progress: float
     stall_timeout: float
+    num_pieces: int = 0
     best: int = 0  # high-water mark of bytes done: a failed piece's blocks are counted, then dropped
     gated: bool = False
     gate_lifted: bool = False
+    priorities: list[int] = field(default_factory=list)
     fallback_at: float = 0.0
 
 
@@ -201,15 +203,15 @@ class Swarm:
         req.save_dir.mkdir(parents=True, exist_ok=True)
         h = self.session.add_torrent(atp)
         prog = PullProgress(key=req.key, total=image_size(ti))
+        act = _Active(req, h, prog, ih, time.monotonic(), self.stall_timeout, num_pieces=ti.num_pieces())
         if req.stripe:
-            h.prioritize_pieces(steering.stripe_priorities(ti.num_pieces(), req.stripe))
+            self._set_priorities(act, steering.stripe_priorities(ti.num_pieces(), req.stripe))
             own = req.stripe.pieces(ti.num_pieces())
             log.info("%s: starting on pieces %d-%d of %d (host %d of %d)%s", req.key, own.start,
                      own.stop - 1, ti.num_pieces(), req.stripe.index + 1, req.stripe.count,
                      f"; origin {', '.join(sorted(req.origin_ips))} gated after that" if req.origin_ips else "")
         for ip, port in req.peers:
             h.connect_peer((ip, port))
-        act = _Active(req, h, prog, ih, time.monotonic(), self.stall_timeout)
         if not req.trackers and not req.peers:
             self._fall_back_to_web_seeds(act, "no peers configured")
         self._active[ih] = act
@@ -349,26 +351,33 @@ class Swarm:
         if st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
             p.state = "checking"
             act.last_progress = now
-            p.resumed = st.total_wanted_done
+            p.resumed = min(st.total_done, p.total)
             return
         if p.state in ("starting", "checking"):
-            p.resumed = st.total_wanted_done
+            p.resumed = min(st.total_done, p.total)
             p.state = "downloading"
-        if st.total_wanted_done > act.best:
-            act.best = st.total_wanted_done
+        # Every piece, wanted or not: steering sets some to priority 0 for a while.
+        if st.total_done > act.best:
+            act.best = st.total_done
             act.last_progress = now
-        p.done = min(st.total_wanted_done, p.total)
+        p.done = min(st.total_done, p.total)
         p.rate = float(st.download_payload_rate)
         p.downloaded = st.total_payload_download
-        if st.is_finished or st.is_seeding:
+        # Not is_finished: that is every *wanted* piece, and steering leaves some unwanted for a
+        # while (a pull that ended there installed an image with holes, caught by the hash).
+        if st.is_seeding:
             self._finish(act)
             return
         if want_pieces:
             if steering.slice_complete(st.pieces, act.req.stripe):
                 act.gated = True
+                # The origin is gated from here on: every piece is again wanted from the peers.
+                self._set_priorities(act, steering.stripe_priorities(act.num_pieces, act.req.stripe))
                 lacking = st.pieces.count(False)
                 log.info("%s: own slice complete; taking the rest (%d pieces) from peers",
                          act.req.key, lacking)
+            else:
+                self._want_only_pieces_peers_hold(act)
         idle = now - act.last_progress
         if act.gated and idle >= self.gate_idle:
             act.gated, act.gate_lifted = False, True
@@ -381,9 +390,22 @@ class Swarm:
                 self._fail(act, f"stalled: no progress for {idle:.0f} s"
                                 + (" (web seed tried)" if p.web_seed_used else " (no web seed)"))
 
+    def _set_priorities(self, act: _Active, priorities: list[int]) -> None:
+        if priorities != act.priorities:
+            act.handle.prioritize_pieces(priorities)
+            act.priorities = priorities
+
+    def _want_only_pieces_peers_hold(self, act: _Active) -> None:
+        origins = sum(1 for p in act.handle.get_peer_info()
+                      if p.ip[0] in act.req.origin_ips and p.flags & lt.peer_info.seed)
+        self._set_priorities(act, steering.steered_priorities(act.handle.piece_availability(),
+                                                              origins, act.req.stripe))
+
     def _fall_back_to_web_seeds(self, act: _Active, why: str) -> None:
         act.progress.web_seed_used = True
         act.gated, act.gate_lifted = False, True
+        if act.req.stripe:  # anything from anyone now
+            self._set_priorities(act, steering.stripe_priorities(act.num_pieces, act.req.stripe))
         for url in act.req.web_seeds:
             act.handle.add_url_seed(url)
         if act.req.web_seeds:

@@ -202,19 +202,14 @@ def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
     assert daemon.wait(timeout=30) == 0
 
 
-def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab):
-    """Real origin (in this process, to read its pacer) and two hosts on their own loopback
-    addresses: the hosts name their stripes in the announce, and the one that starts later (so
-    lacks more of its stripe) gets the larger share of the origin's rate."""
+def _origin_in_this_process(imgdist_lab, rate: int):
+    """The origin on 127.0.0.1 in a thread of the test, so its pacer and counters can be read;
+    returns it, the event that stops it and its thread."""
     import threading
 
     from imagedist.origin import Origin
-    from imagedist.steering import Stripe
     from tests.fixtures.imgdist_lab import free_port
 
-    entry = imgdist_lab.add_image("sage", "1.0", 16)
-    imgdist_lab.sign()
-    rate = 2 * MiB
     imgdist_lab.tracker_port, imgdist_lab.origin_bt_port = free_port(), free_port()
     ospec = imgdist_lab.root / "origin.yaml"
     ospec.write_text(imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
@@ -223,6 +218,19 @@ def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab
     stop = threading.Event()
     runner = threading.Thread(target=origin.run, args=(stop.is_set,), daemon=True)
     runner.start()
+    return origin, stop, runner
+
+
+def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab):
+    """Real origin (in this process, to read its pacer) and two hosts on their own loopback
+    addresses: the hosts name their stripes in the announce, and the one that starts later (so
+    lacks more of its stripe) gets the larger share of the origin's rate."""
+    from imagedist.steering import Stripe
+
+    entry = imgdist_lab.add_image("sage", "1.0", 16)
+    imgdist_lab.sign()
+    rate = 2 * MiB
+    origin, stop, runner = _origin_in_this_process(imgdist_lab, rate)
     ips = ["127.0.0.2", "127.0.0.3"]
     hosts = [imgdist_lab.host(f"p{i}", approve=("sage@1.0",), listen_ip=ip,
                               extra=f"hypervisor: {{advertise_host: '{ip}', hosts: {ips}}}\n")
@@ -249,3 +257,28 @@ def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab
     assert both, f"the origin never paced both hosts at once: {samples}"
     assert any(s[ips[1]] > s[ips[0]] for s in both), both
     assert all(s[ips[0]] + s[ips[1]] <= rate + 16 << 10 for s in both), both
+
+
+def test_origin_sends_each_piece_about_once_to_steered_hosts(imgdist_lab):
+    """Real origin (in this process, to read what it uploaded) and three steered hosts on their own
+    loopback addresses, started together: a host asks the origin only for its own slice and for
+    nothing another host is still fetching from it, so the origin sends about one copy."""
+    entry = imgdist_lab.add_image("sage", "1.0", 32)
+    imgdist_lab.sign()
+    origin, stop, runner = _origin_in_this_process(imgdist_lab, 4 * MiB)
+    ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    hosts = [imgdist_lab.host(f"q{i}", approve=("sage@1.0",), listen_ip=ip,
+                              extra=f"hypervisor: {{advertise_host: '{ip}', hosts: {ips}}}\n")
+             for i, ip in enumerate(ips)]
+    try:
+        procs = [imgdist_lab.spawn(h, "--sync") for h in hosts]
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err.decode()[-3000:]
+        sent = origin.uploaded()
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    for h in hosts:
+        assert_installed(h, entry)
+    assert entry.size <= sent <= 1.03 * entry.size, f"origin sent {sent / entry.size:.3f} copies"

@@ -27,6 +27,32 @@ def test_stripes_cover_every_piece_exactly_once(pieces, count):
     assert prio.count(steering.OTHER_PRIORITY) == pieces - len(own)
 
 
+def test_another_slices_piece_is_wanted_only_once_a_peer_holds_it():
+    stripe = steering.Stripe(0, 2)  # pieces 0-2 of 6
+    # Connected: the origin (a seed: every piece) and one peer holding pieces 3 and 4.
+    prio = steering.steered_priorities([1, 1, 1, 2, 2, 1], origins=1, stripe=stripe)
+    assert prio == [steering.OWN_PRIORITY] * 3 + [steering.OTHER_PRIORITY] * 2 + [0]
+    # Without the origin connected (not yet, or gated), availability is the peers' alone.
+    prio = steering.steered_priorities([0, 0, 0, 1, 0, 0], origins=0, stripe=stripe)
+    assert prio == [steering.OWN_PRIORITY] * 3 + [steering.OTHER_PRIORITY, 0, 0]
+
+
+def test_loopback_origin_counts_only_for_a_host_with_an_address_of_its_own(tmp_path):
+    from cluster.spec import load_spec
+    from imagedist.source import origin_ips
+
+    def ips(listen_ip: str) -> frozenset[str]:
+        spec = tmp_path / f"{listen_ip}.yaml"
+        spec.write_text(f"store: {tmp_path / 'store'}\nroles: {{sage: {{image: sage@1, port: 6000}}}}\ncatalogue: {{url: 'http://127.0.0.1:8000/'}}\n"
+                        f"imgdist: {{tracker: 'http://127.0.0.1:6969/announce', listen_ip: '{listen_ip}'}}\n")
+        return origin_ips(load_spec(spec), ["http://127.0.0.1:8000/images/"])
+
+    # Listening on every address, this host reaches its peers on one machine from 127.0.0.1 too.
+    assert ips("0.0.0.0") == frozenset()
+    assert ips("127.0.0.2") == {"127.0.0.1"}
+    assert ips("127.0.0.1") == frozenset()  # the origin's address is this host's own
+
+
 def test_stripe_for_needs_the_host_in_a_list_of_two_or_more():
     assert steering.stripe_for("hv2", ["hv1", "hv2", "hv3"]) == steering.Stripe(1, 3)
     assert steering.stripe_for("hv9", ["hv1", "hv2"]) is None
