@@ -205,7 +205,7 @@ class Swarm:
         prog = PullProgress(key=req.key, total=image_size(ti))
         act = _Active(req, h, prog, ih, time.monotonic(), self.stall_timeout, num_pieces=ti.num_pieces())
         if req.stripe:
-            self._set_priorities(act, steering.stripe_priorities(ti.num_pieces(), req.stripe))
+            self._set_priorities(act, steering.stripe_priorities(act.num_pieces, req.stripe))
             own = req.stripe.pieces(ti.num_pieces())
             log.info("%s: starting on pieces %d-%d of %d (host %d of %d)%s", req.key, own.start,
                      own.stop - 1, ti.num_pieces(), req.stripe.index + 1, req.stripe.count,

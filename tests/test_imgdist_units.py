@@ -43,7 +43,8 @@ def test_loopback_origin_counts_only_for_a_host_with_an_address_of_its_own(tmp_p
 
     def ips(listen_ip: str) -> frozenset[str]:
         spec = tmp_path / f"{listen_ip}.yaml"
-        spec.write_text(f"store: {tmp_path / 'store'}\nroles: {{sage: {{image: sage@1, port: 6000}}}}\ncatalogue: {{url: 'http://127.0.0.1:8000/'}}\n"
+        spec.write_text(f"store: {tmp_path / 'store'}\nroles: {{sage: {{image: sage@1, port: 6000}}}}\n"
+                        "catalogue: {url: 'http://127.0.0.1:8000/'}\n"
                         f"imgdist: {{tracker: 'http://127.0.0.1:6969/announce', listen_ip: '{listen_ip}'}}\n")
         return origin_ips(load_spec(spec), ["http://127.0.0.1:8000/images/"])
 
