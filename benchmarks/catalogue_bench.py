@@ -33,6 +33,7 @@ from catalogue.hashcache import sha256_file  # noqa: E402
 from catalogue.index import Entry, Index, new_signature_file, now_utc, sign_index_bytes  # noqa: E402
 from catalogue.keys import public_pem  # noqa: E402
 from cluster.spec import parse_spec  # noqa: E402
+from cluster.store import Store  # noqa: E402
 
 
 def synthetic_index(n: int, version: int = 1) -> Index:
@@ -85,7 +86,7 @@ def bench_preboot(root: Path, mib: int, entries: int, runs: int) -> tuple[float,
     (root / "endorser.pub").write_bytes(public_pem(key.public_key()))
     spec = parse_spec(f"store: {root}/store\ncatalogue: {{trust: {{keys: [{root}/endorser.pub]}}}}\n"
                       "roles: {sage: {image: big@1, port: 6000}}\n", root / "cluster.yaml")
-    image = spec.store_path / "images" / "base" / "big-1.qcow2"
+    image = Store.of(spec).base / "big-1.qcow2"
     image.parent.mkdir(parents=True)
     write_image(image, mib)
     index = synthetic_index(entries)

@@ -17,15 +17,15 @@ import yaml
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
-from catalogue.files import locked, read_limited
-from cluster.files import write_atomic
+from cluster.store import Store
+from cluster.files import locked, read_limited, write_atomic
 
 MAX_APPROVALS_BYTES = 1 << 20
 HEADER = b"# written by `salvus_jobs catalogue approve/unapprove`\n"
 
 
 def approvals_path(spec: ClusterSpec) -> Path:
-    return spec.store_path / "state" / "approvals.yaml"
+    return Store.of(spec).trust.approvals
 
 
 def check_pattern(ref: str) -> str:
@@ -73,7 +73,7 @@ def _save(spec: ClusterSpec, approved: list[str]) -> None:
 def approve(spec: ClusterSpec, ref: str) -> bool:
     """Adds `ref`; False when it was already there."""
     check_pattern(ref)
-    with locked(approvals_path(spec).with_name(".approvals.lock")):
+    with locked(Store.of(spec).open().trust.approvals_lock):
         approved = load_approvals(spec)
         if ref in approved:
             return False
@@ -84,7 +84,7 @@ def approve(spec: ClusterSpec, ref: str) -> bool:
 def unapprove(spec: ClusterSpec, ref: str) -> bool:
     """Removes `ref`; False when it was not there."""
     check_pattern(ref)
-    with locked(approvals_path(spec).with_name(".approvals.lock")):
+    with locked(Store.of(spec).open().trust.approvals_lock):
         approved = load_approvals(spec)
         if ref not in approved:
             return False

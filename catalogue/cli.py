@@ -17,7 +17,7 @@ from cluster.spec import ClusterSpec, load_spec, split_image_ref
 from catalogue import approvals, trust
 from catalogue.endorse import CatalogueDir, add_image, cosign_index, revoke, sign_index, verify_catalogue
 from catalogue.fetch import fetch_signed_index
-from catalogue.files import read_limited
+from cluster.files import read_limited
 from catalogue.index import DEFAULT_MAX_INDEX_BYTES, Index, format_time, now_utc
 from catalogue.keys import generate_key, key_id, load_private_key, load_trust_keys, public_pem, read_passphrase
 

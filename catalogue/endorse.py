@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import split_image_ref
-from catalogue.files import read_limited
+from cluster.files import read_limited
 from cluster.files import write_atomic
 from catalogue.hashcache import sha256_file
 from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, load_yaml_mapping, new_signature_file,

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cluster.errors import DataError, SalvusError, SpecError
-from catalogue.files import read_limited
+from cluster.files import read_limited
 
 PASSPHRASE_ENV = "SALVUS_KEY_PASSPHRASE"
 MAX_KEY_FILE_BYTES = 16 << 10

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
+from cluster.store import Store, image_file_name
 from catalogue import hashcache
-from catalogue.approvals import is_approved
-from catalogue.files import locked, read_limited
-from cluster.files import write_atomic
+from catalogue.approvals import approvals_path, is_approved
+from cluster.files import locked, read_limited, write_atomic
 from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
 from catalogue.keys import load_trust_keys
 
@@ -43,11 +43,11 @@ __all__ = ["accept_index", "accepted_index", "accepted_version", "base_image_pat
 
 
 def state_dir(spec: ClusterSpec) -> Path:
-    return spec.store_path / "state" / "catalogue"
+    return Store.of(spec).trust.catalogue_dir
 
 
 def hash_cache_path(spec: ClusterSpec) -> Path:
-    return spec.store_path / "state" / "hash-cache.json"
+    return Store.of(spec).trust.hash_cache
 
 
 def trust_keys(spec: ClusterSpec) -> list[Ed25519PublicKey]:
@@ -152,7 +152,7 @@ def accept_index(spec: ClusterSpec, index_bytes: bytes, sig_bytes: bytes) -> Ind
     if _refuse_rollback(spec, index, digest):
         return index
     d = state_dir(spec)
-    with locked(d / ".lock"):
+    with locked(Store.of(spec).open().trust.catalogue_lock):
         if _refuse_rollback(spec, index, digest):
             return index
         old = _read_pointer(spec)
@@ -197,17 +197,16 @@ def check_image_bytes(spec: ClusterSpec, entry: Entry, path: Path) -> None:
 
 
 def _store_image_path(spec: ClusterSpec, file_name: str) -> Path:
-    base = (spec.store_path / "images" / "base").resolve()
-    path = (base / file_name).resolve()
-    if path.parent != base:
-        raise DataError(f"image file {file_name!r}: resolves outside the image store")
-    return path
+    try:
+        return Store.of(spec).base_image(file_name)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def base_image_path(spec: ClusterSpec, image_ref: str) -> Path:
     """STORE/images/base/NAME-VERSION.qcow2; the name was validated not to escape the store."""
     name, version = split_image_ref(image_ref)
-    return _store_image_path(spec, f"{name}-{version}.qcow2")
+    return _store_image_path(spec, image_file_name(name, version))
 
 
 def image_path(spec: ClusterSpec, role_name: str, entry: Entry | None = None) -> Path:
@@ -285,7 +284,7 @@ def verified_image(spec: ClusterSpec, role_name: str) -> Path:
     except DataError as e:
         raise refuse("approved", str(e)) from None
     if not approved:
-        raise refuse("approved", f"not in the site's approvals ({spec.store_path / 'state' / 'approvals.yaml'}); "
+        raise refuse("approved", f"not in the site's approvals ({approvals_path(spec)}); "
                                  f"an admin runs `salvus_jobs catalogue approve {entry.ref}`")
     try:
         path = image_path(spec, role_name, entry)

@@ -1,8 +1,18 @@
-"""File helpers every part shares: state files are replaced by rename, never rewritten in place."""
+"""File and process helpers every part shares: atomic replacement, bounded reads, one flock helper,
+fsync by path, free space, and the kernel's identity of a process.
+
+State files are replaced by rename, never rewritten in place, so a reader sees the old file or the
+new one; every lock is one `flock` on a file beside the state it guards.
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
+from typing import Iterator
+
+from cluster.errors import DataError, TempFailure
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -18,3 +28,124 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
+    write_atomic(path, text.encode(), mode)
+
+
+def read_limited(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, refusing (DataError) before reading more than `max_bytes` of it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise DataError(f"{path}: larger than the limit of {max_bytes} bytes; refused unread")
+    return data
+
+
+class LockBusy(TempFailure):
+    """Another process holds a lock taken with `wait=False`."""
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, wait: bool = True, busy: str = "", record_pid: bool = False,
+           error: type[LockBusy] = LockBusy) -> Iterator[None]:
+    """An exclusive advisory lock on `lock_path`, so two writers' read-check-replace sequences
+    never interleave. `wait=False` raises `error`(`busy` or a default line) instead of queueing;
+    `record_pid` writes the holder's pid into the file for `lock_holder`."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise error(busy or f"{lock_path}: held by another process") from None
+        if record_pid:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_holder(lock_path: Path) -> int | None:
+    """The pid recorded by the process holding `lock_path` (see `locked(record_pid=True)`), or None
+    when nobody holds it."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.read(fd, 32).decode().strip() or 0) or None
+            except ValueError:
+                return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path, flags: int = 0, data_only: bool = False) -> None:
+    """fsync by path (a file's data and inode, or with O_DIRECTORY a directory's entries);
+    `data_only`: fdatasync, the data without the timestamps."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        (os.fdatasync if data_only else os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, os.O_DIRECTORY)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes a (possibly sparse) file already occupies on disk."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def boot_time() -> float:
+    """Epoch seconds of the last boot (`btime` in /proc/stat)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None when it is gone or a zombie;
+    with the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -19,8 +19,8 @@ from pydantic import ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from cluster.errors import SpecError
+from cluster.store import DEFAULT_STORE, Store
 
-DEFAULT_STORE = "/var/lib/salvus"
 SPEC_ENV = "SALVUS_SPEC"
 DEFAULT_SPEC_NAME = "cluster.yaml"
 MAX_SPEC_BYTES = 1 << 20
@@ -291,7 +291,7 @@ class ClusterSpec:
 
     @property
     def sqlite_path(self) -> Path:
-        return Path(self.registry.sqlite) if self.registry.sqlite else self.store_path / "state" / "registry.sqlite"
+        return Path(self.registry.sqlite) if self.registry.sqlite else Store(self.store_path).runtime.registry_sqlite
 
 
 _SPEC_ADAPTER: TypeAdapter[ClusterSpec] | None = None

@@ -9,7 +9,7 @@ import re
 
 from cluster.spec import ClusterSpec
 from imagedist.state import is_enabled
-from imagedist.store import Store
+from cluster.store import Store
 
 
 def bootable_images(spec: ClusterSpec, store: Store, index) -> list:

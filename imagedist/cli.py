@@ -130,7 +130,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from imagedist.state import set_enabled
 
         set_enabled(store, bool(args.enable))
-        print(f"imgdist {'enabled' if args.enable else 'disabled'} on this host ({store.enabled_file})")
+        print(f"imgdist {'enabled' if args.enable else 'disabled'} on this host ({store.runtime.imgdist_enabled})")
         return 0
     if args.list_unknown_files:
         from imagedist.gc import unknown_files

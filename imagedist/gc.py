@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cluster.spec import ClusterSpec, split_image_ref
 from imagedist.inuse import images_in_use, in_use
-from imagedist.store import Store, image_key
+from cluster.store import Store
+from imagedist.store import image_key
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def unknown_files(store: Store, index) -> list[Path]:
             stem, _, ext = f.name.rpartition(".")
             if ext not in ("torrent", "resume") or stem not in known_keys:
                 out.append(f)
-    images = store.root / "images"
+    images = store.images_dir
     if images.is_dir():
-        out += [p for p in sorted(images.iterdir()) if p.name not in ("base", "partial", "torrents")]
+        known_dirs = {store.base, store.partial, store.torrents}
+        out += [p for p in sorted(images.iterdir()) if p not in known_dirs]
     return out

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cluster.errors import DataError, TempFailure
 from catalogue import hashcache
-from imagedist.fsutil import allocated_bytes, free_bytes, fsync_dir, fsync_path
-from imagedist.store import Store
+from cluster.files import allocated_bytes, free_bytes, fsync_dir, fsync_path
+from cluster.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -3,35 +3,25 @@
 Independent signs, any one is enough:
 - the wrapper's status files `STORE/state/jobs/*.json` whose pid is alive: the role's image
   (or the file's own `image` field when a wrapper records it);
-- the backing chain of a job's overlay when the status file names it (`overlay` or `workdir`);
+- the backing chain of the overlays in the job's `workdir`;
 - QEMU processes holding a base image open (/proc/PID/fd): QEMU opens the whole backing chain,
   so this catches a VM still running an older version after the role moved on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
 from pathlib import Path
 
+from cluster import jobstatus
+from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, split_image_ref
-from imagedist.store import Store
+from cluster.store import Store
 
 log = logging.getLogger(__name__)
 
 QCOW2_MAGIC = b"QFI\xfb"
-MAX_STATUS_BYTES = 1 << 16
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def qcow2_backing_file(path: Path) -> Path | None:
@@ -73,32 +63,14 @@ def _base_names(store: Store, paths: list[Path]) -> set[str]:
     return found
 
 
-def running_jobs(store: Store) -> list[dict]:
-    jobs = []
-    for f in sorted(store.jobs.glob("*.json")):
-        try:
-            data = json.loads(f.read_bytes()[:MAX_STATUS_BYTES])
-        except (OSError, ValueError):
-            log.warning("%s: unreadable job status; its image counts as in use", f)
-            jobs.append({"_file": str(f)})
-            continue
-        if not isinstance(data, dict):
-            continue
-        pid = data.get("pid")
-        if isinstance(pid, int) and pid > 0 and not pid_alive(pid):
-            continue  # stale: the wrapper is gone
-        data["_file"] = str(f)
-        jobs.append(data)
-    return jobs
-
-
-def _job_image_files(spec: ClusterSpec, job: dict) -> set[str]:
-    ref = job.get("image")
-    if not isinstance(ref, str):
-        role = spec.roles.get(job.get("role", ""))
-        ref = role.image if role else None
-    if ref is None:
-        return {"*"}  # unknown job: protect everything rather than guess
+def _job_image_files(spec: ClusterSpec, job: JobStatus | None) -> set[str]:
+    """Base image files a job uses; '*' (everything) for a job that cannot be identified."""
+    if job is None:
+        return {"*"}
+    ref = job.image
+    if not ref:
+        role = spec.roles.get(job.role)
+        ref = role.image if role else ""
     try:
         name, version = split_image_ref(ref)
     except ValueError:
@@ -106,13 +78,11 @@ def _job_image_files(spec: ClusterSpec, job: dict) -> set[str]:
     return {f"{name}-{version}.qcow2", f"{name}-{version}.raw"}
 
 
-def _overlays(job: dict) -> list[Path]:
-    if isinstance(job.get("overlay"), str):
-        return [Path(job["overlay"])]
-    if not isinstance(job.get("workdir"), str):
+def _overlays(job: JobStatus | None) -> list[Path]:
+    if job is None or not job.workdir:
         return []
     try:
-        return [p for p in Path(job["workdir"]).iterdir() if p.suffix == ".qcow2"]
+        return [p for p in Path(job.workdir).iterdir() if p.suffix == ".qcow2"]
     except OSError:
         return []
 
@@ -134,7 +104,7 @@ def _qemu_open_files() -> list[Path]:
 def images_in_use(spec: ClusterSpec, store: Store) -> dict[str, int]:
     """Base image file name -> number of running VMs using it ('*' = an unidentifiable job)."""
     counts: dict[str, int] = {}
-    for job in running_jobs(store):
+    for _, job in jobstatus.read_all(store):
         names = _job_image_files(spec, job) | _base_names(store, _overlays(job))
         for n in names:
             counts[n] = counts.get(n, 0) + 1

@@ -5,11 +5,13 @@ import re
 from dataclasses import dataclass
 
 from cluster.spec import ClusterSpec
-from imagedist.fsutil import allocated_bytes
+from cluster.files import allocated_bytes
 from imagedist.gc import IMAGE_FILE_RE
-from imagedist.inuse import images_in_use, pid_alive
+from cluster.files import pid_alive
+from imagedist.inuse import images_in_use
 from imagedist.state import read_status
-from imagedist.store import Store, image_key
+from cluster.store import Store
+from imagedist.store import image_key
 
 MiB = 1 << 20
 

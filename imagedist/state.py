@@ -6,14 +6,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from cluster.files import write_atomic as atomic_write
-from imagedist.store import Store
+from cluster.store import Store
 
 MAX_STATE_BYTES = 1 << 20
 
 
 def is_enabled(store: Store) -> bool:
     try:
-        data = json.loads(store.enabled_file.read_bytes()[:MAX_STATE_BYTES])
+        data = json.loads(store.runtime.imgdist_enabled.read_bytes()[:MAX_STATE_BYTES])
     except FileNotFoundError:
         return True  # a new host takes part unless told otherwise
     except ValueError:
@@ -22,7 +22,7 @@ def is_enabled(store: Store) -> bool:
 
 
 def set_enabled(store: Store, enabled: bool) -> None:
-    atomic_write(store.enabled_file, json.dumps(
+    atomic_write(store.runtime.imgdist_enabled, json.dumps(
         {"enabled": enabled, "changed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode() + b"\n")
 
 
@@ -43,12 +43,12 @@ class Status:
 
 def write_status(store: Store, status: Status) -> None:
     status.updated = time.time()
-    atomic_write(store.status_file, json.dumps(asdict(status), sort_keys=True).encode())
+    atomic_write(store.runtime.imgdist_status, json.dumps(asdict(status), sort_keys=True).encode())
 
 
 def read_status(store: Store) -> Status | None:
     try:
-        data = json.loads(store.status_file.read_bytes()[:MAX_STATE_BYTES])
+        data = json.loads(store.runtime.imgdist_status.read_bytes()[:MAX_STATE_BYTES])
         return Status(pid=int(data["pid"]), updated=float(data["updated"]),
                       images={k: ImageStatus(**v) for k, v in data.get("images", {}).items()})
     except (FileNotFoundError, ValueError, KeyError, TypeError):

@@ -24,7 +24,7 @@ import libtorrent as lt
 
 from imagedist import steering
 from cluster.files import write_atomic as atomic_write
-from imagedist.fsutil import boot_time, fsync_path
+from cluster.files import boot_time, fsync_path
 from imagedist.settings import SessionConfig, make_session
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from imagedist.progress import ProgressView
 from imagedist.settings import SessionConfig
 from imagedist.source import fetch_index, fetch_torrent, origin_ips, parse_peers
 from imagedist.state import ImageStatus, Status, is_enabled, write_status
-from imagedist.store import Store, image_key
+from cluster.store import Store
+from imagedist.store import image_key
 from imagedist.swarm import PullProgress, PullRequest, Swarm, info_hash_hex, torrent_info
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class Agent:
         from imagedist.gc import collect
 
         result = PassResult()
-        self.store.ensure()
+        self.store.open().ensure_images()
         if not is_enabled(self.store):
             result.disabled = True
             self.stop_seeding()

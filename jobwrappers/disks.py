@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import DiskSpec
+from cluster.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,10 @@ def create_overlay(base: Path, overlay: Path) -> Path:
     return overlay
 
 
-def persistent_disk_path(store: Path, service_id: str, disk: DiskSpec) -> Path:
-    return store / "persistent" / service_id / f"{disk.name}.qcow2"
-
-
-def ensure_persistent_disk(store: Path, service_id: str, disk: DiskSpec) -> Path:
+def ensure_persistent_disk(store: Store, service_id: str, disk: DiskSpec) -> Path:
     """`STORE/persistent/SERVICE_ID/NAME.qcow2`, created sparse on first use (atomically, so a crash
     never leaves a half-made disk under the real name); the wrapper never deletes it."""
-    path = persistent_disk_path(store, service_id, disk)
+    path = store.persistent_disk(service_id, disk.name)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,10 @@ from pathlib import Path
 from catalogue.trust import verified_image
 from cluster.errors import DataError, SalvusError, SpecError, TempFailure
 from cluster.registry import Registry, Service, open_registry
+from cluster import jobstatus
+from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
+from cluster.store import Store
 from jobwrappers.accel import choose_accel
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
@@ -33,7 +36,6 @@ from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job
 from jobwrappers.machine import Disk, Machine, VmRunner, free_port
 from jobwrappers.probe import HostChannel, probe_until
 from jobwrappers.runners import open_runner
-from jobwrappers.status import JobStatus, remove_status, write_status
 
 log = logging.getLogger("salvus-vmjob")
 
@@ -72,7 +74,7 @@ class Job:
 
     def write_state(self, state: str) -> None:
         endpoint = f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else ""
-        write_status(self.spec.store_path, JobStatus(
+        jobstatus.write(Store.of(self.spec), JobStatus(
             self.service_id, self.role_name, self.env.job_id, os.getpid(), state, endpoint,
             str(self.console_log or ""), self.started, self.role.image, str(self.workdir or "")))
 
@@ -86,7 +88,7 @@ class Job:
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
         self.env.remove_private_scratch()
-        remove_status(self.spec.store_path, self.service_id, os.getpid())
+        jobstatus.remove(Store.of(self.spec), self.service_id, os.getpid())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -141,7 +143,7 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     overlay = create_overlay(job.image, job.workdir / "root.qcow2")
     disks = [Disk(overlay, "qcow2")]
     for d in role.persistent:
-        disks.append(Disk(ensure_persistent_disk(spec.store_path, job.service_id, d), "qcow2", serial=d.name))
+        disks.append(Disk(ensure_persistent_disk(Store.of(spec), job.service_id, d), "qcow2", serial=d.name))
     upstreams = guest_upstreams(job, registry)
     job.sent_upstreams = upstreams
     cfg = GuestConfig(service_id=job.service_id, role=job.role_name, hostname=hostname_for(job.service_id),
@@ -150,9 +152,8 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
                       ssh_keys=list(spec.ssh_keys), role_config=dict(role.config))
     drive = build_config_drive(job.workdir / "cidata.iso", cfg)
     disks.append(Disk(drive, "raw", readonly=True))
-    log_dir = spec.store_path / "logs" / "console"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    job.console_log = log_dir / f"{job.service_id}.log"
+    job.console_log = Store.of(spec).console_log(job.service_id)
+    job.console_log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.console_log, "a") as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n")
@@ -249,6 +250,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                         f"(a host port forward) so far, got {role.network!r}")
     for up in role.upstreams:
         spec.role(up)
+    Store.of(spec).open()
     registry = open_registry(spec)
     job = Job(spec, args.role, role, service_id, env, image, stop, here=local_names(spec))
     beat: Heartbeater | None = None

@@ -9,20 +9,21 @@ count as capacity: they are reported with their hold reason, never silently repl
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager
 
+from cluster import jobstatus
 from cluster.errors import RegistryUnavailable, SpecError, TempFailure
+from cluster.files import locked, write_atomic_text
 from cluster.registry import Service, open_registry
 from cluster.spec import ClusterSpec
+from cluster.store import Store
 from submit import open_backend
-from submit.base import ACTIVE_STATES, Backend, Job, atomic_write_text
+from submit.base import ACTIVE_STATES, Backend, Job
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | No
 
 
 def desired_path(spec: ClusterSpec) -> Path:
-    return spec.store_path / "state" / "desired.json"
+    return Store.of(spec).runtime.desired
 
 
 def read_desired(spec: ClusterSpec) -> dict[str, int]:
@@ -162,17 +163,12 @@ def read_desired(spec: ClusterSpec) -> dict[str, int]:
 def record_desired(spec: ClusterSpec, desired: dict[str, int]) -> None:
     counts = read_desired(spec)
     counts.update(desired)
-    atomic_write_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True))
+    write_atomic_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True))
 
 
-@contextmanager
-def scale_lock(spec: ClusterSpec) -> Iterator[None]:
+def scale_lock(spec: ClusterSpec) -> ContextManager[None]:
     """One reconciliation at a time per store, so two `scale` runs never both submit a shortfall."""
-    path = spec.store_path / "state" / "scale.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    return locked(Store.of(spec).open().runtime.scale_lock)
 
 
 def apply_plan(spec: ClusterSpec, plan: ScalePlan, backend: Backend | None = None) -> list[Job]:
@@ -239,11 +235,8 @@ def job_endpoint(spec: ClusterSpec, job: Job, services: dict[str, Service]) -> s
     sid = job.service_id or ""
     if sid in services:
         return services[sid].endpoint
-    try:
-        status = json.loads((spec.store_path / "state" / "jobs" / f"{sid}.json").read_text())
-        return str(status.get("endpoint") or "")
-    except (OSError, ValueError, AttributeError):
-        return ""
+    status = jobstatus.read(Store.of(spec), sid) if sid else None
+    return status.endpoint if status else ""
 
 
 def status_report(spec: ClusterSpec) -> dict:

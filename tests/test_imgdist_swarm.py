@@ -119,7 +119,7 @@ def test_lone_bad_source_falls_back_to_the_web_seed(imgdist_lab, tmp_path):
 
 def _wait_for_progress(spec: Path, key: str, percent: float, proc, timeout: float = 90) -> float:
     from imagedist.state import read_status
-    from imagedist.store import Store
+    from cluster.store import Store
 
     store = Store(store_of(spec))
     deadline = time.monotonic() + timeout

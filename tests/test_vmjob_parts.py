@@ -13,6 +13,7 @@ from cluster.errors import SpecError
 from cluster.registry import Service
 from cluster.registry.sqlite import SqliteRegistry
 from cluster.spec import DiskSpec
+from cluster.store import Store
 from jobwrappers.accel import TCG, choose_accel, pvm_only
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
@@ -39,12 +40,12 @@ def test_overlay_backs_onto_the_base_by_absolute_path(tmp_path, monkeypatch):
 
 def test_persistent_disk_is_sparse_created_once_and_kept(tmp_path):
     disk = DiskSpec(name="data", size_mb=1024)
-    path = ensure_persistent_disk(tmp_path, "cassandra-0", disk)
+    path = ensure_persistent_disk(Store(tmp_path), "cassandra-0", disk)
     assert path == tmp_path / "persistent" / "cassandra-0" / "data.qcow2"
     assert qemu_img_info(path)["virtual-size"] == 1 << 30 and path.stat().st_size < 1 << 20
     path.write_bytes(path.read_bytes() + b"\0" * 512)  # stands in for data the guest wrote
     size = path.stat().st_size
-    assert ensure_persistent_disk(tmp_path, "cassandra-0", disk) == path and path.stat().st_size == size
+    assert ensure_persistent_disk(Store(tmp_path), "cassandra-0", disk) == path and path.stat().st_size == size
     assert [p.name for p in path.parent.iterdir()] == ["data.qcow2"]
 
 

@@ -1,4 +1,12 @@
-"""The registry interface shared by the SQLite and Cassandra backends."""
+"""The registry interface shared by the SQLite and Cassandra backends, and its versioning rule.
+
+Versioning: the registry carries `SCHEMA_VERSION` (SQLite `PRAGMA user_version`, Cassandra a row
+of the keyspace's `registry_meta` table). A backend opening a registry written by an older version
+adds the project's own missing columns in place (`ALTER TABLE ... ADD`) and stamps the version;
+rows written before a column existed read as the field's default (`Service.from_row`). A registry
+stamped with a newer version than this code knows is refused (RegistryMisconfigured, exit 78):
+this code would drop what it does not know when it rewrites a row.
+"""
 from __future__ import annotations
 
 import abc
@@ -9,7 +17,8 @@ from dataclasses import dataclass
 
 @dataclass
 class Service:
-    """One live service instance (one VM): a row of the registry."""
+    """One live service instance (one VM): a row of the registry. A field added later must have a
+    default: rows an older version wrote have no value for it."""
 
     role: str
     service_id: str
@@ -28,6 +37,24 @@ class Service:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_row(cls, row: tuple) -> "Service":
+        """A row in field order; NULLs (columns added after the row was written) become defaults."""
+        if None not in row:
+            return cls(*row)
+        return cls(*(v if v is not None else column_default(f) for v, f in zip(row, dataclasses.fields(cls))))
+
+
+# Bumped whenever a backend's schema changes (a column added); see the module docstring.
+SCHEMA_VERSION = 1
+
+
+def column_default(f: dataclasses.Field) -> object:
+    """The value a column added in place holds for rows written before it existed."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return {"float": 0.0, "int": 0, "str": ""}[str(f.type)]
 
 
 class Registry(abc.ABC):

@@ -61,13 +61,14 @@ from cassandra.query import BatchStatement, BatchType, tuple_factory
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError, SpecError
-from cluster.registry.base import Registry, Service
+from cluster.registry.base import SCHEMA_VERSION, Registry, Service
 from cluster.spec import CassandraSpec
 
 log = logging.getLogger(__name__)
 
 BY_ROLE = "services_by_role"
 BY_ID = "services_by_id"
+META = "registry_meta"  # one row: the schema version this keyspace was last brought up to
 # Column order is Service's field order; CQL types as the driver's metadata reports them.
 COLUMNS: dict[str, str] = {
     "role": "text", "service_id": "text", "host": "text", "port": "int", "hypervisor": "text",
@@ -253,18 +254,60 @@ class CassandraRegistry(Registry):
             raise RegistryMisconfigured(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
 
     def _ensure_schema(self) -> None:
-        """Creates what is missing (and only that: a user without CREATE may use an existing schema)."""
+        """Creates what is missing (and only that: a user without CREATE may use an existing schema),
+        and brings tables an older version made up to SCHEMA_VERSION (base.py's versioning rule)."""
         meta = self._cluster.metadata
         if self.keyspace not in meta.keyspaces:
             replication = Encoder().cql_encode_all_types(dict(self.spec.replication))
             log.info("creating keyspace %s with replication %s", self.keyspace, replication)
             self._ddl(f"CREATE KEYSPACE IF NOT EXISTS {self.keyspace} WITH replication = {replication}")
+        version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            raise RegistryMisconfigured(
+                f"{self.where}: keyspace {self.keyspace} has registry schema version {version}, written by "
+                f"a newer salvus-jobs (this one knows {SCHEMA_VERSION}); upgrade salvus-jobs here")
         for table in (BY_ROLE, BY_ID):
             ks = meta.keyspaces.get(self.keyspace)
             if ks is None or table not in ks.tables:
                 log.info("creating table %s.%s", self.keyspace, table)
                 self._ddl(_table_ddl(self.keyspace, table))
+            else:
+                self._add_missing_columns(table)
             self._check_table(table)
+        if version < SCHEMA_VERSION:
+            self._ddl(f"CREATE TABLE IF NOT EXISTS {self.keyspace}.{META} (name text PRIMARY KEY, "
+                      f"schema_version int)")
+            self._prepare_settled(f"SELECT name FROM {self.keyspace}.{META}")  # wait for the new table
+            self._session.execute(f"INSERT INTO {self.keyspace}.{META} (name, schema_version) "
+                                  f"VALUES ('registry', {SCHEMA_VERSION})", timeout=DDL_TIMEOUT_S)
+
+    def _schema_version(self) -> int:
+        """The version recorded in the keyspace; 0 when none is (new, or made before versioning)."""
+        if self._table_meta(META) is None:
+            return 0
+        row = self._session.execute(f"SELECT schema_version FROM {self.keyspace}.{META} WHERE name = 'registry'",
+                                    timeout=DDL_TIMEOUT_S).one()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _add_missing_columns(self, table: str) -> None:
+        """ALTER TABLE ... ADD for our columns an older version's table lacks, only when what is
+        there is ours (our key, our types): another application's table is refused, not altered."""
+        meta = self._table_meta(table)
+        partition, clustering = KEYS[table]
+        if (meta is None or [c.name for c in meta.partition_key] != partition
+                or [c.name for c in meta.clustering_key] != clustering
+                or any(c not in COLUMNS or col.cql_type != COLUMNS[c] for c, col in meta.columns.items())):
+            return  # _check_table says what is wrong
+        for c, t in COLUMNS.items():
+            if c not in meta.columns:
+                log.info("adding column %s to %s.%s", c, self.keyspace, table)
+                try:
+                    self._ddl(f"ALTER TABLE {self.keyspace}.{table} ADD {c} {t}")
+                except RegistryMisconfigured:
+                    # Another wrapper starting at once may have added it first.
+                    self._cluster.refresh_schema_metadata(max_schema_agreement_wait=DDL_TIMEOUT_S)
+                    if c not in (self._table_meta(table) or meta).columns:
+                        raise
 
     def _table_meta(self, table: str) -> Any:
         ks = self._cluster.metadata.keyspaces.get(self.keyspace)
@@ -363,7 +406,7 @@ class CassandraRegistry(Registry):
 
     def _row(self, service_id: str) -> Service | None:
         row = self._session.execute(self._stmt["select_by_id"], (service_id,)).one()
-        return Service(*row) if row else None
+        return Service.from_row(row) if row else None
 
     def _both_tables(self, *statements: tuple[str, tuple]) -> None:
         """One UNLOGGED batch for the row in both tables: one request instead of two (measured
@@ -407,12 +450,12 @@ class CassandraRegistry(Registry):
     @_translate
     def lookup(self, role: str) -> list[Service]:
         rows = self._session.execute(self._stmt["select_by_role"], (role,))
-        return sorted((Service(*r) for r in rows), key=lambda s: (s.started, s.service_id))
+        return sorted((Service.from_row(r) for r in rows), key=lambda s: (s.started, s.service_id))
 
     @_translate
     def all(self) -> list[Service]:
         rows = self._session.execute(self._stmt["select_all"])
-        return sorted((Service(*r) for r in rows), key=lambda s: (s.role, s.started, s.service_id))
+        return sorted((Service.from_row(r) for r in rows), key=lambda s: (s.role, s.started, s.service_id))
 
     @_translate
     def get(self, service_id: str) -> Service | None:

@@ -8,14 +8,15 @@ wrappers have.
 """
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.errors import RegistryUnavailable
-from cluster.registry.base import Registry, Service
+from cluster.errors import RegistryMisconfigured, RegistryUnavailable
+from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
             "started", "last_heartbeat")
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS services (
 CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
 CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
 """
+_SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
 
 
 class SqliteRegistry(Registry):
@@ -51,10 +53,27 @@ class SqliteRegistry(Registry):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             with self._write() as db:
-                for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                    db.execute(stmt)
+                self._ensure_schema(db)
         except (sqlite3.Error, OSError) as e:
             raise RegistryUnavailable(f"registry {self.path}: {e}") from None
+
+    def _ensure_schema(self, db: sqlite3.Connection) -> None:
+        """Creates the table, or brings one an older version wrote up to SCHEMA_VERSION in place."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryMisconfigured(
+                f"registry {self.path}: schema version {version} was written by a newer salvus-jobs "
+                f"(this one knows {SCHEMA_VERSION}); upgrade salvus-jobs here")
+        for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+            db.execute(stmt)
+        have = {row[1] for row in db.execute("PRAGMA table_info(services)")}
+        for f in dataclasses.fields(Service):
+            if f.name not in have:
+                default = column_default(f)
+                db.execute(f"ALTER TABLE services ADD COLUMN {f.name} {_SQL_TYPES[str(f.type)]} NOT NULL "
+                           f"DEFAULT {default!r}")
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -92,7 +111,7 @@ class SqliteRegistry(Registry):
     def _select(self, where: str, args: tuple) -> list[Service]:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
         # _COLUMNS is in Service's field order, so rows map positionally (cheaper for big lookups).
-        return [Service(*r) for r in rows]
+        return [Service.from_row(r) for r in rows]
 
     def lookup(self, role: str) -> list[Service]:
         return self._select("role = ? AND expires_at > ? ORDER BY started", (role, time.time()))

@@ -1,0 +1,249 @@
+"""The store: every file salvus-jobs keeps on a hypervisor, under one root (the spec's `store`,
+default `/var/lib/salvus`). This docstring is the layout; nothing outside this module joins a path
+under the store, so moving a file is a change to this module and a migration step below.
+
+```
+images/base/NAME-VERSION.FMT        verified, read-only (0444) base images, installed by rename only
+images/partial/NAME-VERSION.FMT     imgdist downloads in progress: never booted from
+images/torrents/KEY.torrent|.resume imgdist metainfo (for seeding) and resume data
+persistent/SERVICE_ID/DISK.qcow2    disks that outlive jobs (never deleted by salvus-jobs)
+logs/                               job stdout/stderr (unless scheduler.log_dir says otherwise)
+logs/console/SERVICE_ID.log         each VM's serial console
+state/layout.json                   the layout version of this store (see `LAYOUT_VERSION`)
+
+trust state (what this host believes; only `catalogue accept`, `approve` and imgdist write it):
+state/catalogue/                    the accepted signed index: index-V-SHA.yaml, .sig, .json (parsed),
+                                    accepted.json (the pointer whose rename commits), .lock
+state/approvals.yaml, .approvals.lock  the site's approvals
+state/hash-cache.json               sha256 of base images per file stamp
+
+runtime state (what is running here; safe to lose when nothing runs):
+state/jobs/SERVICE_ID.json          a running wrapper's status (`cluster.jobstatus`)
+state/local-jobs/JOB_ID.*           the local executor's job records
+state/submitted/BACKEND/JOB_ID.json the ledger of jobs `scale` submitted
+state/scripts/                      rendered job scripts (PBS)
+state/desired.json, scale.lock      the counts `scale` last asked for; one `scale` at a time
+state/registry.sqlite               the SQLite registry (unless registry.sqlite names a file)
+state/imgdist.json, imgdist-status.json, imgdist.lock   imgdist's toggle, progress and lock
+```
+
+Trust and runtime state sit behind separate accessors (`Store.trust`, `Store.runtime`), so they can
+be given separate directories by changing only this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cluster.errors import SpecError
+from cluster.files import read_limited, write_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "/var/lib/salvus"
+# Bumped by every change to the layout above, with a step in MIGRATIONS that moves the files.
+LAYOUT_VERSION = 1
+
+
+def image_file_name(name: str, version: str, fmt: str = "qcow2") -> str:
+    return f"{name}-{version}.{fmt}"
+
+
+@dataclass(frozen=True)
+class TrustPaths:
+    """What the host trusts: the accepted index (the rollback floor), approvals, the hash cache.
+    Never reset by a migration."""
+
+    dir: Path
+
+    @property
+    def catalogue_dir(self) -> Path:
+        return self.dir / "catalogue"
+
+    @property
+    def catalogue_lock(self) -> Path:
+        return self.catalogue_dir / ".lock"
+
+    @property
+    def approvals(self) -> Path:
+        return self.dir / "approvals.yaml"
+
+    @property
+    def approvals_lock(self) -> Path:
+        return self.dir / ".approvals.lock"
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.dir / "hash-cache.json"
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """What runs on this host: job status, executor records, ledgers, locks, the local registry."""
+
+    dir: Path
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.dir / "jobs"
+
+    def job_status(self, service_id: str) -> Path:
+        return self.jobs_dir / f"{service_id}.json"
+
+    @property
+    def local_jobs_dir(self) -> Path:
+        return self.dir / "local-jobs"
+
+    def submitted_dir(self, backend: str) -> Path:
+        return self.dir / "submitted" / backend
+
+    @property
+    def scripts_dir(self) -> Path:
+        return self.dir / "scripts"
+
+    @property
+    def desired(self) -> Path:
+        return self.dir / "desired.json"
+
+    @property
+    def scale_lock(self) -> Path:
+        return self.dir / "scale.lock"
+
+    @property
+    def registry_sqlite(self) -> Path:
+        return self.dir / "registry.sqlite"
+
+    @property
+    def imgdist_enabled(self) -> Path:
+        return self.dir / "imgdist.json"
+
+    @property
+    def imgdist_status(self) -> Path:
+        return self.dir / "imgdist-status.json"
+
+    @property
+    def imgdist_lock(self) -> Path:
+        return self.dir / "imgdist.lock"
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    @classmethod
+    def of(cls, spec) -> "Store":
+        """The store a spec names (no I/O)."""
+        return cls(spec.store_path)
+
+    # --- images -----------------------------------------------------------------------------
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def base(self) -> Path:
+        return self.images_dir / "base"
+
+    @property
+    def partial(self) -> Path:
+        return self.images_dir / "partial"
+
+    @property
+    def torrents(self) -> Path:
+        return self.images_dir / "torrents"
+
+    def torrent_file(self, key: str) -> Path:
+        return self.torrents / f"{key}.torrent"
+
+    def resume_file(self, key: str) -> Path:
+        return self.torrents / f"{key}.resume"
+
+    def base_image(self, file_name: str) -> Path:
+        """`images/base/FILE`, refusing a name that resolves anywhere else (a symlink, '..')."""
+        base = self.base.resolve()
+        path = (base / file_name).resolve()
+        if path.parent != base:
+            raise ValueError(f"image file {file_name!r}: resolves outside the image store")
+        return path
+
+    # --- disks and logs ---------------------------------------------------------------------
+    def persistent_disk(self, service_id: str, disk_name: str) -> Path:
+        return self.root / "persistent" / service_id / f"{disk_name}.qcow2"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def console_logs(self) -> Path:
+        return self.logs / "console"
+
+    def console_log(self, service_id: str) -> Path:
+        return self.console_logs / f"{service_id}.log"
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def trust(self) -> TrustPaths:
+        return TrustPaths(self.state)
+
+    @property
+    def runtime(self) -> RuntimePaths:
+        return RuntimePaths(self.state)
+
+    @property
+    def layout_file(self) -> Path:
+        return self.state / "layout.json"
+
+    def ensure_images(self) -> None:
+        for d in (self.base, self.partial, self.torrents, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # --- layout version ---------------------------------------------------------------------
+    def layout_version(self) -> int:
+        """The layout this store was written in: 0 for a store from before versioning."""
+        if not self.layout_file.exists():
+            return 0
+        try:
+            version = json.loads(read_limited(self.layout_file, 4096))["layout"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise ValueError
+            return version
+        except (ValueError, KeyError, TypeError):
+            raise SpecError(f"{self.layout_file}: damaged; expected {{\"layout\": N}}") from None
+
+    def open(self) -> "Store":
+        """Checks the layout and migrates an older store in place; refuses a newer one (written by
+        a newer salvus-jobs, whose files this version would misread). Returns self."""
+        if not self.layout_file.exists():
+            if not self.root.exists() or not any(self.root.iterdir()):
+                self._stamp(LAYOUT_VERSION)
+                return self
+        version = self.layout_version()
+        if version > LAYOUT_VERSION:
+            raise SpecError(f"{self.root}: store layout {version} is newer than this salvus-jobs "
+                            f"understands ({LAYOUT_VERSION}); upgrade salvus-jobs on this host")
+        for step in range(version + 1, LAYOUT_VERSION + 1):
+            log.info("store %s: migrating layout %d -> %d", self.root, step - 1, step)
+            MIGRATIONS[step](self)
+            self._stamp(step)
+        return self
+
+    def _stamp(self, version: int) -> None:
+        write_atomic(self.layout_file, (json.dumps({"layout": version}) + "\n").encode())
+
+
+def _migrate_to_1(store: Store) -> None:
+    """Layout 1 is the layout of stores written before the version file existed; nothing moves.
+    A step that moves files renames them (never copies and deletes) and leaves trust state as it
+    is: the accepted index is the rollback floor, and resetting it would let an old index back in."""
+
+
+# step N takes a store at layout N-1 to layout N
+MIGRATIONS: dict[int, Callable[[Store], None]] = {1: _migrate_to_1}
