@@ -103,9 +103,9 @@ class CondorBackend(Backend):
             raise SchedulerUnavailable(f"condor: remove {job.job_id} failed: {e}") from None
 
 
-def job_from_ad(ad, backend: str) -> Job:
+def job_from_ad(ad, backend_name: str) -> Job:
     job_id = f"{ad['ClusterId']}.{ad['ProcId']}"
     state = JOB_STATUS.get(int(ad.get("JobStatus", 0)), "unknown")
     return Job(job_id, ad["SalvusRole"], state, ad.get("SalvusServiceId"), float(ad.get("QDate", 0)),
-               str(ad.get("HoldReason", "")) if state == "held" else "", backend)
+               str(ad.get("HoldReason", "")) if state == "held" else "", backend_name)
 

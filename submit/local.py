@@ -2,8 +2,8 @@
 
 Each job is a supervisor (`submit.localrun`) in its own session, so it outlives the CLI and a
 terminal's ^C never reaches it; it runs `salvus-vmjob` and applies the retry policy. State lives in
-STORE/state/local-jobs/: `ID.json` (written once by the CLI: role, service id, supervisor pid and
-its start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
+STORE/state/local-jobs/: `ID.json` (written only by the CLI: role and service id before the
+supervisor starts, then its pid and start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
 Logs go to STORE/logs/ID.out and ID.err.
 """
 from __future__ import annotations

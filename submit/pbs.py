@@ -10,7 +10,7 @@ import re
 import time
 
 from cluster.errors import SchedulerError
-from submit.base import Job, ScriptBackend, atomic_write_text
+from submit.base import Job, ScriptBackend
 from submit.runner import last_line
 
 # Torque job_state letters -> ours (E: exiting, the wrapper is shutting its guest down).
@@ -33,7 +33,7 @@ class PbsBackend(ScriptBackend):
         logs = self.log_dir()
         scripts = self.spec.store_path / "state" / "scripts"
         script = scripts / f"{self.job_name(role)}.{service_id or 'job'}.pbs"
-        atomic_write_text(script, self.render(role, service_id), mode=0o755)
+        self.runner.write_file(script, self.render(role, service_id), mode=0o755)
         stamp = f"{self.job_name(role)}.{int(time.time() * 1000)}"
         argv = ["qsub", "-o", str(logs / f"{stamp}.out"), "-e", str(logs / f"{stamp}.err")]
         if service_id:

@@ -1,8 +1,8 @@
 """The one door through which `submit/` runs scheduler client commands (sbatch, squeue, scancel,
-scontrol, qsub, qstat, qdel, the DRMAA helper).
+scontrol, qsub, qstat, qdel, the DRMAA helper) and writes the files they read (PBS job scripts).
 
-Backends receive a runner and never start processes themselves, so a runner that runs the same
-argv on a login node (over SSH) can replace this one without touching any backend.
+Backends receive a runner and never start those processes themselves, so a runner that runs the
+same argv on a login node (over SSH) can replace this one without touching any backend.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.errors import SchedulerError, SchedulerUnavailable
+from cluster.files import write_atomic
 from cluster.spec import ClusterSpec
 
 DEFAULT_TIMEOUT = 60.0
@@ -63,6 +64,10 @@ class CommandRunner:
             raise SchedulerUnavailable(f"{argv[0]}: no answer within {timeout:.0f}s "
                                        f"(is the scheduler reachable?)") from None
         return CommandResult(argv, r.returncode, r.stdout, r.stderr)
+
+    def write_file(self, path: Path, text: str, mode: int = 0o644) -> None:
+        """Writes a file a command will read (a PBS job script), where the commands run."""
+        write_atomic(path, text.encode(), mode)
 
     def check(self, argv: list[str], input: str | None = None, *, scheduler: str,
               unreachable_hints: tuple[str, ...] = (), env: dict[str, str] | None = None,
