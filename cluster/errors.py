@@ -38,3 +38,11 @@ class RegistryMisconfigured(SpecError):
     """The registry answered but refuses this configuration (wrong credentials, a keyspace holding
     another application's tables, a replication the consistency level can never meet): exit 78,
     so a scheduler holds the job instead of retrying it forever."""
+
+
+class SchedulerUnavailable(TempFailure):
+    """The scheduler's commands or daemon cannot be reached (exit 75: try again later)."""
+
+
+class SchedulerError(SalvusError):
+    """The scheduler answered, but not in a way we can use (rejected job, unparseable output)."""

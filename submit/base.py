@@ -1,9 +1,10 @@
-"""What every scheduler backend shares: the Job record, the Backend interface, the job-script
-template rendering and the ledger of jobs we submitted.
+"""What every scheduler backend shares: the Job record, the job's resources, the Backend interface
+with the one submit loop, the job-script template rendering and the ledger of jobs we submitted.
 
 Like dask-jobqueue's JobQueueCluster/Job split and Parsl's ExecutionProvider: a backend only knows
-its own job description, its submit/query/cancel commands and how to parse their output; counting,
-planning and waiting live in `submit.scale` and work the same for every scheduler.
+its own job description, how to submit one job, its query/cancel commands and how to parse their
+output; counting, planning and waiting live in `submit.scale` and work the same for every scheduler.
+Client commands run through the backend's `runner` (submit/runner.py), never directly.
 """
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ import abc
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from pathlib import Path
 from string import Template
 from typing import Iterable
 
-from cluster.errors import SalvusError, SpecError, TempFailure
-from cluster.spec import ClusterSpec, RoleSpec
+from cluster.errors import SpecError
 from cluster.files import write_atomic as atomic_write
+from cluster.spec import ClusterSpec, RoleSpec
+from submit.runner import CommandResult, CommandRunner
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ ACTIVE_STATES = ("queued", "running", "held")
 EXIT_RETRY = 75
 EXIT_HOLD = (65, 78)
 
+# Memory QEMU needs beside the guest's own (TCG code buffer, device model): added to every job's
+# memory request so the scheduler's limit never kills a VM that stays within its guest memory.
+QEMU_OVERHEAD_MB = 256
+# Time a wrapper needs after the guest stopped: destroy it, deregister, clean scratch up.
+CLEANUP_GRACE_S = 15
+
 
 @dataclass
 class Job:
@@ -52,14 +58,6 @@ class Job:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class SchedulerUnavailable(TempFailure):
-    """The scheduler's commands or daemon cannot be reached (exit 75: try again later)."""
-
-
-class SchedulerError(SalvusError):
-    """The scheduler answered, but not in a way we can use (rejected job, unparseable output)."""
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
@@ -80,14 +78,8 @@ def wrapper_path(spec: ClusterSpec) -> str:
     return found
 
 
-def grace_seconds(spec: ClusterSpec) -> int:
-    """How long a scheduler must wait between SIGTERM and SIGKILL: the guest's shutdown bound plus
-    time to destroy it, deregister and clean up."""
-    return int(spec.hypervisor.stop_timeout) + 15
-
-
 def walltime_seconds(walltime: str) -> int:
-    """Slurm-style `[D-]HH:MM:SS` -> seconds (HTCondor's allowed_job_duration is in seconds)."""
+    """Slurm-style `[D-]HH:MM:SS` -> seconds (HTCondor's allowed_job_duration, SGE's h_rt)."""
     days, _, clock = walltime.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
     while len(parts) < 3:
@@ -95,23 +87,26 @@ def walltime_seconds(walltime: str) -> int:
     return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def run_command(argv: list[str], *, timeout: float = 60, input: str | None = None,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs a scheduler client command; a missing program or a hang is one clear line (75)."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
-                              env={**os.environ, **(env or {})})
-    except FileNotFoundError:
-        raise SchedulerUnavailable(f"{argv[0]}: command not found (is the scheduler's client "
-                                   f"installed and on PATH?)") from None
-    except subprocess.TimeoutExpired:
-        raise SchedulerUnavailable(f"{argv[0]}: no answer within {timeout:.0f}s "
-                                   f"(is the scheduler reachable?)") from None
+@dataclass(frozen=True)
+class JobResources:
+    """What one VM's job asks the scheduler for, computed once from the spec for every backend."""
 
+    cpus: int
+    memory_mb: int  # the guest's memory plus QEMU_OVERHEAD_MB
+    disk_mb: int  # scratch for the overlay and config drive
+    grace_s: int  # SIGTERM -> SIGKILL: the guest's shutdown bound plus CLEANUP_GRACE_S
+    walltime: str | None  # `[D-]HH:MM:SS` as the spec says it; None: unlimited
 
-def first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no output)"
+    @classmethod
+    def of(cls, spec: ClusterSpec, role: str) -> "JobResources":
+        r = spec.role(role)
+        return cls(cpus=r.vcpus, memory_mb=r.memory_mb + QEMU_OVERHEAD_MB, disk_mb=max(r.disk_mb, 1),
+                   grace_s=int(spec.hypervisor.stop_timeout) + CLEANUP_GRACE_S,
+                   walltime=spec.scheduler.walltime or None)
+
+    @property
+    def walltime_s(self) -> int | None:
+        return walltime_seconds(self.walltime) if self.walltime else None
 
 
 class Ledger:
@@ -143,13 +138,16 @@ class Ledger:
 
 
 class Backend(abc.ABC):
-    """One scheduler. Subclasses set `name`, render a job description from a template, and
-    implement submit/list/cancel with the scheduler's own commands or API."""
+    """One scheduler. Subclasses set `name`, render a job description from a template, submit one
+    job, and list/cancel with the scheduler's own commands (through `self.runner`) or API."""
 
     name: str = ""
+    # Phrases in a client's error output that mean the scheduler's daemon could not be reached.
+    unreachable_hints: tuple[str, ...] = ()
 
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
         self.spec = spec
+        self.runner = runner or CommandRunner.for_spec(spec)
         self.ledger = Ledger(spec, self.name)
 
     # --- what a backend implements -------------------------------------------------------------
@@ -158,8 +156,8 @@ class Backend(abc.ABC):
         """The job description a user could submit by hand (runs one VM of `role`)."""
 
     @abc.abstractmethod
-    def submit(self, role: str, n: int) -> list[Job]:
-        """Queues `n` jobs of `role`; returns them as the scheduler named them."""
+    def submit_one(self, role: str, service_id: str | None) -> str:
+        """Queues one job of `role` (its stable service id, or None: ROLE-JOBID); returns its job id."""
 
     @abc.abstractmethod
     def list(self, role: str | None = None) -> list[Job]:
@@ -168,6 +166,34 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, job: Job) -> None:
         """Asks the scheduler to stop `job` (SIGTERM first, so the guest shuts down cleanly)."""
+
+    # --- the submit loop, the same for every scheduler ------------------------------------------
+    def submit(self, role: str, n: int) -> list[Job]:
+        """Queues `n` jobs of `role`, one at a time; returns them as the scheduler named them."""
+        self.prepare_submit(role)
+        jobs = []
+        for sid in self.stable_service_ids(role, n):
+            job = self.new_job(role, sid, self.submit_one(role, sid))
+            self.record(job)  # at once: a failure on the next one never resubmits this one
+            log.info("%s job %s: %s %s", self.name, job.job_id, role, job.service_id)
+            jobs.append(job)
+        return jobs
+
+    def prepare_submit(self, role: str) -> None:
+        """Checks and directories a submission needs once, before its first job."""
+        self.role(role)
+        self.log_dir().mkdir(parents=True, exist_ok=True)
+
+    def new_job(self, role: str, service_id: str | None, job_id: str) -> Job:
+        return Job(job_id, role, "queued", service_id or self.default_service_id(role, job_id),
+                   time.time(), backend=self.name)
+
+    def default_service_id(self, role: str, job_id: str) -> str:
+        """The id of a job without a stable one, as its job script computes it: ROLE-JOBID."""
+        return f"{role}-{job_id}"
+
+    def record(self, job: Job) -> None:
+        self.ledger.add(job)
 
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""
@@ -187,22 +213,20 @@ class Backend(abc.ABC):
                 if j.job_id not in seen and (role is None or j.role == role)]
 
     # --- shared helpers ------------------------------------------------------------------------
-    # Phrases in a client's error output that mean the scheduler's daemon could not be reached.
-    unreachable_hints: tuple[str, ...] = ()
-
-    def command(self, program: str) -> str:
-        """A client program, from `scheduler.bin_dir` when the site sets one, else from PATH."""
-        return str(Path(self.spec.scheduler.bin_dir) / program) if self.spec.scheduler.bin_dir else program
-
-    def run(self, *argv: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float | None = None) -> CommandResult:
         """Runs a scheduler client; failure is one line: unreachable (75) or rejected (1)."""
-        r = run_command([self.command(argv[0]), *argv[1:]], timeout=timeout, input=input)
-        if r.returncode != 0:
-            msg = first_line(r.stderr or r.stdout)
-            if any(h in msg for h in self.unreachable_hints):
-                raise SchedulerUnavailable(f"{argv[0]}: the {self.name} scheduler is unreachable: {msg}")
-            raise SchedulerError(f"{argv[0]} failed (exit {r.returncode}): {msg}")
-        return r
+        return self.runner.check(list(argv), input, scheduler=self.name,
+                                 unreachable_hints=self.unreachable_hints, env=env, timeout=timeout)
+
+    def job_env(self) -> dict[str, str]:
+        """Set for the submit command: job scripts take these paths from the job's environment
+        first (so a hand submission can override them), and a scheduler that exports the
+        submitter's environment must not hand the job another spec than the one we used."""
+        return {"SALVUS_SPEC": self.spec.source, "SALVUS_VMJOB": wrapper_path(self.spec)}
+
+    def resources(self, role: str) -> JobResources:
+        return JobResources.of(self.spec, role)
 
     def role(self, role: str) -> RoleSpec:
         return self.spec.role(role)
@@ -217,30 +241,28 @@ class Backend(abc.ABC):
 
     def template_values(self, role: str) -> dict[str, str]:
         r = self.role(role)
-        values = {
+        res = self.resources(role)
+        return {
             "site": self.spec.site,
             "role": role,
             "job_name": self.job_name(role),
             "spec": self.spec.source,
             "wrapper": wrapper_path(self.spec),
-            "cpus": str(r.vcpus),
-            # The VM's memory plus QEMU's own (TCG code buffer, device model): ~128 MiB.
-            "memory_mb": str(r.memory_mb + 256),
-            "disk_mb": str(max(r.disk_mb, 1)),
-            "grace": str(grace_seconds(self.spec)),
+            "cpus": str(res.cpus),
+            "memory_mb": str(res.memory_mb),
+            "disk_mb": str(res.disk_mb),
+            "grace": str(res.grace_s),
             "log_dir": str(self.log_dir()),
             "max_retries": str(self.spec.scheduler.max_retries),
             "image": r.image,
         }
-        return values
 
     def render_template(self, template: str, role: str, **extra: str) -> str:
         text = (TEMPLATES / template).read_text()
         return Template(text).substitute({**self.template_values(role), **extra})
 
     def log_dir(self) -> Path:
-        d = Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else self.spec.store_path / "logs"
-        return d
+        return Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else self.spec.store_path / "logs"
 
     def extra_directive_lines(self, prefix: str) -> str:
         """The site's `scheduler.extra_directives`, each as its own `prefix ...` line."""
@@ -286,6 +308,12 @@ def quote(s: str) -> str:
     return shlex.quote(s)
 
 
+def double_quoted(s: str) -> str:
+    """`s` as the inside of a shell "..." word (e.g. the default of "${VAR:-s}"), where single
+    quotes do not quote: only backslash, dollar, backquote and double quote need escaping."""
+    return "".join("\\" + c if c in '\\$`"' else c for c in s)
+
+
 class ScriptBackend(Backend):
     """A scheduler that takes a shell script with directive comments (Slurm, PBS)."""
 
@@ -298,7 +326,7 @@ class ScriptBackend(Backend):
 
     def directives(self, role: str, service_id: str | None) -> list[str]:
         s = self.spec.scheduler
-        values = {"queue": s.queue, "account": s.account, "walltime": s.walltime,
+        values = {"queue": s.queue, "account": s.account, "walltime": self.resources(role).walltime,
                   "host": self.host_for(role, service_id)}
         return [self.directive_forms[k].format(v) for k, v in values.items() if v and k in self.directive_forms]
 
@@ -307,5 +335,7 @@ class ScriptBackend(Backend):
         directives += self.extra_directive_lines(self.directive)
         # Persistent roles need a stable id even when submitted by hand: the first one's.
         default = service_id or (f"{role}-0" if self.role(role).persistent else f"{role}-{self.job_id_expr}")
-        return self.render_template(self.template, role, directives=directives, default_service_id=default)
-
+        # The paths are the defaults of "${SALVUS_VMJOB:-...}" and "${SALVUS_SPEC:-...}".
+        return self.render_template(self.template, role, directives=directives, default_service_id=default,
+                                    wrapper=double_quoted(wrapper_path(self.spec)),
+                                    spec=double_quoted(self.spec.source))

@@ -6,13 +6,9 @@ finds a site's jobs by role. Removal sends `kill_sig` (SIGTERM) and SIGKILL afte
 """
 from __future__ import annotations
 
-import logging
-import time
-
-from submit.base import Job, ScriptBackend, SchedulerError, SchedulerUnavailable, walltime_seconds
+from cluster.errors import SchedulerError, SchedulerUnavailable
+from submit.base import Backend, Job
 from submit.condor_check import validate_submit
-
-log = logging.getLogger(__name__)
 
 # JobStatus codes (HTCondor manual, "Job ClassAd Attributes") -> ours.
 JOB_STATUS = {1: "queued", 2: "running", 3: "stopping", 4: "done", 5: "held", 6: "running", 7: "held"}
@@ -23,7 +19,10 @@ def classad_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class CondorBackend(ScriptBackend):
+class CondorBackend(Backend):
+    """Talks to the schedd through the bindings, not client commands: nothing goes through the
+    runner (a remote schedd is reached by `scheduler.schedd`/`collector` instead)."""
+
     name = "condor"
     template = "condor.sub.tmpl"
 
@@ -44,8 +43,9 @@ class CondorBackend(ScriptBackend):
             extra += f"+SalvusQueue = {classad_string(self.spec.scheduler.queue)}\n"
         if self.spec.scheduler.account:
             extra += f"accounting_group = {self.spec.scheduler.account}\n"
-        if self.spec.scheduler.walltime:
-            extra += f"allowed_job_duration = {walltime_seconds(self.spec.scheduler.walltime)}\n"
+        walltime_s = self.resources(role).walltime_s
+        if walltime_s:
+            extra += f"allowed_job_duration = {walltime_s}\n"
         return self.render_template(self.template, role, service_id=default,
                                     requirements=self.requirements(role, service_id), extra=extra)
 
@@ -64,31 +64,23 @@ class CondorBackend(ScriptBackend):
             where = self.spec.scheduler.schedd or "the local schedd"
             raise SchedulerUnavailable(f"condor: cannot reach {where}: {e}") from None
 
-    def submit(self, role: str, n: int) -> list[Job]:
+    def prepare_submit(self, role: str) -> None:
+        super().prepare_submit(role)
+        self._submit_schedd = self.schedd()  # located once per submission, not once per job
+
+    def submit_one(self, role: str, service_id: str | None) -> str:
         import htcondor2
 
-        self.log_dir().mkdir(parents=True, exist_ok=True)
-        schedd = self.schedd()
-        sids = self.stable_service_ids(role, n)
-        # Persistent roles: one submit per job (each with its own stable id); others: one cluster.
-        batches = [(sid, 1) for sid in sids] if self.role(role).persistent else [(None, n)]
-        jobs = []
-        for sid, count in batches:
-            text = self.render(role, sid)
-            problems = validate_submit(text, f"{self.job_name(role)}.sub")
-            if problems:
-                raise SchedulerError(problems[0])
-            body = text[:text.rindex("queue")]  # the count is schedd.submit's, not the text's
-            try:
-                result = schedd.submit(htcondor2.Submit(body), count=count)
-            except htcondor2.HTCondorException as e:
-                raise SchedulerError(f"condor: submit refused: {e}") from None
-            for proc in range(count):
-                job_id = f"{result.cluster()}.{proc}"
-                job = Job(job_id, role, "queued", sid or f"{role}-{job_id}", time.time(), backend=self.name)
-                self.ledger.add(job)
-                jobs.append(job)
-        return jobs
+        text = self.render(role, service_id)
+        problems = validate_submit(text, f"{self.job_name(role)}.sub")
+        if problems:
+            raise SchedulerError(problems[0])
+        body = text[:text.rindex("queue")]  # the count is schedd.submit's, not the text's
+        try:
+            result = self._submit_schedd.submit(htcondor2.Submit(body), count=1)
+        except htcondor2.HTCondorException as e:
+            raise SchedulerError(f"condor: submit refused: {e}") from None
+        return f"{result.cluster()}.0"
 
     def list(self, role: str | None = None) -> list[Job]:
         import htcondor2
@@ -111,9 +103,9 @@ class CondorBackend(ScriptBackend):
             raise SchedulerUnavailable(f"condor: remove {job.job_id} failed: {e}") from None
 
 
-def job_from_ad(ad, backend: str) -> Job:
+def job_from_ad(ad, backend_name: str) -> Job:
     job_id = f"{ad['ClusterId']}.{ad['ProcId']}"
     state = JOB_STATUS.get(int(ad.get("JobStatus", 0)), "unknown")
     return Job(job_id, ad["SalvusRole"], state, ad.get("SalvusServiceId"), float(ad.get("QDate", 0)),
-               str(ad.get("HoldReason", "")) if state == "held" else "", backend)
+               str(ad.get("HoldReason", "")) if state == "held" else "", backend_name)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
-import time
 from pathlib import Path
 
-from submit.base import Backend, Job, SchedulerError, SchedulerUnavailable, run_command, walltime_seconds, wrapper_path
+from cluster.errors import SchedulerError, SchedulerUnavailable
+from submit.base import Backend, Job, quote, wrapper_path
+from submit.runner import last_line
 
 JOB_SCRIPT = Path(__file__).resolve().parent / "jobscripts" / "drmaa-vmjob.sh"
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
@@ -41,13 +41,14 @@ class DrmaaBackend(Backend):
         return env
 
     def call(self, request: dict) -> dict:
-        r = run_command([sys.executable, "-m", "submit.drmaa_session"], input=json.dumps(request),
-                        env=self.session_env(), timeout=120)
+        """One request to the DRMAA helper process (submit.drmaa_session), through the runner."""
+        r = self.runner.run([sys.executable, "-m", "submit.drmaa_session"], json.dumps(request),
+                            env=self.session_env(), timeout=120)
         try:
             answer = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise SchedulerError(f"drmaa: no answer from the DRMAA helper: "
-                                 f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or 'nothing'}") from None
+                                 f"{last_line(r.stderr or r.stdout)}") from None
         if "error" in answer:
             cls = SchedulerUnavailable if answer.get("kind") == "unavailable" else SchedulerError
             raise cls(f"drmaa ({request['op']}): {answer['error']}")
@@ -55,18 +56,18 @@ class DrmaaBackend(Backend):
 
     def native_spec(self, role: str, service_id: str | None) -> str:
         s = self.spec.scheduler
-        r = self.role(role)
+        res = self.resources(role)
         # Memory is not requested: Grid Engine sites define their own memory complexes (h_vmem
         # would also kill QEMU, whose virtual size far exceeds the guest's RAM); use native_spec.
         parts = ["-r y"]
-        if r.vcpus > 1:
-            parts.append(f"-pe smp {r.vcpus}")
+        if res.cpus > 1:
+            parts.append(f"-pe smp {res.cpus}")
         if s.queue:
             parts.append(f"-q {s.queue}")
         if s.account:
             parts.append(f"-A {s.account}")
-        if s.walltime:
-            parts.append(f"-l h_rt={walltime_seconds(s.walltime)}")
+        if res.walltime_s:
+            parts.append(f"-l h_rt={res.walltime_s}")
         host = self.host_for(role, service_id)
         if host:
             parts.append(f"-l h={host}")
@@ -74,7 +75,8 @@ class DrmaaBackend(Backend):
             parts.append(s.native_spec)
         return " ".join(parts)
 
-    def template(self, role: str, service_id: str | None) -> dict:
+    def job_template(self, role: str, service_id: str | None) -> dict:
+        """The fields of a drmaa.JobTemplate, as the helper process sets them."""
         args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role]
         if service_id:
             args += ["--service-id", service_id]  # else the wrapper's default: ROLE-$JOB_ID
@@ -90,21 +92,15 @@ class DrmaaBackend(Backend):
 
     def render(self, role: str, service_id: str | None = None) -> str:
         """The DRMAA job template, spelled as the equivalent Grid Engine qsub command."""
-        t = self.template(role, service_id)
+        t = self.job_template(role, service_id)
+        # The native specification is the site's own qsub options, several words: not one quoted word.
         return (f"# DRMAA job template for one {role} VM (submitted with drmaa.Session.runJob)\n"
-                f"qsub -N {t['name']} {t['native']} -o {shlex.quote(t['stdout'])} -e {shlex.quote(t['stderr'])} "
-                f"-b y {shlex.quote(t['command'])} {' '.join(shlex.quote(a) for a in t['args'])}\n")
+                f"qsub -N {quote(t['name'])} {t['native']} -o {quote(t['stdout'])} -e {quote(t['stderr'])} "
+                f"-b y {quote(t['command'])} {' '.join(quote(a) for a in t['args'])}\n")
 
-    def submit(self, role: str, n: int) -> list[Job]:
-        self.log_dir().mkdir(parents=True, exist_ok=True)
-        jobs = []
-        # One request per job, so each is in the ledger before the next is submitted.
-        for sid in self.stable_service_ids(role, n):
-            job_id = self.call({"op": "submit", "templates": [self.template(role, sid)]})["ids"][0]
-            job = Job(job_id, role, "queued", sid or f"{role}-{job_id}", time.time(), backend=self.name)
-            self.ledger.add(job)
-            jobs.append(job)
-        return jobs
+    def submit_one(self, role: str, service_id: str | None) -> str:
+        # One request per job (the helper could take several), so each is recorded before the next.
+        return self.call({"op": "submit", "templates": [self.job_template(role, service_id)]})["ids"][0]
 
     def list(self, role: str | None = None) -> list[Job]:
         known = [j for j in self.ledger.jobs() if role is None or j.role == role]

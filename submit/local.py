@@ -2,8 +2,8 @@
 
 Each job is a supervisor (`submit.localrun`) in its own session, so it outlives the CLI and a
 terminal's ^C never reaches it; it runs `salvus-vmjob` and applies the retry policy. State lives in
-STORE/state/local-jobs/: `ID.json` (written once by the CLI: role, service id, supervisor pid and
-its start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
+STORE/state/local-jobs/: `ID.json` (written only by the CLI: role and service id before the
+supervisor starts, then its pid and start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
 Logs go to STORE/logs/ID.out and ID.err.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from cluster.errors import SpecError
+from cluster.spec import ClusterSpec
 from submit.base import Backend, Job, atomic_write_text, quote, wrapper_path
+from submit.runner import CommandRunner
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,8 @@ def process_start_time(pid: int) -> int | None:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, spec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
+        super().__init__(spec, runner)
         self.dir = spec.store_path / "state" / "local-jobs"
 
     def render(self, role: str, service_id: str | None = None) -> str:
@@ -52,38 +54,39 @@ class LocalBackend(Backend):
         return (f"SALVUS_LOCAL_JOB_ID=<id> {quote(wrapper_path(self.spec))} --spec {quote(self.spec.source)} "
                 f"--role {role} --service-id {sid}\n")
 
-    def submit(self, role: str, n: int) -> list[Job]:
+    def prepare_submit(self, role: str) -> None:
         self.role(role)
         wrapper = wrapper_path(self.spec)
         if not os.access(wrapper, os.X_OK):
             raise SpecError(f"scheduler.wrapper: {wrapper}: not an executable file")
-        logs = self.log_dir()
-        logs.mkdir(parents=True, exist_ok=True)
+        super().prepare_submit(role)
         self.dir.mkdir(parents=True, exist_ok=True)
-        jobs = []
-        for sid in self.stable_service_ids(role, n):
-            job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
-            sid = sid or f"{role}-{job_id}"
-            job = Job(job_id, role, "queued", sid, time.time(), backend=self.name)
-            out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
-            record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
-            # Recorded before it starts, so a crash between the two never leaves an untracked job.
-            atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
-            env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
-                   "SALVUS_LOCAL_ERR_LOG": str(err)}
-            cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
-                   str(self.spec.scheduler.max_retries), "--",
-                   wrapper, "--spec", self.spec.source, "--role", role, "--service-id", sid]
-            with open(out, "ab") as fo, open(err, "ab") as fe:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
-                                        start_new_session=True, cwd="/")
-            # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.
-            threading.Thread(target=proc.wait, daemon=True).start()
-            record.update(pid=proc.pid, pid_start=process_start_time(proc.pid))
-            atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
-            log.info("local job %s: %s %s (pid %d)", job_id, role, sid, proc.pid)
-            jobs.append(job)
-        return jobs
+
+    def submit_one(self, role: str, service_id: str | None) -> str:
+        job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
+        job = self.new_job(role, service_id, job_id)
+        logs = self.log_dir()
+        out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
+        record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
+        # Recorded before it starts, so a crash between the two never leaves an untracked job.
+        atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+        env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
+               "SALVUS_LOCAL_ERR_LOG": str(err)}
+        cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
+               str(self.spec.scheduler.max_retries), "--",
+               wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--service-id", job.service_id]
+        with open(out, "ab") as fo, open(err, "ab") as fe:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
+                                    start_new_session=True, cwd="/")
+        # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        record.update(pid=proc.pid, pid_start=process_start_time(proc.pid))
+        atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+        log.debug("local job %s: supervisor pid %d", job_id, proc.pid)
+        return job_id
+
+    def record(self, job: Job) -> None:
+        """Nothing more to record: submit_one wrote the job's record before starting it."""
 
     def _records(self) -> list[dict]:
         out = []

@@ -6,13 +6,12 @@ script is written to a file because those wrappers do not read one from stdin.
 """
 from __future__ import annotations
 
-import logging
 import re
 import time
 
-from submit.base import Job, ScriptBackend, SchedulerError, atomic_write_text, first_line
-
-log = logging.getLogger(__name__)
+from cluster.errors import SchedulerError
+from submit.base import Job, ScriptBackend
+from submit.runner import last_line
 
 # Torque job_state letters -> ours (E: exiting, the wrapper is shutting its guest down).
 STATE_MAP = {"Q": "queued", "W": "queued", "T": "queued", "R": "running", "E": "stopping",
@@ -30,26 +29,22 @@ class PbsBackend(ScriptBackend):
                        "host": "-l host={}"}
     job_id_expr = "${job_id%%.*}"  # Torque ids are NUMBER.SERVER
 
-    def submit(self, role: str, n: int) -> list[Job]:
+    def submit_one(self, role: str, service_id: str | None) -> str:
         logs = self.log_dir()
-        logs.mkdir(parents=True, exist_ok=True)
         scripts = self.spec.store_path / "state" / "scripts"
-        jobs = []
-        for sid in self.stable_service_ids(role, n):
-            script = scripts / f"{self.job_name(role)}.{sid or 'job'}.pbs"
-            atomic_write_text(script, self.render(role, sid), mode=0o755)
-            stamp = f"{self.job_name(role)}.{int(time.time() * 1000)}"
-            argv = ["qsub", "-o", str(logs / f"{stamp}.out"), "-e", str(logs / f"{stamp}.err")]
-            if sid:
-                argv += ["-v", f"SALVUS_SERVICE_ID={sid}"]
-            out = self.run(*argv, str(script)).stdout.strip()
-            if not re.match(r"^\d+(\.[\w.-]+)?$", out):
-                raise SchedulerError(f"qsub: expected a job id, got {first_line(out)!r}")
-            job = Job(out, role, "queued", sid or f"{role}-{out.split('.')[0]}", time.time(), backend=self.name)
-            self.ledger.add(job)
-            log.info("pbs job %s: %s %s", out, role, job.service_id)
-            jobs.append(job)
-        return jobs
+        script = scripts / f"{self.job_name(role)}.{service_id or 'job'}.pbs"
+        self.runner.write_file(script, self.render(role, service_id), mode=0o755)
+        stamp = f"{self.job_name(role)}.{int(time.time() * 1000)}"
+        argv = ["qsub", "-o", str(logs / f"{stamp}.out"), "-e", str(logs / f"{stamp}.err")]
+        if service_id:
+            argv += ["-v", f"SALVUS_SERVICE_ID={service_id}"]
+        job_id = self.run(*argv, str(script), env=self.job_env()).stdout.strip()
+        if not re.match(r"^\d+(\.[\w.-]+)?$", job_id):
+            raise SchedulerError(f"qsub: expected a job id, got {last_line(job_id)!r}")
+        return job_id
+
+    def default_service_id(self, role: str, job_id: str) -> str:
+        return f"{role}-{job_id.split('.')[0]}"  # as the script's ${job_id%%.*}
 
     def list(self, role: str | None = None) -> list[Job]:
         out = self.run("qstat", "-f").stdout

@@ -5,12 +5,11 @@ service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's com
 """
 from __future__ import annotations
 
-import logging
 import time
 
-from submit.base import Job, ScriptBackend, SchedulerError, first_line, grace_seconds, run_command
-
-log = logging.getLogger(__name__)
+from cluster.errors import SchedulerError
+from submit.base import Job, ScriptBackend
+from submit.runner import last_line
 
 SQUEUE_FORMAT = "%i|%j|%T|%r|%V|%k"
 SQUEUE_FIELDS = "JOBID|NAME|STATE|REASON|SUBMIT_TIME|COMMENT"
@@ -42,32 +41,22 @@ class SlurmBackend(ScriptBackend):
 
     def directives(self, role: str, service_id: str | None) -> list[str]:
         lines = super().directives(role, service_id)
-        if self.spec.scheduler.walltime:
+        res = self.resources(role)
+        if res.walltime:
             # SIGTERM to the batch shell (the wrapper, by exec) before the limit; Slurm may send
             # it up to 60 s early.
-            lines.append(f"--signal=B:TERM@{grace_seconds(self.spec) + 60}")
+            lines.append(f"--signal=B:TERM@{res.grace_s + 60}")
         return lines
 
     # --- submit / list / cancel ----------------------------------------------------------------
-    def submit_one(self, role: str, script: str, service_id: str | None) -> str:
-        argv = ["sbatch", "--parsable", f"--export=ALL,SALVUS_SERVICE_ID={service_id}" if service_id
-                else "--export=ALL", f"--comment=salvus:{service_id or ''}"]
-        r = self.run(*argv, input=script)
-        job_id = r.stdout.strip().split(";")[0]
+    def submit_one(self, role: str, service_id: str | None) -> str:
+        export = f"--export=ALL,SALVUS_SERVICE_ID={service_id}" if service_id else "--export=ALL"
+        r = self.run("sbatch", "--parsable", export, f"--comment=salvus:{service_id or ''}",
+                     input=self.render(role, service_id), env=self.job_env())
+        job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
-            raise SchedulerError(f"sbatch: expected a job id, got {first_line(r.stdout)!r}")
+            raise SchedulerError(f"sbatch: expected a job id, got {last_line(r.stdout)!r}")
         return job_id
-
-    def submit(self, role: str, n: int) -> list[Job]:
-        self.log_dir().mkdir(parents=True, exist_ok=True)
-        jobs = []
-        for sid in self.stable_service_ids(role, n):
-            job_id = self.submit_one(role, self.render(role, sid), sid)
-            job = Job(job_id, role, "queued", sid or f"{role}-{job_id}", time.time(), backend=self.name)
-            self.ledger.add(job)  # recorded at once: a failure on the next one never resubmits this
-            log.info("slurm job %s: %s %s", job_id, role, job.service_id)
-            jobs.append(job)
-        return jobs
 
     def list(self, role: str | None = None) -> list[Job]:
         names = ",".join(self.job_name(r) for r in ([role] if role else self.spec.roles))
@@ -81,9 +70,9 @@ class SlurmBackend(ScriptBackend):
 
     def explain_holds(self, held: list[Job]) -> None:
         """Adds the exit code that caused a hold (RequeueExitHold) to the hold reason."""
-        r = run_command([self.command("scontrol"), "--oneliner", "show", "job"], timeout=60)
+        r = self.runner.run(["scontrol", "--oneliner", "show", "job"])
         if r.returncode != 0:
-            return
+            return  # the hold reason alone is still worth showing
         exit_codes = {}
         for line in r.stdout.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)

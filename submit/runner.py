@@ -1,0 +1,83 @@
+"""The one door through which `submit/` runs scheduler client commands (sbatch, squeue, scancel,
+scontrol, qsub, qstat, qdel, the DRMAA helper) and writes the files they read (PBS job scripts).
+
+Backends receive a runner and never start those processes themselves, so a runner that runs the
+same argv on a login node (over SSH) can replace this one without touching any backend.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.errors import SchedulerError, SchedulerUnavailable
+from cluster.files import write_atomic
+from cluster.spec import ClusterSpec
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: list[str]  # as run, the program resolved through bin_dir
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line: where client commands put the error that ended them."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+@dataclass
+class CommandRunner:
+    """Runs commands on this machine. A bare program name is taken from `bin_dir` when the site
+    sets one (else from PATH); a path is run as it is."""
+
+    bin_dir: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+
+    @classmethod
+    def for_spec(cls, spec: ClusterSpec) -> "CommandRunner":
+        return cls(bin_dir=spec.scheduler.bin_dir)
+
+    def program(self, name: str) -> str:
+        return str(Path(self.bin_dir) / name) if self.bin_dir and "/" not in name else name
+
+    def run(self, argv: list[str], input: str | None = None, *, env: dict[str, str] | None = None,
+            timeout: float | None = None) -> CommandResult:
+        """Runs `argv` to completion whatever its exit code; a missing program or no answer within
+        the timeout is one line (75), since both usually pass once the site fixes its set-up."""
+        argv = [self.program(argv[0]), *argv[1:]]
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
+                               env={**os.environ, **self.env, **(env or {})})
+        except FileNotFoundError:
+            raise SchedulerUnavailable(f"{argv[0]}: command not found (is the scheduler's client "
+                                       f"installed and on PATH?)") from None
+        except subprocess.TimeoutExpired:
+            raise SchedulerUnavailable(f"{argv[0]}: no answer within {timeout:.0f}s "
+                                       f"(is the scheduler reachable?)") from None
+        return CommandResult(argv, r.returncode, r.stdout, r.stderr)
+
+    def write_file(self, path: Path, text: str, mode: int = 0o644) -> None:
+        """Writes a file a command will read (a PBS job script), where the commands run."""
+        write_atomic(path, text.encode(), mode)
+
+    def check(self, argv: list[str], input: str | None = None, *, scheduler: str,
+              unreachable_hints: tuple[str, ...] = (), env: dict[str, str] | None = None,
+              timeout: float | None = None) -> CommandResult:
+        """`run`, and a non-zero exit is one line: unreachable (75) when the error output carries
+        one of the scheduler's `unreachable_hints`, else rejected (1)."""
+        r = self.run(argv, input, env=env, timeout=timeout)
+        if r.returncode != 0:
+            msg = last_line(r.stderr or r.stdout)
+            if any(h in msg for h in unreachable_hints):
+                raise SchedulerUnavailable(f"{argv[0]}: the {scheduler} scheduler is unreachable: {msg}")
+            raise SchedulerError(f"{argv[0]} failed (exit {r.returncode}): {msg}")
+        return r
