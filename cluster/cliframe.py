@@ -1,0 +1,63 @@
+"""The frame the three commands (`salvus_jobs`, `imgdist`, `salvus-vmjob`) share: -v/-vv logging,
+a SalvusError as one line `prog: message` with its exit code, Ctrl-C as 130, and plain tables.
+
+A command builds its own argparse parser and hands `run_command` the function to call; everything a
+user sees when something goes wrong is decided here, so the three behave alike.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from cluster.errors import SalvusError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
+def add_verbose(parser: argparse.ArgumentParser, default: Any = 0) -> None:
+    """-v/--verbose, counted: each -v lowers the log threshold one level (-vv: debug).
+
+    `default=argparse.SUPPRESS` lets a parent parser and its subcommands both accept it.
+    """
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)")
+
+
+def setup_logging(verbosity: int, quiet_level: int = logging.WARNING, fmt: str = LOG_FORMAT,
+                  datefmt: str = LOG_DATEFMT) -> None:
+    """Logs to stderr from `quiet_level` down, one level per -v, never below debug."""
+    logging.basicConfig(level=max(quiet_level - 10 * (verbosity or 0), logging.DEBUG), stream=sys.stderr,
+                        format=fmt, datefmt=datefmt)
+
+
+def run_command(prog: str, func: Callable[[], int | None]) -> int:
+    """Calls `func` and turns the errors a user can act on into one line and an exit code."""
+    try:
+        return int(func() or 0)
+    except SalvusError as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, no trailing blanks, no final newline."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
+
+
+def format_age(seconds: float) -> str:
+    """A duration as a person reads it at a glance: 45s, 12m, 5h, 3d."""
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
