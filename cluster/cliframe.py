@@ -19,12 +19,13 @@ LOG_FORMAT = "%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 
 
-def add_verbose(parser: argparse.ArgumentParser, default: Any = 0) -> None:
-    """-v/--verbose, counted: each -v lowers the log threshold one level (-vv: debug).
+def add_verbose(parser: argparse.ArgumentParser, default: Any = 0,
+                help_text: str = "more log output (-vv: debug)") -> None:
+    """-v/--verbose, counted: each -v lowers the log threshold one level (see `setup_logging`).
 
     `default=argparse.SUPPRESS` lets a parent parser and its subcommands both accept it.
     """
-    parser.add_argument("-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=default, help=help_text)
 
 
 def setup_logging(verbosity: int, quiet_level: int = logging.WARNING, fmt: str = LOG_FORMAT,
