@@ -19,7 +19,7 @@ from pathlib import Path
 import catalogue.cli
 import cluster.cli
 import submit.cli
-from cluster.cliframe import add_verbose, run_command, setup_logging
+from cluster.cliframe import common_options, parse, run_command, setup_logging
 from cluster.errors import SpecError, TempFailure
 from cluster.registry import Service, open_registry
 from cluster.spec import ClusterSpec, load_spec, resolve_spec_path
@@ -30,15 +30,6 @@ from jobwrappers.demo_image import DEMO_NAME, DEMO_VERSION, build_demo_image, de
 EXAMPLE_SPEC = Path(__file__).resolve().parent / "examples" / "cluster.yaml"
 DEMO_COUNTS = {"sage": 2, "hub": 1, "cassandra": 1}
 DEMO_EXPRESSION = "12345*6789+(2**20)"
-
-
-def common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: the option is accepted before or after the command without one hiding the other.
-    common.add_argument("--spec", metavar="FILE", default=argparse.SUPPRESS,
-                        help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
-    add_verbose(common, default=argparse.SUPPRESS)
-    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,9 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.spec = getattr(args, "spec", None)
-    args.verbose = getattr(args, "verbose", 0)
+    args = parse(build_parser(), argv)
     setup_logging(args.verbose)
     return run_command("salvus_jobs", lambda: args.func(args))
 

@@ -19,13 +19,30 @@ LOG_FORMAT = "%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 
 
+SPEC_HELP = "cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)"
+
+
 def add_verbose(parser: argparse.ArgumentParser, default: Any = 0,
                 help_text: str = "more log output (-vv: debug)") -> None:
-    """-v/--verbose, counted: each -v lowers the log threshold one level (see `setup_logging`).
-
-    `default=argparse.SUPPRESS` lets a parent parser and its subcommands both accept it.
-    """
+    """-v/--verbose, counted: each -v lowers the log threshold one level (see `setup_logging`)."""
     parser.add_argument("-v", "--verbose", action="count", default=default, help=help_text)
+
+
+def common_options(verbose_help: str = "more log output (-vv: debug)") -> argparse.ArgumentParser:
+    """--spec and -v as a parent for a command and each of its subcommands; `parse` fills them in."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the option is accepted before or after the subcommand without one hiding the other.
+    common.add_argument("--spec", metavar="FILE", default=argparse.SUPPRESS, help=SPEC_HELP)
+    add_verbose(common, default=argparse.SUPPRESS, help_text=verbose_help)
+    return common
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args` with the common options' defaults (no spec named, no -v) filled in."""
+    args = parser.parse_args(argv)
+    args.spec = getattr(args, "spec", None)
+    args.verbose = getattr(args, "verbose", 0)
+    return args
 
 
 def setup_logging(verbosity: int, quiet_level: int = logging.WARNING, fmt: str = LOG_FORMAT,

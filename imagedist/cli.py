@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cluster.cliframe import add_verbose, run_command, setup_logging
+from cluster.cliframe import common_options, parse, run_command, setup_logging
 from cluster.errors import SpecError
 from cluster.spec import ClusterSpec, load_spec
 from imagedist.store import Store, store_lock
@@ -24,11 +24,7 @@ FLAG_ALIASES = {"--sync": "sync", "--daemon": "daemon", "--list": "list", "--gc"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: --spec and -v are accepted before or after the command without one hiding the other.
-    common.add_argument("--spec", metavar="FILE", default=argparse.SUPPRESS,
-                        help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
-    add_verbose(common, default=argparse.SUPPRESS, help_text="debug log output")
+    common = common_options(verbose_help="debug log output")
     p = argparse.ArgumentParser(
         prog="imgdist", parents=[common],
         description="Pull approved images as a BitTorrent swarm, verify them, install them read-only into "
@@ -39,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
-        alias = next(flag for flag, cmd in FLAG_ALIASES.items() if cmd == name)
-        c = sub.add_parser(name, parents=[common], help=help_text, description=f"{help_text} (also: imgdist {alias})",
-                           epilog=f"example: {example}")
+        alias = next(flag for flag, cmd in FLAG_ALIASES.items() if cmd == name) + (" DIR" if name == "origin" else "")
+        c = sub.add_parser(name, parents=[common], help=help_text, epilog=f"example: {example}",
+                           description=f"{help_text} (also spelled: imgdist {alias})")
         c.set_defaults(func=func)
         return c
 
@@ -206,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         parser = build_parser()
         try:
-            args = parser.parse_args(subcommand_argv(sys.argv[1:] if argv is None else list(argv)))
+            words = subcommand_argv(sys.argv[1:] if argv is None else list(argv))
         except ValueError as e:
             parser.error(str(e))  # a usage error like any other: usage line, exit 2
-        setup_logging(getattr(args, "verbose", 0), quiet_level=logging.INFO)
-        return args.func(load_spec(getattr(args, "spec", None)), args)
+        args = parse(parser, words)
+        setup_logging(args.verbose, quiet_level=logging.INFO)
+        return args.func(load_spec(args.spec), args)
 
     return run_command("imgdist", run)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalogue.trust import verified_image
-from cluster.cliframe import add_verbose, run_command, setup_logging
+from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
 from cluster.errors import DataError, SpecError, TempFailure
 from cluster.registry import Registry, Service, open_registry
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="exit codes: 0 stopped on request; 75 temporary failure, retry (guest died, registry\n"
                "down at start, boot timeout); 65 image not trusted or missing; 78 spec or role wrong.\n"
                "example: salvus-vmjob --spec examples/cluster.yaml --role sage --service-id sage-test")
-    p.add_argument("--spec", help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
+    p.add_argument("--spec", help=SPEC_HELP)
     p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
     add_verbose(p, help_text="debug log output")

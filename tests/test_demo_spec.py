@@ -54,3 +54,15 @@ def test_demo_with_a_spec_missing_a_demo_role_is_one_line_78(bare_dir, capsys):
     assert salvus_jobs.main(["demo"]) == 78
     err = capsys.readouterr().err
     assert err.startswith("salvus_jobs: ") and err.count("\n") == 1 and "hub" in err
+
+
+def test_status_prints_the_lines_the_demo_prints(bare_dir, capsys):
+    from submit.cli import status_lines
+    from submit.scale import status_report
+
+    (bare_dir / "cluster.yaml").write_text(ONE_ROLE)
+    assert salvus_jobs.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == status_lines(status_report(load_spec(bare_dir / "cluster.yaml")))
+    assert out.splitlines()[:3] == ["backend: local", "ROLE  DESIRED  QUEUED  RUNNING  HELD  STOPPING  REGISTERED",
+                                    "sage  0        0       0        0     0         0"]
