@@ -1,4 +1,4 @@
-"""`imgdist --list`: one row per image the index names or the store holds."""
+"""`imgdist list`: one row per image the index names or the store holds."""
 from __future__ import annotations
 
 import re
