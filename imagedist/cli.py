@@ -159,7 +159,8 @@ def cmd_daemon(spec: ClusterSpec, args: argparse.Namespace) -> int:
     return run_daemon(spec, args.interval or float(spec.imgdist.interval))
 
 
-def set_enabled_cmd(spec: ClusterSpec, enabled: bool) -> int:
+def switch_host(spec: ClusterSpec, enabled: bool) -> int:
+    """`enable` and `disable`: the host's persisted toggle."""
     from imagedist.state import set_enabled
 
     store = Store.of(spec)
@@ -169,11 +170,11 @@ def set_enabled_cmd(spec: ClusterSpec, enabled: bool) -> int:
 
 
 def cmd_enable(spec: ClusterSpec, args: argparse.Namespace) -> int:
-    return set_enabled_cmd(spec, True)
+    return switch_host(spec, True)
 
 
 def cmd_disable(spec: ClusterSpec, args: argparse.Namespace) -> int:
-    return set_enabled_cmd(spec, False)
+    return switch_host(spec, False)
 
 
 def cmd_unknown_files(spec: ClusterSpec, args: argparse.Namespace) -> int:
