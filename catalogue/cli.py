@@ -11,7 +11,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from cluster.cli import format_table
+from cluster.cliframe import format_table
 from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, load_spec, split_image_ref
 from catalogue import approvals, trust

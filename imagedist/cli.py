@@ -1,4 +1,4 @@
-"""`imgdist`: the hypervisor-side image puller (and, with --origin, the origin's seeder)."""
+"""`imgdist`: the hypervisor-side image puller (and, with `imgdist origin`, the origin's seeder)."""
 from __future__ import annotations
 
 import argparse
@@ -8,34 +8,73 @@ import sys
 import threading
 from pathlib import Path
 
-from cluster.errors import SalvusError, SpecError
+from cluster.cliframe import common_options, parse, run_command, setup_logging
+from cluster.errors import SpecError
 from cluster.spec import ClusterSpec, load_spec
-from imagedist.store import Store, store_lock
+from cluster.store import Store
+from imagedist.store import store_lock
 
 log = logging.getLogger("imgdist")
 
 
+# The flag spellings imgdist had before it had subcommands; users and unit files ask for them by name
+# (`imgdist --list` on a hypervisor), so each still means its subcommand.
+FLAG_ALIASES = {"--sync": "sync", "--daemon": "daemon", "--list": "list", "--gc": "gc", "--enable": "enable",
+                "--disable": "disable", "--list_unknown_files": "unknown-files", "--classad": "classad",
+                "--slurm-features": "slurm-features", "--origin": "origin"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgdist", description=(
-        "Pull approved images as a BitTorrent swarm, verify them, install them read-only into "
-        "the store, seed them, and advertise them to the scheduler."))
-    p.add_argument("--spec", metavar="FILE", help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    cmd = p.add_mutually_exclusive_group(required=True)
-    cmd.add_argument("--list", action="store_true", help="one row per image: state, endorsed, approved, VMs")
-    cmd.add_argument("--sync", action="store_true", help="one pass: fetch index, verify, pull what is missing, gc")
-    cmd.add_argument("--daemon", action="store_true", help="a pass every --interval seconds; seeds in between")
-    cmd.add_argument("--enable", action="store_true", help="take part in pulling and seeding (persisted)")
-    cmd.add_argument("--disable", action="store_true", help="pull and seed nothing (persisted)")
-    cmd.add_argument("--list_unknown_files", action="store_true", help="store files no accepted index explains")
-    cmd.add_argument("--gc", action="store_true", help="remove unwanted images (never one a running VM uses)")
-    cmd.add_argument("--classad", action="store_true", help="machine attributes for an HTCondor startd cron")
-    cmd.add_argument("--slurm-features", action="store_true", help="the same facts as Slurm node features")
-    cmd.add_argument("--origin", metavar="DIR", help="seed the catalogue directory DIR and run the tracker")
-    p.add_argument("--interval", type=float, default=None, help="--daemon: seconds between passes")
-    p.add_argument("--keep", type=int, default=None, help="--gc: versions of each image to keep (0 = all)")
-    p.add_argument("--tracker-port", type=int, default=6969, help="--origin: the tracker's HTTP port")
+    common = common_options(verbose_help="debug log output")
+    p = argparse.ArgumentParser(
+        prog="imgdist", parents=[common],
+        description="Pull approved images as a BitTorrent swarm, verify them, install them read-only into "
+                    "the store, seed them, and advertise them to the scheduler.",
+        epilog="Each command is also spelled as a flag, as before: --sync, --daemon, --list, --gc, --enable, "
+               "--disable, --list_unknown_files, --classad, --slurm-features, --origin DIR "
+               "('imgdist --list' is 'imgdist list'). 'imgdist COMMAND --help' explains one command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
+        alias = next(flag for flag, cmd in FLAG_ALIASES.items() if cmd == name) + (" DIR" if name == "origin" else "")
+        c = sub.add_parser(name, parents=[common], help=help_text, epilog=f"example: {example}",
+                           description=f"{help_text} (also spelled: imgdist {alias})")
+        c.set_defaults(func=func)
+        return c
+
+    command("sync", cmd_sync, "one pass: fetch index, verify, pull what is missing, gc",
+            "imgdist --spec cluster.yaml sync")
+    c = command("daemon", cmd_daemon, "a pass every --interval seconds; seeds in between",
+                "imgdist --spec cluster.yaml daemon --interval 60")
+    c.add_argument("--interval", type=float, default=None, help="seconds between passes (default: imgdist.interval)")
+    command("list", cmd_list, "one row per image: state, endorsed, approved, VMs", "imgdist --spec cluster.yaml list")
+    c = command("gc", cmd_gc, "remove unwanted images (never one a running VM uses)",
+                "imgdist --spec cluster.yaml gc --keep 2")
+    c.add_argument("--keep", type=int, default=None,
+                   help="versions of each image to keep (0 = all; default: imgdist.keep_versions)")
+    command("enable", cmd_enable, "take part in pulling and seeding (persisted)", "imgdist enable")
+    command("disable", cmd_disable, "pull and seed nothing (persisted)", "imgdist disable")
+    command("unknown-files", cmd_unknown_files, "store files no accepted index explains", "imgdist unknown-files")
+    command("classad", cmd_classad, "machine attributes for an HTCondor startd cron", "imgdist classad")
+    command("slurm-features", cmd_slurm_features, "the same facts as Slurm node features", "imgdist slurm-features")
+    c = command("origin", cmd_origin, "seed the catalogue directory DIR and run the tracker",
+                "imgdist --spec origin.yaml origin /srv/catalogue --tracker-port 6969")
+    c.add_argument("dir", metavar="DIR", help="a catalogue directory with images/ and torrents/")
+    c.add_argument("--tracker-port", type=int, default=6969, help="the tracker's HTTP port")
     return p
+
+
+def subcommand_argv(argv: list[str]) -> list[str]:
+    """The argument list with a flag spelling (`--list`, `--origin DIR`, `--origin=DIR`) turned into
+    its subcommand, put first so the options around it (`--spec`, `--keep`, ...) all reach it."""
+    found = [i for i, a in enumerate(argv) if a.split("=", 1)[0] in FLAG_ALIASES]
+    if len(found) > 1:
+        raise ValueError(f"{argv[found[0]]} and {argv[found[1]]} are different commands: give one")
+    if not found:
+        return argv
+    i = found[0]
+    flag, eq, value = argv[i].partition("=")
+    return [FLAG_ALIASES[flag], *([value] if eq else []), *argv[:i], *argv[i + 1:]]
 
 
 def _index(spec: ClusterSpec):
@@ -44,14 +83,14 @@ def _index(spec: ClusterSpec):
     return accepted_index(spec)
 
 
-def cmd_list(spec: ClusterSpec) -> int:
+def cmd_list(spec: ClusterSpec, args: argparse.Namespace) -> int:
     from imagedist.listing import render, rows
 
     print(render(rows(spec, Store.of(spec), _index(spec))), end="")
     return 0
 
 
-def cmd_sync(spec: ClusterSpec) -> int:
+def cmd_sync(spec: ClusterSpec, args: argparse.Namespace) -> int:
     from imagedist.sync import Agent
 
     agent = Agent(spec)
@@ -63,7 +102,7 @@ def cmd_sync(spec: ClusterSpec) -> int:
         finally:
             agent.close()
     if r.disabled:
-        print("imgdist is disabled on this host: nothing pulled (imgdist --enable)")
+        print("imgdist is disabled on this host: nothing pulled (imgdist enable)")
         return 0
     for ref in r.installed:
         print(f"installed {ref}")
@@ -78,12 +117,12 @@ def cmd_sync(spec: ClusterSpec) -> int:
     return 0 if r.ok else 1
 
 
-def cmd_gc(spec: ClusterSpec, keep: int | None) -> int:
+def cmd_gc(spec: ClusterSpec, args: argparse.Namespace) -> int:
     from imagedist.gc import collect
     from imagedist.store import Busy
 
     store = Store.of(spec)
-    keep = spec.imgdist.keep_versions if keep is None else keep
+    keep = spec.imgdist.keep_versions if args.keep is None else args.keep
     if keep < 0:
         raise SpecError("--keep: expected 0 (keep all) or a positive number of versions")
     try:
@@ -102,68 +141,77 @@ def cmd_gc(spec: ClusterSpec, keep: int | None) -> int:
     return 0
 
 
-def cmd_origin(spec: ClusterSpec, directory: str, tracker_port: int) -> int:
+def cmd_origin(spec: ClusterSpec, args: argparse.Namespace) -> int:
     from imagedist.origin import Origin
 
-    d = Path(directory)
+    d = Path(args.dir)
     if not (d / "torrents").is_dir() or not (d / "images").is_dir():
         raise SpecError(f"{d}: expected a catalogue directory with images/ and torrents/")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Origin(spec, d, tracker_port).run(stop.is_set)
+    Origin(spec, d, args.tracker_port).run(stop.is_set)
     return 0
 
 
-def dispatch(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+def cmd_daemon(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    from imagedist.daemon import run_daemon
+
+    return run_daemon(spec, args.interval or float(spec.imgdist.interval))
+
+
+def switch_host(spec: ClusterSpec, enabled: bool) -> int:
+    """`enable` and `disable`: the host's persisted toggle."""
+    from imagedist.state import set_enabled
+
     store = Store.of(spec)
-    if args.list:
-        return cmd_list(spec)
-    if args.sync:
-        return cmd_sync(spec)
-    if args.daemon:
-        from imagedist.daemon import run_daemon
+    set_enabled(store, enabled)
+    print(f"imgdist {'enabled' if enabled else 'disabled'} on this host ({store.runtime.imgdist_enabled})")
+    return 0
 
-        return run_daemon(spec, args.interval or float(spec.imgdist.interval))
-    if args.enable or args.disable:
-        from imagedist.state import set_enabled
 
-        set_enabled(store, bool(args.enable))
-        print(f"imgdist {'enabled' if args.enable else 'disabled'} on this host ({store.runtime.imgdist_enabled})")
-        return 0
-    if args.list_unknown_files:
-        from imagedist.gc import unknown_files
+def cmd_enable(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    return switch_host(spec, True)
 
-        for f in unknown_files(store, _index(spec)):
-            print(f)
-        return 0
-    if args.gc:
-        return cmd_gc(spec, args.keep)
-    if args.classad:
-        from imagedist.classad import render_classad
 
-        print(render_classad(spec, store, _index(spec)), end="")
-        return 0
-    if args.slurm_features:
-        from imagedist.classad import slurm_features
+def cmd_disable(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    return switch_host(spec, False)
 
-        print(",".join(slurm_features(spec, store, _index(spec))))
-        return 0
-    return cmd_origin(spec, args.origin, args.tracker_port)
+
+def cmd_unknown_files(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    from imagedist.gc import unknown_files
+
+    for f in unknown_files(Store.of(spec), _index(spec)):
+        print(f)
+    return 0
+
+
+def cmd_classad(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    from imagedist.classad import render_classad
+
+    print(render_classad(spec, Store.of(spec), _index(spec)), end="")
+    return 0
+
+
+def cmd_slurm_features(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    from imagedist.classad import slurm_features
+
+    print(",".join(slurm_features(spec, Store.of(spec), _index(spec))))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=max(logging.INFO - 10 * args.verbose, logging.DEBUG), stream=sys.stderr,
-                        format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return int(dispatch(args) or 0)
-    except SalvusError as e:
-        print(f"imgdist: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    def run() -> int:
+        parser = build_parser()
+        try:
+            words = subcommand_argv(sys.argv[1:] if argv is None else list(argv))
+        except ValueError as e:
+            parser.error(str(e))  # a usage error like any other: usage line, exit 2
+        args = parse(parser, words)
+        setup_logging(args.verbose, quiet_level=logging.INFO)
+        return args.func(load_spec(args.spec), args)
+
+    return run_command("imgdist", run)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""`imgdist --list`: one row per image the index names or the store holds."""
+"""`imgdist list`: one row per image the index names or the store holds."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from cluster.cliframe import format_table
 from cluster.spec import ClusterSpec
 from cluster.files import allocated_bytes
 from imagedist.gc import IMAGE_FILE_RE
@@ -74,8 +75,7 @@ def _state(store: Store, key: str, file_name: str, size: int, status, live: bool
 
 
 def render(rows_: list[Row]) -> str:
-    head = ("NAME", "VERSION", "SIZE", "STATE", "ENDORSED", "APPROVED", "VMS")
-    table = [head] + [(r.name, r.version, f"{r.size / MiB:.0f} MiB", r.state, r.endorsed, r.approved, str(r.vms))
-                      for r in rows_]
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table) + "\n"
+    head = ["NAME", "VERSION", "SIZE", "STATE", "ENDORSED", "APPROVED", "VMS"]
+    table = [[r.name, r.version, f"{r.size / MiB:.0f} MiB", r.state, r.endorsed, r.approved, str(r.vms)]
+             for r in rows_]
+    return format_table(head, table) + "\n"

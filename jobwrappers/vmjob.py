@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalogue.trust import verified_image
-from cluster.errors import DataError, SalvusError, SpecError, TempFailure
+from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
+from cluster.errors import DataError, SpecError, TempFailure
 from cluster.registry import Registry, Service, open_registry
 from cluster import jobstatus
 from cluster.jobstatus import JobStatus
@@ -99,10 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="exit codes: 0 stopped on request; 75 temporary failure, retry (guest died, registry\n"
                "down at start, boot timeout); 65 image not trusted or missing; 78 spec or role wrong.\n"
                "example: salvus-vmjob --spec examples/cluster.yaml --role sage --service-id sage-test")
-    p.add_argument("--spec", help="cluster spec (default: ./cluster.yaml, then $SALVUS_SPEC)")
+    p.add_argument("--spec", help=SPEC_HELP)
     p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbose(p, help_text="debug log output")
     return p.parse_args(argv)
 
 
@@ -296,9 +297,9 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s salvus-vmjob[%(process)d] %(levelname)s: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S")
+    # The log is the scheduler's job output, read long after the fact: full dates and the pid.
+    setup_logging(args.verbose, quiet_level=logging.INFO,
+                  fmt="%(asctime)s salvus-vmjob[%(process)d] %(levelname)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -308,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        return run(args, stop)
-    except SalvusError as e:
-        print(f"salvus-vmjob: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    return run_command("salvus-vmjob", lambda: run(args, stop))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from string import Template
 from typing import Iterable
 
 from cluster.errors import SpecError
-from cluster.files import write_atomic as atomic_write
+from cluster.files import write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec
+from cluster.store import Store
 from submit.runner import CommandResult, CommandRunner
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,6 @@ class Job:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    atomic_write(path, text.encode(), mode)
 
 
 def wrapper_path(spec: ClusterSpec) -> str:
@@ -115,13 +112,13 @@ class Ledger:
     or removed behind our back) and DRMAA, which cannot list a queue, knows what to ask about."""
 
     def __init__(self, spec: ClusterSpec, backend: str) -> None:
-        self.dir = spec.store_path / "state" / "submitted" / backend
+        self.dir = Store.of(spec).runtime.submitted_dir(backend)
 
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id.replace('/', '_')}.json"
 
     def add(self, job: Job, **extra: object) -> None:
-        atomic_write_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}))
+        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}))
 
     def forget(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
@@ -262,7 +259,7 @@ class Backend(abc.ABC):
         return Template(text).substitute({**self.template_values(role), **extra})
 
     def log_dir(self) -> Path:
-        return Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else self.spec.store_path / "logs"
+        return Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else Store.of(self.spec).logs
 
     def extra_directive_lines(self, prefix: str) -> str:
         """The site's `scheduler.extra_directives`, each as its own `prefix ...` line."""

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from cluster.cli import format_age, format_table
+from cluster.cliframe import format_age, format_table
 from cluster.spec import load_spec
 from submit import open_backend
 
@@ -68,17 +68,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
-    print(f"backend: {report['backend']}")
-    print(format_table(["ROLE", "DESIRED", "QUEUED", "RUNNING", "HELD", "STOPPING", "REGISTERED"],
-                       [[role, *(str(c[k]) for k in ("desired", "queued", "running", "held", "stopping", "registered"))]
-                        for role, c in report["roles"].items()]))
-    if report["jobs"]:
-        print()
-        print(format_table(["JOB", "ROLE", "STATE", "SERVICE", "ENDPOINT", "AGE", "NOTE"],
-                           [[j["job_id"], j["role"], j["state"] + ("+registered" if j["registered"] else ""),
-                             j["service_id"] or "-", j["endpoint"] or "-", format_age(j["age"]), j["hold_reason"]]
-                            for j in report["jobs"]]))
+    for line in status_lines(report):
+        print(line)
     return 0
+
+
+def status_lines(report: dict) -> list[str]:
+    """`status_report`'s data as the lines `status` prints (the demo prints them too)."""
+    lines = [f"backend: {report['backend']}"]
+    lines += format_table(["ROLE", "DESIRED", "QUEUED", "RUNNING", "HELD", "STOPPING", "REGISTERED"],
+                          [[role, *(str(c[k]) for k in ("desired", "queued", "running", "held", "stopping", "registered"))]
+                           for role, c in report["roles"].items()]).splitlines()
+    if report["jobs"]:
+        lines.append("")
+        lines += format_table(["JOB", "ROLE", "STATE", "SERVICE", "ENDPOINT", "AGE", "NOTE"],
+                              [[j["job_id"], j["role"], j["state"] + ("+registered" if j["registered"] else ""),
+                                j["service_id"] or "-", j["endpoint"] or "-", format_age(j["age"]), j["hold_reason"]]
+                               for j in report["jobs"]]).splitlines()
+    return lines
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

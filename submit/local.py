@@ -17,27 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from cluster.errors import SpecError
 from cluster.spec import ClusterSpec
-from submit.base import Backend, Job, atomic_write_text, quote, wrapper_path
+from cluster.files import process_start_time, write_atomic_text
+from cluster.store import Store
+from submit.base import Backend, Job, quote, wrapper_path
 from submit.runner import CommandRunner
 
 log = logging.getLogger(__name__)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` (clock ticks since boot), None when it is gone or a zombie;
-    with the pid it identifies a process even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 class LocalBackend(Backend):
@@ -45,7 +33,7 @@ class LocalBackend(Backend):
 
     def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
         super().__init__(spec, runner)
-        self.dir = spec.store_path / "state" / "local-jobs"
+        self.dir = Store.of(spec).runtime.local_jobs_dir
 
     def render(self, role: str, service_id: str | None = None) -> str:
         """The command line the local executor runs (there is no job description to submit)."""
@@ -69,7 +57,7 @@ class LocalBackend(Backend):
         out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
         record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
         # Recorded before it starts, so a crash between the two never leaves an untracked job.
-        atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record))
         env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
                "SALVUS_LOCAL_ERR_LOG": str(err)}
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
@@ -81,7 +69,7 @@ class LocalBackend(Backend):
         # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.
         threading.Thread(target=proc.wait, daemon=True).start()
         record.update(pid=proc.pid, pid_start=process_start_time(proc.pid))
-        atomic_write_text(self.dir / f"{job_id}.json", json.dumps(record))
+        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record))
         log.debug("local job %s: supervisor pid %d", job_id, proc.pid)
         return job_id
 

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from submit.base import EXIT_HOLD, EXIT_RETRY, atomic_write_text
+from cluster.files import write_atomic_text
+from submit.base import EXIT_HOLD, EXIT_RETRY
 
 
 def last_log_line(path: Path, limit: int = 8192) -> str:
@@ -36,7 +37,7 @@ def supervise(job_dir: Path, job_id: str, max_retries: int, cmd: list[str]) -> i
     child: dict[str, subprocess.Popen | None] = {"p": None}
 
     def write(**fields: object) -> None:
-        atomic_write_text(state_file, json.dumps({"job_id": job_id, "supervisor": os.getpid(),
+        write_atomic_text(state_file, json.dumps({"job_id": job_id, "supervisor": os.getpid(),
                                                   "updated": time.time(), **fields}))
 
     def on_signal(signum: int, _frame: object) -> None:

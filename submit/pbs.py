@@ -10,6 +10,7 @@ import re
 import time
 
 from cluster.errors import SchedulerError
+from cluster.store import Store
 from submit.base import Job, ScriptBackend
 from submit.runner import last_line
 
@@ -31,7 +32,7 @@ class PbsBackend(ScriptBackend):
 
     def submit_one(self, role: str, service_id: str | None) -> str:
         logs = self.log_dir()
-        scripts = self.spec.store_path / "state" / "scripts"
+        scripts = Store.of(self.spec).runtime.scripts_dir
         script = scripts / f"{self.job_name(role)}.{service_id or 'job'}.pbs"
         self.runner.write_file(script, self.render(role, service_id), mode=0o755)
         stamp = f"{self.job_name(role)}.{int(time.time() * 1000)}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.registry import open_registry
-from jobwrappers.cli import http_get
+from salvus_jobs import http_get
 from tests.conftest import run_cli
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
 from tests.polling import wait_for
