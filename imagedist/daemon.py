@@ -15,8 +15,8 @@ from imagedist.sync import Agent, select_entries
 log = logging.getLogger(__name__)
 
 # Between passes the daemon drains libtorrent's alerts without blocking and sleeps on the SIGHUP
-# event: a signal can't interrupt libtorrent's wait_for_alert, so sleeping in there delayed a pass
-# by up to the wait (0.2 s, which was ~1% of the benchmark's wall time).
+# event: a signal can't interrupt libtorrent's wait_for_alert, so sleeping in there would delay a
+# pass by up to the wait.
 SEED_PUMP_SECONDS = 0.2
 
 

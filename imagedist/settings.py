@@ -1,7 +1,7 @@
 """libtorrent session settings for hosts and the origin, and per-host peer classes.
 
 The choices follow what was measured on a LAN of hypervisors (see the project notes): TCP only
-(uTP was ~3x slower), no DHT/LSD/UPnP/NAT-PMP (peers come from our tracker or the spec), several
+(uTP's delay-based congestion control backs off on a busy LAN), no DHT/LSD/UPnP/NAT-PMP (peers come from our tracker or the spec), several
 connections per IP (hosts on one machine share 127.0.0.1), and `initial_picker_threshold=0` so the
 steering priorities apply from the first piece instead of after a few random picks.
 """
@@ -48,7 +48,7 @@ def session_settings(cfg: SessionConfig) -> dict:
         # A stalled swarm is noticed by our watchdog; libtorrent should retry peers quickly.
         "min_reconnect_time": 1,
         # libtorrent's internal tick (500 ms by default) hands out bandwidth quota and starts
-        # connections; at 100 ms the origin was at full rate 0.5 s after a pull started, not 1 s.
+        # connections; a shorter tick brings the origin to full rate sooner after a pull starts.
         "tick_interval": 100,
         "peer_connect_timeout": 5,
         "min_announce_interval": 2,
@@ -80,10 +80,8 @@ def session_settings(cfg: SessionConfig) -> dict:
         s["outgoing_interfaces"] = cfg.listen_ip
     if cfg.role == "host":
         # A host's HAVE and REQUEST messages queue behind the piece data already in its send
-        # buffers, so deep buffers delay every hop of a piece through the swarm: with 1 MiB buffers
-        # hosts forwarded 9.5 MB/s and fell 2-3 s behind the origin. Small buffers keep requested
-        # blocks in libtorrent's request queue, where a HAVE overtakes them (the 7 connections
-        # still hold ~0.15 s of the uplink). Paired runs: 26.9 s against 27.8 s, 5 of 5 faster.
+        # buffers, so deep buffers delay every hop of a piece through the swarm. Small buffers keep
+        # requested blocks in libtorrent's request queue, where a HAVE overtakes them.
         s["send_socket_buffer_size"] = 64 << 10
         s["send_buffer_watermark"] = 128 << 10
         s["send_buffer_watermark_factor"] = 10

@@ -1,19 +1,19 @@
 """Steering the swarm so the origin sends each piece about once.
 
-Stock libtorrent on an 8-host LAN had the origin send 1.6-1.9 copies of an image: every host asked
-it for the same rarest pieces. Measured fixes, combined here:
+Stock libtorrent makes every host ask the origin for the same rarest pieces, so the origin sends
+most pieces several times. The fixes, combined here (figures in the README's benchmark section):
 - striping: host i of n gives its own n-th of the pieces top priority, so hosts start on
   different slices and then trade them;
 - only-at-origin pieces are not wanted: while a host takes its own slice from the origin, another
   slice's piece that no peer has yet gets priority 0, so the host never asks the origin for it
-  (libtorrent filled its request queue at the origin, hundreds of blocks deep, with pieces next
-  to its slice: 4-6% of the image went out twice, each percent about 0.2 s of the origin's link);
+  (libtorrent would fill its deep request queue at the origin with pieces next to its slice, which
+  the host owning that slice is fetching at the same time: sent twice);
 - gating: once its slice is complete a host stops taking pieces from the origin (unless the
   swarm goes idle, see swarm.GATE_IDLE_SECONDS);
 - pacing (origin side, imagedist.origin): one peer class per host, because plain TCP shares the
   origin link very unevenly. The origin rate is split in proportion to what each host still lacks
-  of its own slice (hosts tell the tracker their stripe): an even split let a host whose downlink
-  was crowded by its peers fall up to 7 MiB behind, and the whole swarm then waited for its slice.
+  of its own slice (hosts tell the tracker their stripe): with an even split a host whose downlink
+  is crowded by its peers falls behind, and the whole swarm then waits for its slice.
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from imagedist.settings import SessionConfig, make_session
 
 log = logging.getLogger(__name__)
 
-# Each save flushes libtorrent's writes and fsyncs the resume file: every second cost the 8 hosts of
-# the emulated LAN about 2 CPU-seconds per 256 MiB pull; 5 s of progress is what a SIGKILL may cost.
+# Each save flushes libtorrent's writes and fsyncs the resume file, which costs CPU on every host;
+# 5 s of progress is what a SIGKILL may cost.
 RESUME_EVERY = 5.0
 PUMP_SECONDS = 0.2
 # A pull leaves its image dirty in the page cache (a hypervisor's memory is far above the kernel's

@@ -21,7 +21,7 @@ from pathlib import Path
 from string import Template
 from typing import Iterable
 
-from cluster.errors import SpecError
+from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
 from cluster.files import write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec
 from cluster.store import Store
@@ -37,8 +37,8 @@ STATES = ("queued", "running", "held", "stopping", "done", "failed", "unknown")
 ACTIVE_STATES = ("queued", "running", "held")
 
 # The wrapper's exit codes (ARCHITECTURE.md) as the backends' retry policy sees them.
-EXIT_RETRY = 75
-EXIT_HOLD = (65, 78)
+EXIT_RETRY = EXIT_TEMPFAIL
+EXIT_HOLD = (EXIT_DATAERR, EXIT_CONFIG)
 
 # Memory QEMU needs beside the guest's own (TCG code buffer, device model): added to every job's
 # memory request so the scheduler's limit never kills a VM that stays within its guest memory.

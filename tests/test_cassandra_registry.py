@@ -187,6 +187,7 @@ def test_reregistering_under_another_role_moves_the_row(cassandra_node, tmp_path
         assert reg.get("x1").role == "hub"
 
 
+@pytest.mark.slow  # three Cassandra nodes: a multi-host ring
 def test_three_nodes_rf3_keep_answering_with_one_node_stopped(tmp_path):
     """Three nodes on consecutive loopback addresses, replication factor 3, LOCAL_QUORUM: with any one
     node stopped (here the first contact point) lookups, heartbeats and registrations go on; with

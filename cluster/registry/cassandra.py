@@ -409,8 +409,7 @@ class CassandraRegistry(Registry):
         return Service.from_row(row) if row else None
 
     def _both_tables(self, *statements: tuple[str, tuple]) -> None:
-        """One UNLOGGED batch for the row in both tables: one request instead of two (measured
-        ~1.6x the heartbeat rate of two concurrent requests). Not LOGGED: were one half lost, the
+        """One UNLOGGED batch for the row in both tables: one request instead of two. Not LOGGED: were one half lost, the
         next heartbeat rewrites both and TTL removes strays, so the batchlog's cost buys nothing."""
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
         for name, values in statements:
