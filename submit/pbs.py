@@ -43,7 +43,7 @@ class PbsBackend(ScriptBackend):
             if sid:
                 argv += ["-v", f"SALVUS_SERVICE_ID={sid}"]
             out = self.run(*argv, str(script)).stdout.strip()
-            if not re.match(r"^\d+(\.[\w.-]+)?$", out):
+            if not re.fullmatch(r"\d+(\.[\w.-]+)?", out):
                 raise SchedulerError(f"qsub: expected a job id, got {first_line(out)!r}")
             job = Job(out, role, "queued", sid or f"{role}-{out.split('.')[0]}", time.time(), backend=self.name)
             self.ledger.add(job)
