@@ -144,11 +144,12 @@ def check_refs(entries: list[Entry], revoked: list[str]) -> None:
     seen: set[str] = set()
     gone = set(revoked)
     for i, e in enumerate(entries):
-        if e.ref in seen:
-            raise ValueError(f"entries[{i}]: {e.ref} is listed twice")
-        if e.ref in gone:
-            raise ValueError(f"entries[{i}]: {e.ref} is both listed and revoked")
-        seen.add(e.ref)
+        ref = f"{e.name}@{e.version}"
+        if ref in seen:
+            raise ValueError(f"entries[{i}]: {ref} is listed twice")
+        if ref in gone:
+            raise ValueError(f"entries[{i}]: {ref} is both listed and revoked")
+        seen.add(ref)
 
 
 @dataclass(config=STRICT)
@@ -181,7 +182,7 @@ class Index:
     @classmethod
     def from_json(cls, raw: bytes) -> "Index":
         """Inverse of `to_json`; trusts its input as much as the state directory it was read from."""
-        return TypeAdapter(cls).validate_python(json.loads(raw))
+        return TypeAdapter(cls).validate_json(raw)  # pydantic's own JSON reader: no dict detour
 
     def render(self) -> bytes:
         """The bytes `sign` writes and signs; never used to verify (verification uses the file)."""
