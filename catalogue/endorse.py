@@ -21,7 +21,6 @@ import os
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
-
 from typing import Optional
 
 import yaml

@@ -6,8 +6,9 @@ Every YAML file the project reads (the spec, the signed index, the endorser's dr
 below, so a problem is one line naming the file, the field path (`entries[3].sha256`,
 `roles.sage.vcpus`) and what was expected.
 
-Patterns validate with `re.fullmatch`: `re.match` with `^…$` also accepts a trailing newline
-(`"sage-1\\n"` would pass as a service id and end up in file names and registry rows).
+Patterns match the whole text (`full_match` types, `re.fullmatch` in plain checks): `re.match` with
+`^…$` also accepts a trailing newline (`"sage-1\\n"` would pass as a service id and end up in file
+names and registry rows).
 """
 from __future__ import annotations
 
@@ -224,12 +225,17 @@ def _fields_at(root: Any, loc: tuple[Any, ...], internal: tuple[str, ...]) -> li
 def _expected_at(root: Any, loc: tuple[Any, ...]) -> str | None:
     """What a `full_match` type at `loc` expects (its description)."""
     tp = _annotation_at(root, loc)
-    while typing.get_origin(tp) is not None:
-        for meta in getattr(tp, "__metadata__", ()):
-            if getattr(meta, "description", None):
-                return meta.description
-        tp = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else _unwrap(tp)
-    return None
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            found = [m.description for m in tp.__metadata__ if getattr(m, "description", None)]
+            if found:
+                return found[0]
+            tp = typing.get_args(tp)[0]
+        elif origin is typing.Union or str(origin) == "types.UnionType":
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return None
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

@@ -9,7 +9,7 @@ from cluster.errors import DataError, SpecError
 from cluster.spec import load_spec, split_image_ref
 from cluster.yamlmodel import is_name, is_service_id, load_yaml
 from catalogue import approvals, trust
-from catalogue.endorse import CatalogueDir
+from catalogue.endorse import CatalogueDir, add_image
 from catalogue.index import Index, new_signature_file, parse_index, sign_index_bytes
 from jobwrappers.jobenv import check_service_id
 from tests.fixtures.catalogue import tree_snapshot
@@ -185,3 +185,11 @@ def test_draft_entry_listed_twice_refused(signed_catalogue):
     body = text.split("entries:\n", 1)[1].split("revoked:")[0]
     cat.draft_path.write_text(text.replace("entries:\n", "entries:\n" + body, 1))
     one_line(refused(DataError, cat.draft), str(cat.draft_path), "entries[1]: demo@1 is listed twice")
+
+
+def test_add_refuses_a_role_the_index_would_refuse(signed_catalogue):
+    sc = signed_catalogue
+    before = tree_snapshot(sc.cat.root)
+    msg = refused(SpecError, add_image, sc.cat, sc.image, "demo", "2", ["sage\n"], [], sc.url)
+    one_line(msg, "catalogue add: roles[0]: expected a short lowercase name", repr("sage\n"))
+    assert tree_snapshot(sc.cat.root) == before
