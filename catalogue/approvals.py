@@ -47,7 +47,7 @@ ApprovalPattern = Annotated[StrictStr, AfterValidator(_pattern)]  # NAME@VERSION
 
 @dataclass(config=STRICT)
 class Approvals:
-    """approvals.yaml."""
+    """approvals.yaml: what this site lets its hypervisors boot, NAME@VERSION or NAME@*."""
 
     approved: list[ApprovalPattern] = dataclasses.field(default_factory=list)
 
