@@ -193,3 +193,16 @@ def test_add_refuses_a_role_the_index_would_refuse(signed_catalogue):
     msg = refused(SpecError, add_image, sc.cat, sc.image, "demo", "2", ["sage\n"], [], sc.url)
     one_line(msg, "catalogue add: roles[0]: expected a short lowercase name", repr("sage\n"))
     assert tree_snapshot(sc.cat.root) == before
+
+
+def test_duplicate_keys_refused_with_the_pure_python_parser_too():
+    """UniqueKeyLoader uses libyaml's parser when PyYAML has it; the refusal is in the constructor,
+    so the pure-Python parser (no libyaml) refuses the same way."""
+    import yaml
+
+    from cluster.yamlmodel import UniqueKeyLoader
+    pure = type("PureUniqueKeyLoader", (yaml.SafeLoader,), {"construct_mapping": UniqueKeyLoader.construct_mapping})
+    with pytest.raises(yaml.constructor.ConstructorError, match="key 'b' appears twice") as info:
+        yaml.load("a: 1\nb: 2\nb: 3\n", Loader=pure)  # noqa: S506 - a SafeLoader subclass
+    assert info.value.problem_mark.line == 2
+    assert yaml.load("a: {b: 1}\nc: {b: 2}\n", Loader=pure) == {"a": {"b": 1}, "c": {"b": 2}}  # noqa: S506
