@@ -11,13 +11,18 @@ approved: [demo@1, sage-ubuntu@*]
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Annotated
 
 import yaml
+from pydantic import AfterValidator, StrictStr
+from pydantic.dataclasses import dataclass
 
 from cluster.errors import DataError, SpecError
-from cluster.spec import ClusterSpec, split_image_ref
+from cluster.spec import ClusterSpec
 from cluster.store import Store
+from cluster.yamlmodel import STRICT, load_yaml, split_image_ref, validate_document
 from cluster.files import locked, read_limited, write_atomic
 
 MAX_APPROVALS_BYTES = 1 << 20
@@ -28,36 +33,39 @@ def approvals_path(spec: ClusterSpec) -> Path:
     return Store.of(spec).trust.approvals
 
 
-def check_pattern(ref: str) -> str:
-    """NAME@VERSION or NAME@*; SpecError (78) otherwise."""
+def _pattern(ref: str) -> str:
     name, _, version = ref.partition("@")
     try:
         split_image_ref(f"{name}@{'any' if version == '*' else version}")
     except ValueError as e:
-        raise SpecError(f"approval {ref!r}: {e} (or NAME@* for every version)") from None
+        raise ValueError(f"{e} (or NAME@* for every version)") from None
     return ref
+
+
+ApprovalPattern = Annotated[StrictStr, AfterValidator(_pattern)]  # NAME@VERSION or NAME@*
+
+
+@dataclass(config=STRICT)
+class Approvals:
+    """approvals.yaml: what this site lets its hypervisors boot, NAME@VERSION or NAME@*."""
+
+    approved: list[ApprovalPattern] = dataclasses.field(default_factory=list)
+
+
+def check_pattern(ref: str) -> str:
+    """NAME@VERSION or NAME@*; SpecError (78) otherwise."""
+    try:
+        return _pattern(ref)
+    except ValueError as e:
+        raise SpecError(f"approval {ref!r}: {e}") from None
 
 
 def load_approvals(spec: ClusterSpec) -> list[str]:
     path = approvals_path(spec)
     if not path.exists():
         return []
-    raw = read_limited(path, MAX_APPROVALS_BYTES)
-    try:
-        data = yaml.safe_load(raw) or {}
-    except yaml.YAMLError:
-        raise DataError(f"{path}: malformed YAML; expected 'approved: [NAME@VERSION, ...]'") from None
-    approved = data.get("approved") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or set(data) - {"approved"} or not isinstance(approved or [], list):
-        raise DataError(f"{path}: expected only 'approved: [NAME@VERSION, ...]'")
-    for i, ref in enumerate(approved or []):
-        if not isinstance(ref, str):
-            raise DataError(f"{path}: approved[{i}]: expected NAME@VERSION, got {ref!r}")
-        try:
-            check_pattern(ref)
-        except SpecError as e:
-            raise DataError(f"{path}: approved[{i}]: {e}") from None
-    return list(approved or [])
+    data = load_yaml(read_limited(path, MAX_APPROVALS_BYTES), str(path), DataError, MAX_APPROVALS_BYTES)
+    return list(validate_document(Approvals, data, str(path), DataError).approved)
 
 
 def is_approved(spec: ClusterSpec, name: str, version: str) -> bool:

@@ -22,12 +22,12 @@ from catalogue.index import DEFAULT_MAX_INDEX_BYTES, Index, format_time, now_utc
 from catalogue.keys import generate_key, key_id, load_private_key, load_trust_keys, public_pem, read_passphrase
 
 DIR_ENV = "SALVUS_CATALOGUE_DIR"
-_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
+_DURATION_RE = re.compile(r"(\d+)([smhdw])")  # use with fullmatch
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> timedelta:
-    m = _DURATION_RE.match(text)
+    m = _DURATION_RE.fullmatch(text)
     if not m or int(m.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h, 90m, got {text!r}")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])

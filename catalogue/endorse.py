@@ -21,17 +21,22 @@ import os
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import StrictStr, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from cluster.errors import DataError, SpecError
 from cluster.spec import split_image_ref
+from cluster.yamlmodel import STRICT, ImageRef, NonNegativeInt, describe_validation_error, load_yaml
+from cluster.yamlmodel import validate_document
 from cluster.files import read_limited
 from cluster.files import write_atomic
 from catalogue.hashcache import sha256_file
-from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, load_yaml_mapping, new_signature_file,
-                             now_utc, parse_entries, parse_index, parse_signature_file, sign_index_bytes)
+from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, check_refs, new_signature_file, now_utc,
+                             parse_index, parse_signature_file, sign_index_bytes)
 from catalogue.keys import key_id
 from catalogue.torrent import check_torrent, make_torrent
 from catalogue.trust import check_signed_index
@@ -39,6 +44,28 @@ from catalogue.trust import check_signed_index
 log = logging.getLogger(__name__)
 
 MAX_DRAFT_BYTES = DEFAULT_MAX_INDEX_BYTES
+MAX_CONFIG_BYTES = 1 << 16
+
+
+@dataclass(config=STRICT)
+class CatalogueConfig:
+    """catalogue.yaml: what the endorser's directory remembers between commands."""
+
+    url: Optional[StrictStr] = None  # the origin URL given to the first `add`
+    last_version: Optional[NonNegativeInt] = None  # so versions stay monotonic even without index.yaml
+
+
+@dataclass(config=STRICT)
+class Draft:
+    """entries.yaml: the entries the next `sign` publishes, and the revocations."""
+
+    entries: list[Entry] = dataclasses.field(default_factory=list)
+    revoked: list[ImageRef] = dataclasses.field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Draft":
+        check_refs(self.entries, self.revoked)
+        return self
 
 
 @dataclasses.dataclass
@@ -69,22 +96,25 @@ class CatalogueDir:
 
     # --- small state files
 
-    def config(self) -> dict:
+    def config(self) -> CatalogueConfig:
         if not self.config_path.exists():
-            return {}
-        f = load_yaml_mapping(read_limited(self.config_path, 1 << 16), 1 << 16, str(self.config_path),
-                              required=(), optional=("url", "last_version"))
-        return dict(f.data)
+            return CatalogueConfig()
+        source = str(self.config_path)
+        data = load_yaml(read_limited(self.config_path, MAX_CONFIG_BYTES), source, DataError, MAX_CONFIG_BYTES)
+        return validate_document(CatalogueConfig, data, source, DataError)
 
     def save_config(self, **changes) -> None:
-        write_atomic(self.config_path, yaml.safe_dump({**self.config(), **changes}).encode())
+        config = dataclasses.replace(self.config(), **changes)
+        kept = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        write_atomic(self.config_path, yaml.safe_dump(kept).encode())
 
     def draft(self) -> tuple[list[Entry], list[str]]:
         if not self.draft_path.exists():
             return [], []
-        f = load_yaml_mapping(read_limited(self.draft_path, MAX_DRAFT_BYTES), MAX_DRAFT_BYTES,
-                              str(self.draft_path), required=(), optional=("entries", "revoked"))
-        return parse_entries(f)
+        source = str(self.draft_path)
+        data = load_yaml(read_limited(self.draft_path, MAX_DRAFT_BYTES), source, DataError, MAX_DRAFT_BYTES)
+        draft = validate_document(Draft, data, source, DataError)
+        return draft.entries, draft.revoked
 
     def save_draft(self, entries: list[Entry], revoked: list[str]) -> None:
         doc = {"entries": [e.to_yaml_dict() for e in entries], "revoked": sorted(set(revoked))}
@@ -153,8 +183,7 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
         raise SpecError(f"--name/--version: {e}") from None
     if not image.is_file():
         raise SpecError(f"{image}: no such image file")
-    config = cat.config()
-    url = url or config.get("url")
+    url = url or cat.config().url
     if not url:
         raise SpecError(f"{cat.root}: no origin URL yet: pass --url http://HOST:PORT/ (remembered in catalogue.yaml)")
     if not url.startswith(("http://", "https://")):
@@ -165,9 +194,12 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
     if ref in revoked:
         raise DataError(f"{ref} was revoked; publish the image under a new version")
     fmt = image_info(image)
-    draft = Entry(name=name, version=version, sha256="0" * 64, size=image.stat().st_size, format=fmt,
-                  roles=sorted(set(roles)), info_hash="0" * 64, torrent=f"torrents/{name}-{version}.torrent",
-                  web_seeds=[url + "images/"], created=now_utc(), expires=expires, targets=sorted(set(targets)))
+    try:
+        draft = Entry(name=name, version=version, sha256="0" * 64, size=image.stat().st_size, format=fmt,
+                      roles=sorted(set(roles)), info_hash="0" * 64, torrent=f"torrents/{name}-{version}.torrent",
+                      web_seeds=[url + "images/"], created=now_utc(), expires=expires, targets=sorted(set(targets)))
+    except ValidationError as e:  # --role/--target/--url as the index would refuse them
+        raise SpecError(f"catalogue add: {describe_validation_error(e, Entry)}") from None
     old = next((e for e in entries if e.ref == ref), None)
     if old is not None and old.sha256 != sha256_file(image):
         raise DataError(f"{ref} is already in the catalogue with different bytes; use a new version")
@@ -206,7 +238,7 @@ def sign_index(cat: CatalogueDir, key: Ed25519PrivateKey, valid_for: timedelta) 
     """Writes index.yaml (draft + next version) and a fresh index.yaml.sig over its exact bytes."""
     entries, revoked = cat.draft()
     published = cat.signed_index_unverified()
-    last = max(int(cat.config().get("last_version") or 0), published.version if published else 0)
+    last = max(cat.config().last_version or 0, published.version if published else 0)
     issued = now_utc()
     index = Index(version=last + 1, issued=issued, expires=issued + valid_for, entries=entries, revoked=revoked)
     raw = index.render()

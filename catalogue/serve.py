@@ -21,13 +21,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _FILE_PART = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}"
+# Matched whole (fullmatch): with `^…$` a trailing newline (`%0A`) would also match.
 _ROUTES = (
-    (re.compile(r"^/(index\.yaml)$"), "", "application/yaml"),
-    (re.compile(r"^/(index\.yaml\.sig)$"), "", "text/plain; charset=us-ascii"),
-    (re.compile(rf"^/torrents/({_FILE_PART}\.torrent)$"), "torrents", "application/x-bittorrent"),
-    (re.compile(rf"^/images/({_FILE_PART})$"), "images", "application/octet-stream"),
+    (re.compile(r"/(index\.yaml)"), "", "application/yaml"),
+    (re.compile(r"/(index\.yaml\.sig)"), "", "text/plain; charset=us-ascii"),
+    (re.compile(rf"/torrents/({_FILE_PART}\.torrent)"), "torrents", "application/x-bittorrent"),
+    (re.compile(rf"/images/({_FILE_PART})"), "images", "application/octet-stream"),
 )
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -35,7 +36,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     'unsatisfiable' for a range outside the file."""
     if not header:
         return None
-    m = _RANGE_RE.match(header.strip().replace(" ", ""))
+    m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
     if not m or (not m.group(1) and not m.group(2)):
         return None  # multi-range or malformed: ignore Range, send everything
     first_s, last_s = m.groups()
@@ -62,7 +63,7 @@ class OriginHandler(BaseHTTPRequestHandler):
     def _resolve(self) -> tuple[Path, str] | None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         for pattern, sub, ctype in _ROUTES:
-            m = pattern.match(path)
+            m = pattern.fullmatch(path)
             if m:
                 return self.root / sub / m.group(1), ctype
         return None

@@ -1,69 +1,46 @@
 """The cluster spec: one YAML file (`cluster.yaml`) describing the site, as validated dataclasses.
 
-Validation is pydantic's (dataclasses with `extra='forbid'` and strict scalar types) so that every
-error carries the field path; `load_spec` turns the first error into one line naming the file, the
-path (`roles.sage.vcpus`) and what was expected.
+Validation is pydantic's (dataclasses with `extra='forbid'` and strict scalar types, the shared types
+and YAML loader of `cluster.yamlmodel`) so that every error carries the field path; `load_spec` turns
+the first error into one line naming the file, the path (`roles.sage.vcpus`) and what was expected.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-import yaml
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from cluster.errors import SpecError
 from cluster.store import DEFAULT_STORE, Store
+from cluster.yamlmodel import STRICT, ImageRef, Name, NonNegativeInt, PositiveInt, full_match, is_name
+from cluster.yamlmodel import load_yaml, validate_document
+from cluster.yamlmodel import split_image_ref  # noqa: F401 - callers take it from here with the spec
 
 SPEC_ENV = "SALVUS_SPEC"
 DEFAULT_SPEC_NAME = "cluster.yaml"
 MAX_SPEC_BYTES = 1 << 20
 
-_STRICT = ConfigDict(extra="forbid")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
-# Image names and versions become file names in the store: no separators, no dot-dot, no leading dot.
-_IMAGE_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0)]
+KeyspaceName = full_match(r"[a-z][a-z0-9_]{0,47}", "a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
 
 
-def split_image_ref(ref: str) -> tuple[str, str]:
-    """`NAME@VERSION` -> (name, version), refusing anything that could escape the image store."""
-    name, sep, version = ref.partition("@")
-    if not sep or not _IMAGE_PART_RE.match(name) or not _IMAGE_PART_RE.match(version) or ".." in ref:
-        raise ValueError(
-            "expected NAME@VERSION of letters, digits, '.', '_', '+', '-' (no '/', no '..'), "
-            f"got {ref!r}")
-    return name, version
-
-
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class DiskSpec:
     """A persistent disk kept under `persistent/SERVICE_ID/NAME.qcow2`; it survives the job."""
 
-    name: StrictStr
+    name: Name
     size_mb: PositiveInt
     # Guest mount point; informational for real images, used by the demo guest's init.
     mount: StrictStr = "/data"
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("expected a short lowercase name ([a-z][a-z0-9_-]*)")
-        return v
 
-
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class BootSpec:
     """Direct kernel boot (the demo image); real images boot from their own disk via firmware."""
 
@@ -72,7 +49,7 @@ class BootSpec:
     cmdline: StrictStr = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 quiet"
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ProbeSpec:
     """How the wrapper confirms a booted guest's service answers: connect to the forwarded port,
     send `send` (may be empty), and require bytes back (containing `expect` when it is set)."""
@@ -82,9 +59,9 @@ class ProbeSpec:
     timeout: Seconds = 5
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RoleSpec:
-    image: StrictStr  # NAME@VERSION, resolved in the store as images/base/NAME-VERSION.qcow2
+    image: ImageRef  # NAME@VERSION, resolved in the store as images/base/NAME-VERSION.qcow2
     port: Port  # the service port inside the guest
     vcpus: PositiveInt = 1
     memory_mb: Annotated[StrictInt, Field(ge=96)] = 160
@@ -105,12 +82,6 @@ class RoleSpec:
     upstreams: list[StrictStr] = dataclasses.field(default_factory=list)
     probe: ProbeSpec = dataclasses.field(default_factory=ProbeSpec)
 
-    @field_validator("image")
-    @classmethod
-    def _image_ref(cls, v: str) -> str:
-        split_image_ref(v)
-        return v
-
     @model_validator(mode="after")
     def _bridge_named(self) -> "RoleSpec":
         if self.network == "bridge" and not self.bridge:
@@ -126,7 +97,7 @@ class RoleSpec:
         return split_image_ref(self.image)[1]
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SchedulerSpec:
     backend: Literal["local", "slurm", "pbs", "condor", "drmaa"] = "local"
     queue: Optional[StrictStr] = None  # Slurm partition, PBS/SGE queue
@@ -152,11 +123,11 @@ class SchedulerSpec:
     drmaa_library: Optional[StrictStr] = None
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class CassandraSpec:
     contact_points: Annotated[list[StrictStr], Field(min_length=1)]
     port: Port = 9042
-    keyspace: StrictStr = "salvus"
+    keyspace: KeyspaceName = "salvus"
     replication: dict[StrictStr, StrictStr | StrictInt] = dataclasses.field(
         default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": 1})
     consistency: StrictStr = "LOCAL_QUORUM"
@@ -167,13 +138,6 @@ class CassandraSpec:
     # The password is read from this file, never from the spec or the command line.
     password_file: Optional[StrictStr] = None
 
-    @field_validator("keyspace")
-    @classmethod
-    def _keyspace(cls, v: str) -> str:
-        if not re.match(r"^[a-z][a-z0-9_]{0,47}$", v):
-            raise ValueError("expected a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
-        return v
-
     @field_validator("consistency")
     @classmethod
     def _consistency(cls, v: str) -> str:
@@ -183,7 +147,7 @@ class CassandraSpec:
         return v.upper()
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RegistrySpec:
     sqlite: Optional[StrictStr] = None  # path; default STORE/state/registry.sqlite
     cassandra: Optional[CassandraSpec] = None
@@ -204,7 +168,7 @@ class RegistrySpec:
         return "cassandra" if self.cassandra is not None else "sqlite"
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class HypervisorSpec:
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     # "auto": libvirt when a daemon answers, else plain QEMU; "never": plain QEMU; else a URI.
@@ -218,7 +182,7 @@ class HypervisorSpec:
     hosts: list[StrictStr] = dataclasses.field(default_factory=list)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrustSpec:
     keys: list[StrictStr] = dataclasses.field(default_factory=list)  # endorser public key files
     threshold: PositiveInt = 1
@@ -230,7 +194,7 @@ class TrustSpec:
         return self
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class CatalogueSpec:
     url: Optional[StrictStr] = None  # the origin serving index.yaml, its signature and images
     trust: TrustSpec = dataclasses.field(default_factory=TrustSpec)
@@ -239,7 +203,7 @@ class CatalogueSpec:
     insecure_allow_unsigned: StrictBool = False
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ImgdistSpec:
     listen_port: Port = 6881
     interval: Seconds = 60
@@ -256,7 +220,7 @@ class ImgdistSpec:
     reserve_mb: NonNegativeInt = 64
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ClusterSpec:
     roles: dict[StrictStr, RoleSpec]
     site: StrictStr = "salvus"
@@ -274,7 +238,7 @@ class ClusterSpec:
     @classmethod
     def _role_names(cls, v: dict[str, RoleSpec]) -> dict[str, RoleSpec]:
         for name in v:
-            if not _NAME_RE.match(name):
+            if not is_name(name):
                 raise ValueError(f"role name {name!r}: expected [a-z][a-z0-9_-]*")
         return v
 
@@ -292,16 +256,6 @@ class ClusterSpec:
     @property
     def sqlite_path(self) -> Path:
         return Path(self.registry.sqlite) if self.registry.sqlite else Store(self.store_path).runtime.registry_sqlite
-
-
-_SPEC_ADAPTER: TypeAdapter[ClusterSpec] | None = None
-
-
-def _adapter() -> TypeAdapter[ClusterSpec]:
-    global _SPEC_ADAPTER  # a cache of an immutable schema object, not state
-    if _SPEC_ADAPTER is None:
-        _SPEC_ADAPTER = TypeAdapter(ClusterSpec)
-    return _SPEC_ADAPTER
 
 
 def resolve_spec_path(arg: str | None) -> Path:
@@ -328,39 +282,16 @@ def load_spec(arg: str | Path | None = None) -> ClusterSpec:
     return parse_spec(raw, path)
 
 
-class _UniqueKeySafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
-    silently, so a second `scheduler:` section would quietly replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_spec(raw: bytes | str, path: Path) -> ClusterSpec:
-    try:
-        data = yaml.load(raw, Loader=_UniqueKeySafeLoader)  # a SafeLoader subclass: no arbitrary objects
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
+    data = load_yaml(raw, str(path), SpecError)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of sections (roles, scheduler, registry, ...), "
                         f"got {type(data).__name__}")
     if "source" in data:
         raise SpecError(f"{path}: source: unknown key (it is set from the file name)")
     base = path.resolve().parent
-    try:
-        spec = _adapter().validate_python({**data, "source": str(path.resolve())})
-    except ValidationError as e:
-        raise SpecError(f"{path}: {describe_validation_error(e)}") from None
+    spec = validate_document(ClusterSpec, {**data, "source": str(path.resolve())}, str(path), SpecError,
+                             internal=("source",))
     return _absolutize(spec, base)
 
 
@@ -385,51 +316,3 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
             role.boot.kernel = _abs(base, role.boot.kernel) or role.boot.kernel
             role.boot.initrd = _abs(base, role.boot.initrd)
     return spec
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
-    """The keys the dataclass at `loc` accepts, to tell a user what an unknown key should be."""
-    tp: Any = ClusterSpec
-    for part in loc:
-        origin = typing.get_origin(tp)
-        if origin is dict:
-            tp = typing.get_args(tp)[1]
-            continue
-        if origin is list:
-            tp = typing.get_args(tp)[0]
-            continue
-        if not dataclasses.is_dataclass(tp):
-            return None
-        hints = typing.get_type_hints(tp, include_extras=True)
-        if part not in hints:
-            return None
-        tp = hints[part]
-        while typing.get_origin(tp) in (Annotated, typing.Union, Optional) or str(typing.get_origin(tp)) == "types.UnionType":
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = args[0]
-    if dataclasses.is_dataclass(tp):
-        return [f.name for f in dataclasses.fields(tp) if f.name != "source"]
-    return None
-
-
-def describe_validation_error(e: ValidationError) -> str:
-    errors = e.errors()
-    first = errors[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    kind = first["type"]
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = _fields_at(loc[:-1])
-        msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
-    elif kind == "missing" or kind == "missing_argument":
-        msg = "required field is missing"
-    else:
-        msg = first["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        msg = msg[0].lower() + msg[1:]
-        if "input" in first and kind not in ("value_error", "assertion_error"):
-            shown = repr(first["input"])
-            msg += f", got {shown if len(shown) < 60 else shown[:57] + '...'}"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{dotted}: {msg}{more}"

@@ -21,7 +21,7 @@ from imagedist.store import image_key
 log = logging.getLogger(__name__)
 
 STALE_PARTIAL_SECONDS = 24 * 3600
-IMAGE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\.(qcow2|raw)$")
+IMAGE_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\.(qcow2|raw)")  # use with fullmatch
 
 
 @dataclass
@@ -85,7 +85,7 @@ def collect(spec: ClusterSpec, store: Store, index, keep: int, partials: bool) -
         if "*" in usage:
             result.notes.append("a running job's image could not be identified: no base image removed")
         for f in sorted(store.base.glob("*")) if store.base.is_dir() else []:
-            if not IMAGE_FILE_RE.match(f.name) or f.name in wanted or f.name in protected:
+            if not IMAGE_FILE_RE.fullmatch(f.name) or f.name in wanted or f.name in protected:
                 continue
             if in_use(usage, f.name):
                 result.kept_in_use.append(f.name)

@@ -30,7 +30,7 @@ class Row:
 
 def _split_file(name: str) -> tuple[str, str]:
     stem = name.rsplit(".", 1)[0]
-    m = re.match(r"^(.+?)-([^-]+)$", stem)
+    m = re.fullmatch(r"(.+?)-([^-]+)", stem)
     return (m.group(1), m.group(2)) if m else (stem, "?")
 
 
@@ -50,7 +50,7 @@ def rows(spec: ClusterSpec, store: Store, index) -> list[Row]:
                        "expired" if e.expired() else "yes", "yes" if is_approved(spec, e.name, e.version) else "no",
                        usage.get(e.file_name, 0)))
     for f in sorted(store.base.glob("*")) if store.base.is_dir() else []:
-        if f.name in seen or not IMAGE_FILE_RE.match(f.name):
+        if f.name in seen or not IMAGE_FILE_RE.fullmatch(f.name):
             continue
         name, version = _split_file(f.name)
         out.append(Row(name, version, f.stat().st_size, "verified",

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Mapping
 
 from cluster.errors import SpecError
+from cluster.yamlmodel import is_service_id
 
 PRIVATE_PREFIX = "salvus-vmjob-"
 OWNER_FILE = "owner"
-_SERVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -109,7 +109,7 @@ def default_service_id(role: str, job_id: str) -> str:
 
 
 def check_service_id(service_id: str) -> str:
-    if not _SERVICE_ID_RE.match(service_id) or ".." in service_id:
+    if not is_service_id(service_id):
         raise SpecError(f"--service-id: expected letters, digits, '.', '_', '-' (at most 64, no '..'), "
                         f"got {service_id!r}")
     return service_id

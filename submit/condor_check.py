@@ -46,7 +46,7 @@ vm_macaddr xen_initrd xen_kernel xen_kernel_params xen_root
 EXPRESSION_COMMANDS = frozenset("""requirements rank on_exit_hold on_exit_remove on_exit_hold_reason
 on_exit_hold_subcode periodic_hold periodic_remove periodic_release periodic_vacate retry_until
 periodic_hold_reason periodic_hold_subcode""".split())
-_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ATTR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
 _MACRO_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.]*)\)")
 _QUEUE_RE = re.compile(r"^\s*queue\b", re.I)
 
@@ -81,7 +81,7 @@ def validate_submit(text: str, source: str = "<submit>") -> list[str]:
         value = sub[key]
         if low.startswith("my.") or key.startswith("+"):
             name = key.split(".", 1)[1] if low.startswith("my.") else key[1:]
-            if not _ATTR_RE.match(name):
+            if not _ATTR_RE.fullmatch(name):
                 problems.append(f"{source}: {key}: not a valid ClassAd attribute name")
             problems += _check_expr(classad2, source, key, value)
         elif low in DOCUMENTED_COMMANDS:

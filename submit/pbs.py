@@ -40,7 +40,7 @@ class PbsBackend(ScriptBackend):
         if service_id:
             argv += ["-v", f"SALVUS_SERVICE_ID={service_id}"]
         job_id = self.run(*argv, str(script), env=self.job_env()).stdout.strip()
-        if not re.match(r"^\d+(\.[\w.-]+)?$", job_id):
+        if not re.fullmatch(r"\d+(\.[\w.-]+)?", job_id):
             raise SchedulerError(f"qsub: expected a job id, got {last_line(job_id)!r}")
         return job_id
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from catalogue.index import parse_index
+from cluster.errors import DataError
+from cluster.yamlmodel import load_yaml
 from tests.fixtures.catalogue import PASSPHRASE, make_qcow2, tree_snapshot
 
 ENV = {"SALVUS_KEY_PASSPHRASE": PASSPHRASE}
@@ -158,7 +159,8 @@ def test_site_side_approve_unapprove_accept(signed_catalogue, cli):
     assert r.returncode == 78 and "approval '../x@1'" in r.stderr
     r = cli("catalogue", "approve", *spec, "demo@1")
     assert r.returncode == 0 and "approved demo@1" in r.stdout
-    assert yaml.safe_load((sc.store / "state" / "approvals.yaml").read_text()) == {"approved": ["demo@1"]}
+    approvals_yaml = (sc.store / "state" / "approvals.yaml").read_text()
+    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": ["demo@1"]}
     assert not (sc.cat.root / "approvals.yaml").exists()  # approvals live with the site, not the endorser
     r = cli("catalogue", "accept", *spec, "--dir", str(sc.cat.root))
     assert r.returncode == 0 and "accepted (was none)" in r.stdout
@@ -171,4 +173,5 @@ def test_site_side_approve_unapprove_accept(signed_catalogue, cli):
     assert r.returncode == 65 and "rollback refused" in r.stderr
     r = cli("catalogue", "unapprove", *spec, "demo@1")
     assert r.returncode == 0 and "unapproved demo@1" in r.stdout
-    assert yaml.safe_load((sc.store / "state" / "approvals.yaml").read_text()) == {"approved": []}
+    approvals_yaml = (sc.store / "state" / "approvals.yaml").read_text()
+    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": []}

@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cluster.errors import SpecError
 from cluster.registry import Service
 from cluster.registry.sqlite import SqliteRegistry
 from cluster.spec import DiskSpec
 from cluster.store import Store
+from cluster.yamlmodel import load_yaml
 from jobwrappers.accel import TCG, choose_accel, pvm_only
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
@@ -61,10 +61,11 @@ def test_config_drive_is_nocloud_with_keys_and_role_config(tmp_path):
         return subprocess.run(["isoinfo", "-R", "-i", str(iso), "-x", f"/{name}"],
                               capture_output=True, text=True, check=True).stdout
 
-    assert yaml.safe_load(read("meta-data")) == {"instance-id": "hub-7.42", "local-hostname": "hub-7"}
+    meta = load_yaml(read("meta-data"), "meta-data", SpecError)
+    assert meta == {"instance-id": "hub-7.42", "local-hostname": "hub-7"}
     ud_text = read("user-data")
     assert ud_text.startswith("#cloud-config\n")
-    ud = yaml.safe_load(ud_text)
+    ud = load_yaml(ud_text, "user-data", SpecError)
     assert ud["hostname"] == "hub-7" and ud["ssh_authorized_keys"] == ["ssh-ed25519 AAAAtest ops@site"]
     service = json.loads(ud["write_files"][0]["content"])
     assert service["upstreams"] == ["10.0.2.2:40001"] and service["port"] == 8080
