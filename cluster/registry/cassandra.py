@@ -233,8 +233,9 @@ class CassandraRegistry(Registry):
                 # to use because they are in another datacenter than local_dc.
                 self._check_local_dc()
                 raise
-            self._ensure_schema()
+            version = self._ensure_schema()
             self._check_replication(spec.consistency.upper())
+            self._stamp_schema(version)
             self._prepare()
         except SalvusError:
             self._cluster.shutdown()
@@ -253,7 +254,7 @@ class CassandraRegistry(Registry):
         except (DriverException, ErrorMessage) as e:  # Unauthorized, InvalidRequest, ConfigurationException
             raise RegistryMisconfigured(f"{self.where}: cannot create the registry schema: {_reason(e)}") from None
 
-    def _ensure_schema(self) -> None:
+    def _ensure_schema(self) -> int:
         """Creates what is missing (and only that: a user without CREATE may use an existing schema),
         and brings tables an older version made up to SCHEMA_VERSION (base.py's versioning rule)."""
         meta = self._cluster.metadata
@@ -274,6 +275,11 @@ class CassandraRegistry(Registry):
             else:
                 self._add_missing_columns(table)
             self._check_table(table)
+        return version
+
+    def _stamp_schema(self, version: int) -> None:
+        """Records SCHEMA_VERSION once the keyspace is known to serve our consistency level (the
+        write would fail as unavailable on a keyspace that cannot, hiding the real refusal)."""
         if version < SCHEMA_VERSION:
             self._ddl(f"CREATE TABLE IF NOT EXISTS {self.keyspace}.{META} (name text PRIMARY KEY, "
                       f"schema_version int)")
