@@ -201,7 +201,7 @@ def test_job_status_with_wrong_types_is_unreadable(tmp_path):
 
 # Joining a name onto the store's root (or its state directory) anywhere but the store's own module.
 # (A catalogue directory has an `images/` of its own: that layout is the endorser's, not the store's.)
-STORE_JOIN = re.compile(r"""store_path\s*/|store\.root\s*/|/\s*["'](state|persistent)["']""")
+STORE_JOIN = re.compile(r"""store_path\s*/|store\.root\s*/|/\s*["'](state|trust|persistent)["']""")
 
 
 def test_only_cluster_store_joins_store_paths():
