@@ -3,6 +3,7 @@ refused with its own message and without writing anything to the store."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from datetime import timedelta
@@ -490,3 +491,22 @@ def test_approval_without_a_pin_is_refused_until_accept_pins_it(signed_catalogue
     assert_boot_refused(sc, spec, "approved", "no bytes are pinned for it", "catalogue accept")
     trust.accept_index(spec, *sc.signed())  # the same index again: pins what it lists
     assert trust.verified_image(spec, "sage")
+
+
+def test_pointer_from_before_the_parsed_pin_reparses_and_the_next_accept_adds_the_pin(signed_catalogue, caplog):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    pointer = Store(sc.store).trust.catalogue_dir / "accepted.json"
+    legacy = {k: v for k, v in json.loads(pointer.read_text()).items() if k != "parsed_sha256"}
+    pointer.write_text(json.dumps(legacy))
+    parsed = Store(sc.store).trust.catalogue_dir / legacy["parsed"]
+    parsed.write_bytes(parsed.read_bytes().replace(b'"roles": ["sage"]', b'"roles": ["hub"]'))
+    assert trust.verified_image(spec, "sage")  # the unpinned copy is not read at all
+    trust.accept_index(spec, *sc.signed())  # the same index: rewritten with the pin, nothing lost
+    now = json.loads(pointer.read_text())
+    assert isinstance(now["parsed_sha256"], str) and now["index"] == legacy["index"]
+    assert (Store(sc.store).trust.catalogue_dir / now["index"]).read_bytes() == sc.signed()[0]
+    assert trust.accepted_index(spec).find("demo", "1").roles == ["sage"]
+    with caplog.at_level("WARNING"):
+        assert trust.verified_image(spec, "sage")
+    assert "parsed copy" not in caplog.text
