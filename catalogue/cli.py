@@ -88,7 +88,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("ref", type=image_ref, metavar="NAME@VERSION")
     for name, func, text in (("approve", cmd_approve, "let this site boot NAME@VERSION (or NAME@*)"),
                              ("unapprove", cmd_unapprove, "withdraw this site's approval of NAME@VERSION")):
-        p = action(name, func, text, f"site side, in STORE/state/approvals.yaml; example: catalogue {name} "
+        p = action(name, func, text, f"site side, in STORE/trust/approvals.yaml; example: catalogue {name} "
                                      "--spec cluster.yaml demo@1")
         p.add_argument("ref", metavar="NAME@VERSION")
     p = action("accept", cmd_accept, "verify the signed index and make it this host's accepted index",
@@ -217,10 +217,12 @@ def cmd_approve(args: argparse.Namespace) -> int:
     spec = _spec(args)
     changed = approvals.approve(spec, args.ref)
     print(f"{'approved' if changed else 'already approved'} {args.ref} in {approvals.approvals_path(spec)}")
-    index = trust.accepted_index(spec)
+    index = trust.trusted_accepted_index(spec)
     name, _, version = args.ref.partition("@")
-    if index is not None and version != "*" and index.find(name, version) is None:
-        print(f"note: {args.ref} is not in this host's accepted index (version {index.version}) yet", file=sys.stderr)
+    if version != "*" and (index is None or index.find(name, version) is None):
+        where = f"this host's accepted index (version {index.version})" if index else "any accepted index"
+        print(f"note: {args.ref} is not in {where} yet; its bytes are pinned when an accepted index lists it",
+              file=sys.stderr)
     return 0
 
 

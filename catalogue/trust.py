@@ -4,17 +4,26 @@ An image may boot only when four checks pass, in this order:
   1. index fresh — an accepted index exists, its signatures still verify with the spec's trust
      anchors (threshold), and it has not expired (a frozen mirror cannot keep a host on old images);
   2. endorsed    — NAME@VERSION is an entry of that index, not revoked, not expired, for this role;
-  3. approved    — the site's approvals list it (`catalogue.approvals`);
+  3. approved    — the site's approvals list it and pin exactly the entry's sha256, size and
+                   format (`catalogue.approvals`);
   4. hash        — the file's size and sha256 match the entry (cached per file stamp).
 `verified_image` raises DataError (exit 65) naming the failed check and creates nothing on failure.
 
 Accepting an index (`accept_index`, used by `salvus_jobs catalogue accept` and imgdist) checks, in
 order: size before reading (endless data), signatures over the exact bytes (arbitrary software,
 mix-and-match), structure, expiry (freeze), version not older than the last accepted one and not the
-same version with other bytes (rollback). Only then is the copy stored, atomically, under
-`STORE/state/catalogue/`: `index-V-SHA.yaml` (the exact bytes), `.yaml.sig`, `.yaml.json` (the
-parsed form, so a boot need not re-parse a large index) and the pointer `accepted.json`, whose
-rename is the commit point.
+same version with other bytes (rollback), and no entry the accepted index lists with other sha256,
+size or format (an endorser changing a version's bytes). Only then is the copy stored, atomically,
+under `STORE/trust/catalogue/` (`Store.checked_trust`: owned by the store's owner, writable by no
+one else): `index-V-SHA.yaml` (the exact bytes), `.yaml.sig`, `.yaml.json` (the parsed form, so a
+boot need not re-parse a large index; its sha256 is in the pointer) and the pointer
+`accepted.json`, whose rename is the commit point. Then the approvals are pinned to the entries they
+cover that had no pin yet (`approvals.pin_accepted`).
+
+The accepted index is the rollback floor only while it still verifies under the current trust
+anchors: after a compromised key is removed from the spec, an index it signed (say `version: 2**62`)
+would otherwise refuse every real index forever. Like TUF after a root rotation, such an index stops
+being the floor (with a WARNING naming its version and why) and the next valid index is accepted.
 """
 from __future__ import annotations
 
@@ -29,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec, split_image_ref
 from cluster.store import Store, image_file_name
-from catalogue import hashcache
-from catalogue.approvals import approvals_path, is_approved
+from catalogue import approvals, hashcache
+from catalogue.approvals import is_approved
 from cluster.files import locked, read_limited, write_atomic
 from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
 from catalogue.keys import load_trust_keys
@@ -76,12 +85,18 @@ def _pointer_path(spec: ClusterSpec) -> Path:
     return state_dir(spec) / "accepted.json"
 
 
+def _owners(spec: ClusterSpec) -> frozenset[int]:
+    """Who may have written the trust state, once its directories pass `Store.checked_trust`."""
+    return Store.of(spec).checked_trust().owners
+
+
 def _read_pointer(spec: ClusterSpec) -> dict | None:
     path = _pointer_path(spec)
+    owners = _owners(spec)
     if not path.exists():
         return None
     try:
-        ptr = json.loads(read_limited(path, 1 << 16))
+        ptr = json.loads(read_limited(path, 1 << 16, owners=owners))
         int(ptr["version"]), str(ptr["sha256"]), str(ptr["index"]), str(ptr["sig"])
     except (ValueError, KeyError, TypeError):
         raise DataError(f"{path}: damaged; re-run `salvus_jobs catalogue accept`") from None
@@ -99,9 +114,9 @@ def _accepted_bytes(spec: ClusterSpec) -> tuple[bytes, bytes, dict] | None:
     ptr = _read_pointer(spec)
     if ptr is None:
         return None
-    d = state_dir(spec)
-    raw = read_limited(d / Path(ptr["index"]).name, spec.catalogue.max_index_bytes)
-    sig = read_limited(d / Path(ptr["sig"]).name, 1 << 16)
+    d, owners = state_dir(spec), _owners(spec)
+    raw = read_limited(d / Path(ptr["index"]).name, spec.catalogue.max_index_bytes, owners=owners)
+    sig = read_limited(d / Path(ptr["sig"]).name, 1 << 16, owners=owners)
     if hashlib.sha256(raw).hexdigest() != ptr["sha256"]:
         raise DataError(f"{d / ptr['index']}: changed since it was accepted")
     return raw, sig, ptr
@@ -109,16 +124,22 @@ def _accepted_bytes(spec: ClusterSpec) -> tuple[bytes, bytes, dict] | None:
 
 def _parsed(spec: ClusterSpec, raw: bytes, ptr: dict) -> Index:
     """The accepted index as parsed at acceptance (a JSON copy: parsing a 1,000-entry YAML index
-    costs ~0.3 s, which every boot would pay), else parsed again from the bytes. The copy adds no
-    trust: whoever can write STORE/state can already rewrite approvals and the hash cache."""
-    parsed = ptr.get("parsed")
-    if isinstance(parsed, str):
+    costs ~0.3 s, which every boot would pay), else parsed again from the signed bytes. The copy is
+    used only when its sha256 is the one the pointer recorded at acceptance, so the copy alone can
+    never change a boot decision; a pointer from before that pin re-parses."""
+    parsed, pinned = ptr.get("parsed"), ptr.get("parsed_sha256")
+    if isinstance(parsed, str) and isinstance(pinned, str):
         try:
-            index = Index.from_json(read_limited(state_dir(spec) / Path(parsed).name, 4 * spec.catalogue.max_index_bytes))
+            copy = read_limited(state_dir(spec) / Path(parsed).name, 4 * spec.catalogue.max_index_bytes,
+                                owners=_owners(spec))
+            if hashlib.sha256(copy).hexdigest() != pinned:
+                raise ValueError("changed since it was accepted")
+            index = Index.from_json(copy)
             if index.version == int(ptr["version"]):
                 return index
-        except (DataError, ValueError, KeyError, TypeError):
-            log.warning("parsed copy of the accepted index is unreadable; parsing the index again")
+        except (DataError, ValueError, KeyError, TypeError) as e:
+            log.warning("parsed copy of the accepted index is unusable (%s); parsing the index again",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
     return parse_index(raw, max_bytes=spec.catalogue.max_index_bytes, source=str(state_dir(spec) / "accepted index"))
 
 
@@ -128,11 +149,51 @@ def accepted_index(spec: ClusterSpec) -> Index | None:
     return _parsed(spec, stored[0], stored[2]) if stored else None
 
 
-def _refuse_rollback(spec: ClusterSpec, index: Index, digest: str) -> bool:
-    """True when this exact index is already the accepted one; DataError on rollback or equivocation."""
+def trusted_accepted_index(spec: ClusterSpec) -> Index | None:
+    """The accepted index when it still verifies under the spec's trust anchors (what `approve`
+    pins from), else None."""
+    if not spec.catalogue.trust.keys:
+        return None
+    floor = _rollback_floor(spec, warn=False)
+    return floor[1] if floor else None
+
+
+def _rollback_floor(spec: ClusterSpec, warn: bool = True) -> tuple[dict, Index | None] | None:
+    """(pointer, index) of the accepted index while it is the rollback floor. An accepted index
+    that no longer verifies under the current anchors is not (see the module docstring): None,
+    with a WARNING when `warn`. Damaged stored bytes keep the pointer's version as the floor (damage
+    must not open the door to an old index), without an index to compare entries with."""
     ptr = _read_pointer(spec)
     if ptr is None:
+        return None
+    try:
+        stored = _accepted_bytes(spec)
+    except DataError as e:
+        if warn:
+            log.warning("accepted index version %s is unreadable (%s); it stays the rollback floor",
+                        ptr["version"], e)
+        return ptr, None
+    if stored is None:
+        return None
+    raw, sig, ptr = stored
+    try:
+        verify_signatures(raw, sig, trust_keys(spec), spec.catalogue.trust.threshold,
+                          source=f"accepted index {state_dir(spec)}.sig")
+    except DataError as e:
+        if warn:
+            log.warning("accepted index version %s no longer verifies under the current trust anchors "
+                        "(%s): it is no longer the rollback floor", ptr["version"], e)
+        return None
+    return ptr, _parsed(spec, raw, ptr)
+
+
+def _refuse_rollback(spec: ClusterSpec, index: Index, digest: str, warn: bool = False) -> bool:
+    """True when this exact index is already the accepted one; DataError on rollback, equivocation
+    or an entry whose bytes changed."""
+    floor = _rollback_floor(spec, warn=warn)
+    if floor is None:
         return False
+    ptr, old = floor
     last = int(ptr["version"])
     if index.version < last:
         raise DataError(f"index version {index.version} is older than the accepted version {last}: "
@@ -140,36 +201,47 @@ def _refuse_rollback(spec: ClusterSpec, index: Index, digest: str) -> bool:
     if index.version == last and digest != ptr["sha256"]:
         raise DataError(f"index version {index.version} was already accepted with different content: "
                         "refused (an endorser must bump the version on every change)")
-    return index.version == last
+    for e in index.entries if old else []:
+        was = old.find(e.name, e.version)  # type: ignore[union-attr]
+        changed = [f for f in ("sha256", "size", "format") if was and getattr(was, f) != getattr(e, f)]
+        if changed:
+            raise DataError(f"index version {index.version}: {e.ref} has another {', '.join(changed)} than in "
+                            f"the accepted version {last}: refused (changed bytes need a new image version)")
+    return index.version == last and isinstance(ptr.get("parsed_sha256"), str)
 
 
 def accept_index(spec: ClusterSpec, index_bytes: bytes, sig_bytes: bytes) -> Index:
-    """Verifies a fetched index and, if it passes every check, makes it this host's accepted index."""
+    """Verifies a fetched index and, if it passes every check, makes it this host's accepted index
+    and pins the approvals it is the first to list."""
     cat = spec.catalogue
     index = check_signed_index(index_bytes, sig_bytes, trust_keys(spec), cat.trust.threshold, cat.max_index_bytes)
     digest = hashlib.sha256(index_bytes).hexdigest()
     # Checked before taking the lock as well, so a refused index leaves the state untouched.
     if _refuse_rollback(spec, index, digest):
+        approvals.pin_accepted(spec, index)
         return index
     d = state_dir(spec)
-    with locked(Store.of(spec).open().trust.catalogue_lock):
-        if _refuse_rollback(spec, index, digest):
+    with locked(Store.of(spec).open().checked_trust(create=True).catalogue_lock):
+        if _refuse_rollback(spec, index, digest, warn=True):
+            approvals.pin_accepted(spec, index)
             return index
         old = _read_pointer(spec)
         name = f"index-{index.version}-{digest[:16]}.yaml"
+        parsed = index.to_json()
         write_atomic(d / name, index_bytes)
         write_atomic(d / f"{name}.sig", sig_bytes)
-        write_atomic(d / f"{name}.json", index.to_json())
+        write_atomic(d / f"{name}.json", parsed)
         pointer = {"version": index.version, "sha256": digest, "index": name, "sig": f"{name}.sig",
-                   "parsed": f"{name}.json", "accepted": format_time(now_utc()),
-                   "expires": format_time(index.expires)}
+                   "parsed": f"{name}.json", "parsed_sha256": hashlib.sha256(parsed).hexdigest(),
+                   "accepted": format_time(now_utc()), "expires": format_time(index.expires)}
         write_atomic(_pointer_path(spec), json.dumps(pointer, indent=1).encode())
         if old:
             for f in (old["index"], old["sig"], old.get("parsed")):
-                if isinstance(f, str):
+                if isinstance(f, str) and Path(f).name not in (name, f"{name}.sig", f"{name}.json"):
                     (d / Path(f).name).unlink(missing_ok=True)
-    log.info("accepted catalogue index version %d (%d entries, expires %s)", index.version,
-             len(index.entries), format_time(index.expires))
+    pinned = approvals.pin_accepted(spec, index)
+    log.info("accepted catalogue index version %d (%d entries, expires %s)%s", index.version,
+             len(index.entries), format_time(index.expires), f"; pinned {', '.join(pinned)}" if pinned else "")
     return index
 
 
@@ -280,12 +352,11 @@ def verified_image(spec: ClusterSpec, role_name: str) -> Path:
     index = _fresh_index(spec, refuse)
     entry = _endorsed_entry(index, role_name, name, version, refuse)
     try:
-        approved = is_approved(spec, name, version)
+        refusal = approvals.refusal(spec, entry)
     except DataError as e:
         raise refuse("approved", str(e)) from None
-    if not approved:
-        raise refuse("approved", f"not in the site's approvals ({approvals_path(spec)}); "
-                                 f"an admin runs `salvus_jobs catalogue approve {entry.ref}`")
+    if refusal:
+        raise refuse("approved", refusal)
     try:
         path = image_path(spec, role_name, entry)
         check_image_bytes(spec, entry, path)

@@ -2,13 +2,19 @@
 fsync by path, free space, and the kernel's identity of a process.
 
 State files are replaced by rename, never rewritten in place, so a reader sees the old file or the
-new one; every lock is one `flock` on a file beside the state it guards.
+new one; every lock is one `flock` on a file beside the state it guards. Some of those directories
+are writable by job users, so nothing here follows a symlink or reuses a name another user can
+predict: temp files are `mkstemp`'s (random name, `O_EXCL|O_NOFOLLOW`), locks are opened
+`O_NOFOLLOW` and must be plain files.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,12 +22,16 @@ from cluster.errors import DataError, TempFailure
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never half of one (temp + fsync + rename)."""
+    """Readers see the old file or the new one, never half of one (temp + fsync + rename). The
+    temp name is random and created exclusively (a planted symlink or file cannot receive the
+    data); the rename replaces a symlink at `path` itself, never its target. `mode` is applied
+    exactly (fchmod), not through the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -34,20 +44,60 @@ def write_atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
     write_atomic(path, text.encode(), mode)
 
 
-def read_limited(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, refusing (DataError) before reading more than `max_bytes` of it."""
+def read_limited(path: Path, max_bytes: int, owners: frozenset[int] | None = None) -> bytes:
+    """The file's bytes, refusing (DataError) before reading more than `max_bytes` of it. With
+    `owners` (trust state) the file must be a plain file reached without a symlink, owned by one
+    of `owners` and writable by nobody else (checked on the open descriptor)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if owners is not None else 0))
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: is a symlink; trust state must be a plain file") from None
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if owners is not None:
+            check_owned(path, os.fstat(fd), owners)
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) > max_bytes:
         raise DataError(f"{path}: larger than the limit of {max_bytes} bytes; refused unread")
     return data
 
 
+def check_owned(path: Path, st: os.stat_result, owners: frozenset[int], sticky_ok: bool = False) -> None:
+    """DataError unless `st` (of `path`, not followed through a symlink) is a plain file or a
+    directory owned by one of `owners` and writable by no one else (sshd's StrictModes); a
+    `sticky_ok` directory may be writable by others when its sticky bit stops them renaming."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise DataError(f"{path}: not a plain file or directory; refused as trust state")
+    if st.st_uid not in owners:
+        raise DataError(f"{path}: owned by uid {st.st_uid}, not by the store's owner "
+                        f"(uid {' or '.join(str(o) for o in sorted(owners))}); refused as trust state")
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        raise DataError(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                        "trust state must be writable only by the store's owner (chmod go-w)")
+
+
 class LockBusy(TempFailure):
     """Another process holds a lock taken with `wait=False`."""
+
+
+def _open_lock(lock_path: Path, flags: int) -> int:
+    """An fd on the lock file, refusing a symlink (O_NOFOLLOW) and anything but one plain file: a
+    job user could otherwise point a root-owned lock, which `record_pid` truncates, at any file."""
+    try:
+        fd = os.open(lock_path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{lock_path}: is a symlink; refused as a lock file (remove it)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise DataError(f"{lock_path}: not a plain file with one link; refused as a lock file (remove it)")
+    return fd
 
 
 @contextlib.contextmanager
@@ -57,7 +107,7 @@ def locked(lock_path: Path, wait: bool = True, busy: str = "", record_pid: bool 
     never interleave. `wait=False` raises `error`(`busy` or a default line) instead of queueing;
     `record_pid` writes the holder's pid into the file for `lock_holder`."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(lock_path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -75,8 +125,8 @@ def lock_holder(lock_path: Path) -> int | None:
     """The pid recorded by the process holding `lock_path` (see `locked(record_pid=True)`), or None
     when nobody holds it."""
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = _open_lock(lock_path, os.O_RDONLY)
+    except (FileNotFoundError, DataError):
         return None
     try:
         try:

@@ -13,13 +13,13 @@ from cluster.store import Store
 
 
 def bootable_images(spec: ClusterSpec, store: Store, index) -> list:
-    from catalogue.approvals import is_approved
+    from catalogue.approvals import load, refusal
 
     if index is None:
         return []
+    approvals = load(spec)
     return [e for e in index.entries
-            if not e.expired() and (store.base / e.file_name).is_file()
-            and is_approved(spec, e.name, e.version)]
+            if not e.expired() and (store.base / e.file_name).is_file() and refusal(spec, e, approvals) is None]
 
 
 def attr_suffix(name: str) -> str:

@@ -39,17 +39,20 @@ class Selection:
 
 
 def select_entries(spec: ClusterSpec, index) -> Selection:
-    from catalogue.approvals import is_approved
+    """The entries to pull: not expired, meant for this host, and approved for exactly the bytes
+    the approval pinned (`approvals.refusal`), so imgdist never fetches what no boot would accept."""
+    from catalogue.approvals import load, refusal
 
     sel = Selection(wanted=[])
     names = (host_name(spec), spec.site)
+    approvals = load(spec)
     for e in index.entries:
         if e.expired():
             sel.skipped[e.ref] = "expired"
         elif not e.meant_for(*names):
             sel.skipped[e.ref] = f"not meant for this host ({', '.join(e.targets)})"
-        elif not is_approved(spec, e.name, e.version):
-            sel.skipped[e.ref] = "not approved by this site"
+        elif (why := refusal(spec, e, approvals)) is not None:
+            sel.skipped[e.ref] = f"not approved by this site: {why}"
         else:
             sel.wanted.append(e)
     return sel

@@ -12,6 +12,7 @@ import pytest
 
 from catalogue.index import parse_index
 from cluster.errors import DataError
+from cluster.store import Store
 from cluster.yamlmodel import load_yaml
 from tests.fixtures.catalogue import PASSPHRASE, make_qcow2, tree_snapshot
 
@@ -159,11 +160,16 @@ def test_site_side_approve_unapprove_accept(signed_catalogue, cli):
     assert r.returncode == 78 and "approval '../x@1'" in r.stderr
     r = cli("catalogue", "approve", *spec, "demo@1")
     assert r.returncode == 0 and "approved demo@1" in r.stdout
-    approvals_yaml = (sc.store / "state" / "approvals.yaml").read_text()
-    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": ["demo@1"]}
+    approvals_yaml = Store(sc.store).trust.approvals.read_text()
+    # Nothing accepted yet: approved, pinned by the first accepted index that lists it.
+    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": ["demo@1"], "pinned": {}}
+    assert "its bytes are pinned when an accepted index lists it" in r.stderr
     assert not (sc.cat.root / "approvals.yaml").exists()  # approvals live with the site, not the endorser
     r = cli("catalogue", "accept", *spec, "--dir", str(sc.cat.root))
     assert r.returncode == 0 and "accepted (was none)" in r.stdout
+    entry = sc.cat.signed_index_unverified().find("demo", "1")
+    pinned = load_yaml(Store(sc.store).trust.approvals.read_text(), "approvals.yaml", DataError)["pinned"]
+    assert pinned == {"demo@1": {"sha256": entry.sha256, "size": entry.size, "format": "qcow2"}}
     v1 = sc.signed()
     sc.sign()
     assert cli("catalogue", "accept", *spec, "--dir", str(sc.cat.root)).returncode == 0
@@ -173,5 +179,5 @@ def test_site_side_approve_unapprove_accept(signed_catalogue, cli):
     assert r.returncode == 65 and "rollback refused" in r.stderr
     r = cli("catalogue", "unapprove", *spec, "demo@1")
     assert r.returncode == 0 and "unapproved demo@1" in r.stdout
-    approvals_yaml = (sc.store / "state" / "approvals.yaml").read_text()
-    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": []}
+    approvals_yaml = Store(sc.store).trust.approvals.read_text()
+    assert load_yaml(approvals_yaml, "approvals.yaml", DataError) == {"approved": [], "pinned": {}}

@@ -21,6 +21,7 @@ from catalogue import approvals, trust
 from catalogue.endorse import add_image, sign_index
 from catalogue.serve import make_server
 from catalogue.torrent import check_torrent
+from cluster.store import Store
 from tests.fixtures.catalogue import tree_snapshot
 from tests.http_burst import statuses_of_a_burst
 
@@ -57,7 +58,7 @@ def test_signed_index_round_trips_through_serve(signed_catalogue, origin, cli):
     assert r.returncode == 0, r.stderr
     assert f"index version 1 from {origin}: accepted (was none)" in r.stdout
     spec = sc.spec()
-    stored = next((sc.store / "state" / "catalogue").glob("index-1-*.yaml"))
+    stored = next(Store(sc.store).trust.catalogue_dir.glob("index-1-*.yaml"))
     assert stored.read_bytes() == sc.cat.index_path.read_bytes()
     approvals.approve(spec, "demo@1")
     entry = trust.accepted_index(spec).find("demo", "1")

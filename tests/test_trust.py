@@ -3,6 +3,7 @@ refused with its own message and without writing anything to the store."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from datetime import timedelta
@@ -10,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from cluster.errors import DataError, SpecError
+from cluster.store import Store
 from catalogue import approvals, hashcache, trust
 from catalogue.endorse import add_image, revoke, sign_index
 from catalogue.index import Index, new_signature_file, now_utc, parse_index, sign_index_bytes
@@ -328,7 +330,7 @@ def test_accepted_index_survives_as_exact_bytes(signed_catalogue):
     spec = sc.spec()
     raw, sig = sc.signed()
     trust.accept_index(spec, raw, sig)
-    stored = sorted((sc.store / "state" / "catalogue").glob("index-*.yaml"))
+    stored = sorted(Store(sc.store).trust.catalogue_dir.glob("index-*.yaml"))
     assert [p.read_bytes() for p in stored] == [raw]
     assert Index is type(trust.accepted_index(spec))
     sc.image.unlink()  # the endorser side is irrelevant to the host once accepted
@@ -340,8 +342,171 @@ def test_parsed_copy_matches_the_signed_bytes_and_damage_falls_back(signed_catal
     sc = signed_catalogue
     spec, _ = accept_installed_approved(sc)
     assert trust.accepted_index(spec) == parse_index(sc.signed()[0])
-    parsed = next((sc.store / "state" / "catalogue").glob("index-*.yaml.json"))
+    parsed = next(Store(sc.store).trust.catalogue_dir.glob("index-*.yaml.json"))
     parsed.write_bytes(b"{not json")
     with caplog.at_level("WARNING"):
         assert trust.verified_image(spec, "sage")
     assert "parsing the index again" in caplog.text
+
+
+def test_a_changed_parsed_copy_cannot_change_a_boot_decision(signed_catalogue, caplog):
+    sc = signed_catalogue
+    sc.spec_path.write_text(sc.spec_path.read_text().replace("sage: {", "hub: {image: demo@1, port: 1}, sage: {"))
+    spec, _ = accept_installed_approved(sc)
+    parsed = next(Store(sc.store).trust.catalogue_dir.glob("index-*.yaml.json"))
+    # Valid JSON of a valid index, only not what was signed: demo@1 now also serves hub.
+    parsed.write_bytes(parsed.read_bytes().replace(b'"roles": ["sage"]', b'"roles": ["sage", "hub"]'))
+    with caplog.at_level("WARNING"):
+        msg = refused(DataError, trust.verified_image, spec, "hub")
+    assert "endorsed check failed: endorsed for roles sage, not hub" in msg
+    assert "parsed copy of the accepted index is unusable (changed since it was accepted)" in caplog.text
+
+
+def test_trust_state_writable_by_others_refuses_the_boot(signed_catalogue):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    trust_dir = Store(sc.store).trust.dir
+    os.chmod(trust_dir, 0o777)
+    assert_boot_refused(sc, spec, "index fresh", f"{trust_dir}: writable by group or others (mode 0777)")
+    os.chmod(trust_dir, 0o755)
+    assert trust.verified_image(spec, "sage")
+
+
+# --- fast-forward: an index signed by a key the site has since removed ----------------------------
+
+def test_accepted_index_from_a_removed_key_stops_being_the_rollback_floor(signed_catalogue, tmp_path, caplog):
+    sc = signed_catalogue
+    rogue_path = tmp_path / "keys" / "rogue.key"
+    generate_key(rogue_path, PASSPHRASE.encode())
+    rogue_pub = rogue_path.with_name("rogue.key.pub")
+    sc.write_spec(keys=[sc.pub_path, rogue_pub])
+    spec = sc.spec()
+    # The compromised key signs the highest version there is; the site accepts it while it trusts the key.
+    index = sc.cat.signed_index_unverified()
+    index.version = 2 ** 62
+    raw = index.render()
+    trust.accept_index(spec, raw, new_signature_file([sign_index_bytes(raw, load_private_key(rogue_path, PASSPHRASE.encode()))]))
+    assert trust.accepted_version(spec) == 2 ** 62
+    sc.write_spec()  # the site removes the compromised key
+    sc.sign()  # the real endorser's next index: version 2
+    spec = sc.spec()
+    with caplog.at_level("WARNING"):
+        assert trust.accept_index(spec, *sc.signed()).version == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"accepted index version {2 ** 62} no longer verifies under the current trust anchors" in w
+               and "signed only by untrusted key(s)" in w and "no longer the rollback floor" in w for w in warnings)
+    approvals.approve(spec, "demo@1")
+    sc.install()
+    assert trust.verified_image(spec, "sage")
+    # the new index is the floor again: the version 1 the real key signed earlier is a rollback
+    assert_accept_refused(sc, *_resigned(sc, version=1), "older than the accepted version 2")
+
+
+def _resigned(sc, version: int, **entry_changes) -> tuple[bytes, bytes]:
+    """The endorser's signed index with another version (and demo@1's fields changed), signed again."""
+    index = sc.cat.signed_index_unverified()
+    index.version = version
+    for k, v in entry_changes.items():
+        setattr(index.entries[0], k, v)
+    raw = index.render()
+    return raw, new_signature_file([sign_index_bytes(raw, sc.key())])
+
+
+# --- approvals pin bytes ----------------------------------------------------------------------------
+
+def other_image(sc, tmp_path):
+    other = make_qcow2(tmp_path / "other.qcow2", 0x11)
+    return hashcache.sha256_file(other), other.stat().st_size, other
+
+
+def test_approve_pins_the_accepted_bytes(signed_catalogue):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    entry = trust.accepted_index(spec).find("demo", "1")
+    pin = approvals.load(spec).pinned["demo@1"]
+    assert (pin.sha256, pin.size, pin.format) == (entry.sha256, entry.size, "qcow2")
+
+
+def test_index_changing_an_accepted_entry_bytes_is_refused(signed_catalogue, tmp_path):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    sha, size, _ = other_image(sc, tmp_path)
+    assert_accept_refused(sc, *_resigned(sc, 2, sha256=sha, size=size + 512),
+                          "index version 2: demo@1 has another sha256, size than in the accepted version 1",
+                          "changed bytes need a new image version")
+    assert_accept_refused(sc, *_resigned(sc, 2, format="raw"), "demo@1 has another format")
+    assert trust.accept_index(spec, *_resigned(sc, 2, roles=["sage", "hub"])).version == 2  # not bytes
+
+
+def test_approved_version_with_other_bytes_in_a_later_index_is_not_booted_or_pulled(signed_catalogue, tmp_path):
+    from imagedist.sync import select_entries
+
+    sc = signed_catalogue
+    spec, installed = accept_installed_approved(sc)
+    # Version 2 drops demo@1 (no accepted entry left to compare with); version 3 lists it again
+    # with other bytes, and those bytes are what the store holds.
+    index = sc.cat.signed_index_unverified()
+    index.version, index.entries = 2, []
+    raw = index.render()
+    trust.accept_index(spec, raw, new_signature_file([sign_index_bytes(raw, sc.key())]))
+    sha, size, other = other_image(sc, tmp_path)
+    trust.accept_index(spec, *_resigned(sc, 3, sha256=sha, size=size))
+    os.chmod(installed, 0o644)
+    installed.write_bytes(other.read_bytes())
+    assert_boot_refused(sc, spec, "approved", "the index gives demo@1 other bytes than the approval pinned",
+                        "unapproves and approves demo@1 again")
+    sel = select_entries(spec, trust.accepted_index(spec))
+    assert sel.wanted == [] and "other bytes than the approval pinned" in sel.skipped["demo@1"]
+    # The admin accepts the new bytes on purpose.
+    approvals.unapprove(spec, "demo@1")
+    assert "demo@1" not in approvals.load(spec).pinned
+    approvals.approve(spec, "demo@1")
+    assert trust.verified_image(spec, "sage")
+
+
+def test_wildcard_approval_pins_each_version_when_first_accepted(signed_catalogue, tmp_path):
+    sc = signed_catalogue
+    spec = sc.spec()
+    approvals.approve(spec, "demo@*")  # nothing accepted yet: nothing to pin
+    assert approvals.load(spec).pinned == {}
+    trust.accept_index(spec, *sc.signed())
+    sc.install()
+    assert set(approvals.load(spec).pinned) == {"demo@1"}
+    assert trust.verified_image(spec, "sage")
+    sha, size, _ = other_image(sc, tmp_path)
+    index = sc.cat.signed_index_unverified()
+    index.version = 2
+    index.entries[0].version, index.entries[0].sha256, index.entries[0].size = "2", sha, size
+    index.entries[0].torrent = "torrents/demo-2.torrent"
+    raw = index.render()
+    trust.accept_index(spec, raw, new_signature_file([sign_index_bytes(raw, sc.key())]))
+    assert approvals.load(spec).pinned["demo@2"].sha256 == sha
+
+
+def test_approval_without_a_pin_is_refused_until_accept_pins_it(signed_catalogue):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    path = approvals.approvals_path(spec)
+    path.write_text("approved: [demo@1]\n")  # an approvals file from before pins
+    assert_boot_refused(sc, spec, "approved", "no bytes are pinned for it", "catalogue accept")
+    trust.accept_index(spec, *sc.signed())  # the same index again: pins what it lists
+    assert trust.verified_image(spec, "sage")
+
+
+def test_pointer_from_before_the_parsed_pin_reparses_and_the_next_accept_adds_the_pin(signed_catalogue, caplog):
+    sc = signed_catalogue
+    spec, _ = accept_installed_approved(sc)
+    pointer = Store(sc.store).trust.catalogue_dir / "accepted.json"
+    legacy = {k: v for k, v in json.loads(pointer.read_text()).items() if k != "parsed_sha256"}
+    pointer.write_text(json.dumps(legacy))
+    parsed = Store(sc.store).trust.catalogue_dir / legacy["parsed"]
+    parsed.write_bytes(parsed.read_bytes().replace(b'"roles": ["sage"]', b'"roles": ["hub"]'))
+    assert trust.verified_image(spec, "sage")  # the unpinned copy is not read at all
+    trust.accept_index(spec, *sc.signed())  # the same index: rewritten with the pin, nothing lost
+    now = json.loads(pointer.read_text())
+    assert isinstance(now["parsed_sha256"], str) and now["index"] == legacy["index"]
+    assert (Store(sc.store).trust.catalogue_dir / now["index"]).read_bytes() == sc.signed()[0]
+    assert trust.accepted_index(spec).find("demo", "1").roles == ["sage"]
+    with caplog.at_level("WARNING"):
+        assert trust.verified_image(spec, "sage")
+    assert "parsed copy" not in caplog.text
