@@ -1,0 +1,179 @@
+"""Builds a real Debian 12 cloud image from Debian's packages: systemd, cloud-init, openssh-server,
+the image's own kernel, and a small `sage` service on port 6000 — what a site's own image is like,
+made here because no cloud image can be downloaded.
+
+    python -m jobwrappers.debian_image [--cache DIR]      # prints the three paths
+
+`debootstrap` fills a directory, `mkfs.ext4 -d` turns it into a filesystem without a loop device or
+mount, and `qemu-img convert -c` makes the compressed qcow2. The result is cached under
+`/var/cache/salvus/images/debian12-KEY/`, KEY being the hash of the recipe below, so a changed
+recipe builds a new image and an unchanged one is built once per machine. No SSH host keys are
+baked in (cloud-init makes each VM its own). The kernel and initrd are copied out beside the disk
+for direct kernel boot (`boot: {kernel, initrd}`); root is `/dev/vda`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.errors import SpecError, TempFailure
+from cluster.files import locked
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path("/var/cache/salvus/images")
+SUITE = "bookworm"
+# debootstrap resolves no virtual packages: python3-cffi-backend is named for python3-cryptography
+# (cloud-init); dbus for hostnamectl; ifupdown + isc-dhcp-client because cloud-init renders ENI.
+PACKAGES = ("systemd-sysv", "udev", "kmod", "dbus", "cloud-init", "python3-cffi-backend", "openssh-server",
+            "ifupdown", "isc-dhcp-client", "netbase", "iproute2", "sudo", "socat", "linux-image-amd64")
+ROOT_SIZE = "2G"
+SAGE_PORT = 6000
+CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1"
+
+# The image's role service: one integer expression per line, like the demo guest's sage. Only
+# digits, operators, parentheses and spaces reach the shell's arithmetic.
+SAGE_SERVICE = r"""#!/bin/sh
+while IFS= read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  case "$line" in
+    *[!0-9+*/%()\ -]*|'') echo "error: integer expressions only" ;;
+    *) echo "$(( $line ))" 2>/dev/null || echo "error" ;;
+  esac
+done
+"""
+SAGE_UNIT = f"""[Unit]
+Description=salvus test role service (integer expressions on port {SAGE_PORT})
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/socat TCP-LISTEN:{SAGE_PORT},reuseaddr,fork EXEC:/usr/local/bin/salvus-sage
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+"""
+FILES = {"usr/local/bin/salvus-sage": (SAGE_SERVICE, 0o755),
+         "etc/systemd/system/salvus-sage.service": (SAGE_UNIT, 0o644)}
+BUILDER_VERSION = 1  # bump when the build steps below change what ends up in the image
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    disk: Path  # compressed qcow2, ext4 root filesystem (no partition table)
+    kernel: Path
+    initrd: Path
+    cmdline: str = CMDLINE
+
+    def exists(self) -> bool:
+        return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+
+
+def recipe_key() -> str:
+    recipe = {"suite": SUITE, "packages": PACKAGES, "files": FILES, "size": ROOT_SIZE, "builder": BUILDER_VERSION}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def image_paths(cache: Path = DEFAULT_CACHE) -> DebianImage:
+    d = cache / f"debian12-{recipe_key()}"
+    return DebianImage(d / "debian12.qcow2", d / "vmlinuz", d / "initrd.img")
+
+
+def host_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")) -> str:
+    """The Debian mirror this host's apt uses (so the build works wherever apt does)."""
+    try:
+        for line in sources.read_text().splitlines():
+            m = re.fullmatch(r"URIs:\s*(\S+)", line.strip())
+            if m and not m.group(1).rstrip("/").endswith("-security"):
+                return m.group(1)
+    except OSError:
+        pass
+    return "http://deb.debian.org/debian"
+
+
+def _run(argv: list[str], what: str) -> None:
+    log.info("%s: %s", what, " ".join(argv[:4]))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SpecError(f"{what}: {argv[0]} not installed (run scripts/setup)") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise TempFailure(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def _fill_rootfs(root: Path, debs: Path) -> None:
+    _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", f"--cache-dir={debs}",
+          SUITE, str(root), host_mirror()], "debootstrap")
+    for rel, (text, mode) in FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "salvus-sage.service"
+    if not link.is_symlink():
+        link.symlink_to("/etc/systemd/system/salvus-sage.service")
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # every VM makes its own (cloud-init's ssh module)
+    (root / "etc/machine-id").write_text("")  # systemd makes one per boot of an empty file
+    (root / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+    shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True)
+
+
+def build(cache: Path = DEFAULT_CACHE) -> DebianImage:
+    """The cached image for this recipe, built first when missing (~2-4 min here)."""
+    img = image_paths(cache)
+    if img.exists():
+        return img
+    img.disk.parent.mkdir(parents=True, exist_ok=True)
+    with locked(cache / ".build.lock"):
+        if img.exists():  # built by another process while we waited
+            return img
+        with tempfile.TemporaryDirectory(prefix="debian12-", dir=cache) as tmp:
+            work = Path(tmp)
+            root = work / "root"
+            debs = cache / "debs"
+            debs.mkdir(exist_ok=True)
+            _fill_rootfs(root, debs)
+            kernels = sorted((root / "boot").glob("vmlinuz-*"))
+            initrds = sorted((root / "boot").glob("initrd.img-*"))
+            if not kernels or not initrds:
+                raise TempFailure(f"{root}/boot: no kernel or initrd after debootstrap")
+            raw = work / "root.ext4"
+            _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw), ROOT_SIZE], "mkfs.ext4")
+            disk = work / "debian12.qcow2"
+            _run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], "qemu-img convert")
+            shutil.copyfile(kernels[-1], work / "vmlinuz")
+            shutil.copyfile(initrds[-1], work / "initrd.img")
+            for f in ("vmlinuz", "initrd.img", "debian12.qcow2"):  # the disk last: it marks completion
+                os.chmod(work / f, 0o444)
+                os.replace(work / f, img.disk.parent / f)
+    log.info("built %s (%d MiB)", img.disk, img.disk.stat().st_size >> 20)
+    return img
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobwrappers.debian_image",
+                                description="Build (or find) the cached Debian 12 cloud-init test image.")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache directory (default {DEFAULT_CACHE})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    img = build(args.cache)
+    print(f"disk={img.disk}\nkernel={img.kernel}\ninitrd={img.initrd}\ncmdline={img.cmdline}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
