@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -290,9 +291,9 @@ def _approved_entry(spec: ClusterSpec, index: Index, role_name: str, ref: str, r
     return entry
 
 
-def _opened(spec: ClusterSpec, entry: Entry, path: Path, refuse: _Refusal) -> OpenImage:
+def _opened(spec: ClusterSpec, entry: Entry, where: Callable[[], Path], refuse: _Refusal) -> OpenImage:
     try:
-        image = open_image(path, entry.format, store_owner(spec))
+        image = open_image(where(), entry.format, store_owner(spec))
     except DataError as e:
         raise refuse("file", str(e)) from None
     try:
@@ -320,7 +321,7 @@ def verified_image(spec: ClusterSpec, role_name: str) -> OpenImage:
             raise DataError(f"image {role.image} for role {role_name}: {e}") from None
     index = _fresh_index(spec, refuse)
     entry = _approved_entry(spec, index, role_name, role.image, refuse)
-    return _opened(spec, entry, image_path(spec, role_name, entry), refuse)
+    return _opened(spec, entry, lambda: image_path(spec, role_name, entry), refuse)
 
 
 def verified_boot_files(spec: ClusterSpec, role_name: str) -> dict[str, OpenImage]:
@@ -355,4 +356,4 @@ def _boot_file(spec: ClusterSpec, role_name: str, label: str, value: str) -> Ope
     entry = _approved_entry(spec, _fresh_index(spec, refuse), role_name, value, refuse)
     if entry.format != "raw":
         raise refuse("endorsed", f"boot.{label} must be a raw entry (the file's bytes), not {entry.format}")
-    return _opened(spec, entry, _store_image_path(spec, entry.file_name), refuse)
+    return _opened(spec, entry, lambda: _store_image_path(spec, entry.file_name), refuse)
