@@ -101,11 +101,11 @@ def bench_preboot(root: Path, mib: int, entries: int, runs: int) -> tuple[float,
 
     def uncached() -> None:
         cache.unlink(missing_ok=True)
-        trust.verified_image(spec, "sage")
+        trust.verified_image(spec, "sage").close()
 
     uncached_ms = median_ms(uncached, max(3, runs // 2))
-    trust.verified_image(spec, "sage")
-    cached_ms = median_ms(lambda: trust.verified_image(spec, "sage"), runs)
+    trust.verified_image(spec, "sage").close()
+    cached_ms = median_ms(lambda: trust.verified_image(spec, "sage").close(), runs)
     entry = index.entries[-1]
     image = open_image(image, entry.format, None)
 
