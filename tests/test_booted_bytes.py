@@ -21,7 +21,7 @@ from catalogue.imagefile import open_image
 from cluster.errors import DataError, SpecError
 from jobwrappers.accel import choose_accel
 from jobwrappers.disks import create_overlay
-from jobwrappers.libvirt_runner import render_domain_xml
+from jobwrappers.libvirt_runner import LibvirtRunner, render_domain_xml
 from jobwrappers.machine import Disk, Machine, free_port
 from jobwrappers.qemu_runner import QemuRunner, qemu_argv
 from tests.fixtures.catalogue import make_qcow2
@@ -196,3 +196,18 @@ def test_boot_files_are_catalogue_entries_when_the_catalogue_is_on(signed_catalo
     installed.write_bytes(b"\x7fELF other kernel")
     with pytest.raises(DataError, match="hash check failed"):
         trust.verified_boot_files(spec, "sage")
+
+
+def test_libvirt_path_refuses_a_base_replaced_before_libvirt_opened_it(tmp_path):
+    """libvirt's QEMU opens the base by name: after start the name must still be the checked inode."""
+    base = make_qcow2(tmp_path / "base.qcow2")
+    image = open_image(base, "qcow2", None)
+    runner = LibvirtRunner(machine_in(tmp_path, image), conn=None)
+    destroyed = []
+    runner.dom = type("Dom", (), {"destroy": lambda self: destroyed.append(True)})()
+    runner._recheck_bases()  # unchanged: fine
+    os.replace(make_qcow2(tmp_path / "other.qcow2", pattern=0x11), base)
+    with pytest.raises(DataError, match="replaced or changed while libvirt started the VM"):
+        runner._recheck_bases()
+    assert destroyed == [True] and runner.dom is None
+    image.close()
