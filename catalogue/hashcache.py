@@ -64,16 +64,8 @@ def sha256_fd(fd: int) -> str:
     return h.hexdigest()
 
 
-def hash_with_stamp(path: Path) -> tuple[str, dict[str, int]]:
-    """The digest and the stamps taken around it; if the file changed while being read, hash again."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return hash_fd_with_stamp(fd, str(path))
-    finally:
-        os.close(fd)
-
-
 def hash_fd_with_stamp(fd: int, source: str) -> tuple[str, dict[str, int]]:
+    """The digest of the open file and its stamps taken around it; if it changed while being read, hash again."""
     for _ in range(3):
         before = file_stamp(os.fstat(fd))
         digest = sha256_fd(fd)

@@ -305,8 +305,8 @@ def _opened(spec: ClusterSpec, entry: Entry, where: Callable[[], Path], refuse: 
 
 
 def verified_image(spec: ClusterSpec, role_name: str) -> OpenImage:
-    """The image `role_name` may boot, opened once, after all four checks and the qcow2 header rules
-    (`catalogue.qcow2`); DataError (65) naming the failed check otherwise. The caller hands QEMU the
+    """The image `role_name` may boot, opened once, after every check above (the qcow2 header rules
+    included); DataError (65) naming the failed check otherwise. The caller hands QEMU the
     descriptor (never the path again) and closes it. Reads only; the hash cache is updated only
     after a successful hash."""
     role = spec.role(role_name)

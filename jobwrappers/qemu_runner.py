@@ -3,6 +3,8 @@
 The child gets PR_SET_PDEATHSIG=SIGKILL so it dies with the wrapper even when the wrapper is
 SIGKILLed (the scheduler's last resort), and its own session so a terminal's Ctrl-C or a process
 group signal reaches only the wrapper, which then shuts the guest down properly.
+The verified base reaches QEMU as an inherited descriptor (`-add-fd`, `/dev/fdset/N`), never by
+name; disks are `-blockdev` JSON and every other path in an option string has its commas doubled.
 """
 from __future__ import annotations
 
