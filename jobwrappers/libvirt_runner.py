@@ -1,5 +1,8 @@
-"""Runs the VM as a transient libvirt domain created with VIR_DOMAIN_START_AUTODESTROY: libvirt
-destroys it as soon as this process's connection closes, so a dead wrapper never leaves a VM."""
+"""Runs the VM as a transient libvirt domain started with VIR_DOMAIN_START_AUTODESTROY: libvirt
+destroys it as soon as this process's connection closes, so a dead wrapper never leaves a VM.
+The verified base is handed over as a descriptor (virDomainFDAssociate, `<source fdgroup=...>`),
+so libvirt's QEMU reads the bytes that were checked, as the plain QEMU runner does. Every value in
+the domain XML is escaped (`xml_text`, `quoteattr`)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +14,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from cluster.errors import DataError, SpecError, TempFailure
+from cluster.errors import SpecError, TempFailure
 from jobwrappers.machine import CHANNEL_NAME, Disk, Machine, VmRunner
 
 log = logging.getLogger(__name__)
@@ -47,14 +50,15 @@ def _boot_xml(m: Machine) -> str:
     return "\n".join(lines)
 
 
-def _backing_xml(d: Disk) -> str:
+def _backing_xml(i: int, d: Disk) -> str:
     """The overlay's backing chain spelled out (its header names none): the verified base, in the
-    signed entry's format, with an empty <backingStore/> so libvirt gives it no backing of its own."""
+    signed entry's format, with an empty <backingStore/> so libvirt gives it no backing of its own,
+    read from the descriptor associated as fdgroup `baseI` (the file name is then only a label)."""
     if d.backing is None:
         return "      <backingStore/>\n"
     return ("      <backingStore type='file'>\n"
             f"        <format type={quoteattr(d.backing.format)}/>\n"
-            f"        <source file={quoteattr(str(d.backing.path))}/>\n"
+            f"        <source file={quoteattr(str(d.backing.path))} fdgroup='base{i}'/>\n"
             "        <backingStore/>\n"
             "      </backingStore>\n")
 
@@ -66,7 +70,7 @@ def _disks_xml(m: Machine) -> str:
         out.append("    <disk type='file' device='disk'>\n"
                    f"      <driver name='qemu' type={quoteattr(d.format)} cache='writeback'/>\n"
                    f"      <source file={quoteattr(str(d.path))}/>\n"
-                   + _backing_xml(d)
+                   + _backing_xml(i, d)
                    + f"      <target dev='{dev}' bus='virtio'/>\n"
                    + (f"      <serial>{xml_text(d.serial)}</serial>\n" if d.serial else "")
                    + ("      <readonly/>\n" if d.readonly else "")
@@ -96,10 +100,6 @@ def render_domain_xml(m: Machine, template: Path | None = None) -> str:
         raise SpecError(f"hypervisor.domain_template: {path}: unknown or malformed field {e}") from None
 
 
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 class LibvirtRunner(VmRunner):
     kind = "libvirt"
 
@@ -111,31 +111,42 @@ class LibvirtRunner(VmRunner):
         self.error = ""
 
     def start(self) -> None:
+        """define, hand libvirt the verified bases' descriptors, start with AUTODESTROY, undefine: the
+        domain is transient again while it runs and dies with this connection. libvirt 9.0's
+        virDomainFDAssociate needs a domain object before start, which createXML does not give; its
+        QEMU then opens each base from /dev/fdset (the `fdgroup` of `_backing_xml`), never by name."""
         xml = render_domain_xml(self.machine, self.template)
+        self._drop_leftover_definition()
         try:
-            self.dom = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+            dom = self.conn.defineXML(xml)
         except libvirt.libvirtError as e:
             self.error = e.get_error_message() or str(e)
             return
-        self._recheck_bases()
-
-    def _recheck_bases(self) -> None:
-        """libvirt's QEMU opens the base by name, not from our descriptor. Passing it (libvirt 9.0's
-        virDomainFDAssociate with <source fdgroup=...>) needs a defined domain, not the transient
-        AUTODESTROY one this runner relies on, so instead: after start the name must still be the
-        inode that was checked and hashed, with the same stamps. StrictModes (catalogue.imagefile)
-        means only root or the store's owner could have changed that inode in place."""
-        for d in self.machine.disks:
-            if d.backing is None:
-                continue
+        try:
+            for i, d in enumerate(self.machine.disks):
+                if d.backing is not None:
+                    dom.FDAssociate(f"base{i}", [d.backing.fd], 0)
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_AUTODESTROY)
+            self.dom = dom
+        except libvirt.libvirtError as e:
+            self.error = e.get_error_message() or str(e)
+        finally:
             try:
-                same = _stamp(os.stat(d.backing.path)) == _stamp(os.fstat(d.backing.fd))
-            except OSError:
-                same = False
-            if not same:
-                self.destroy()
-                self.dom = None
-                raise DataError(f"{d.backing.path}: replaced or changed while libvirt started the VM; refused")
+                dom.undefine()
+            except libvirt.libvirtError as e:
+                log.warning("cannot undefine %s: %s", dom.name(), e.get_error_message())
+
+    def _drop_leftover_definition(self) -> None:
+        """A wrapper killed between define and undefine leaves an inactive definition of its domain
+        (never a running VM: AUTODESTROY), which would block this name for good; remove it."""
+        name = f"salvus-{self.machine.name}"
+        try:
+            old = self.conn.lookupByName(name)
+            if old.isPersistent() and not old.isActive():
+                log.info("removing the inactive definition %s a killed wrapper left", name)
+                old.undefine()
+        except libvirt.libvirtError:
+            pass  # none (the usual case), or it is running: defineXML then says so
 
     def alive(self) -> bool:
         if self.dom is None:

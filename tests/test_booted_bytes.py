@@ -21,7 +21,7 @@ from catalogue.imagefile import open_image
 from cluster.errors import DataError, SpecError
 from jobwrappers.accel import choose_accel
 from jobwrappers.disks import create_overlay
-from jobwrappers.libvirt_runner import LibvirtRunner, render_domain_xml
+from jobwrappers.libvirt_runner import render_domain_xml
 from jobwrappers.machine import Disk, Machine, free_port
 from jobwrappers.qemu_runner import QemuRunner, qemu_argv
 from tests.fixtures.catalogue import make_qcow2
@@ -162,6 +162,7 @@ def test_libvirt_xml_quotes_every_path_and_spells_out_the_backing_chain(tmp_path
     assert disk.find("source").get("file") == str(odd / "root.qcow2")
     backing = disk.find("backingStore")
     assert backing.find("source").get("file") == str(base) and backing.find("format").get("type") == "qcow2"
+    assert backing.find("source").get("fdgroup") == "base0"  # the descriptor, FDAssociate'd at start
     assert backing.find("backingStore") is not None and len(backing.find("backingStore")) == 0
     assert root.find("devices/serial/source").get("path") == str(m.console_log)
     assert root.find("devices/channel/source").get("path") == str(m.channel_path)
@@ -197,17 +198,3 @@ def test_boot_files_are_catalogue_entries_when_the_catalogue_is_on(signed_catalo
     with pytest.raises(DataError, match="hash check failed"):
         trust.verified_boot_files(spec, "sage")
 
-
-def test_libvirt_path_refuses_a_base_replaced_before_libvirt_opened_it(tmp_path):
-    """libvirt's QEMU opens the base by name: after start the name must still be the checked inode."""
-    base = make_qcow2(tmp_path / "base.qcow2")
-    image = open_image(base, "qcow2", None)
-    runner = LibvirtRunner(machine_in(tmp_path, image), conn=None)
-    destroyed = []
-    runner.dom = type("Dom", (), {"destroy": lambda self: destroyed.append(True)})()
-    runner._recheck_bases()  # unchanged: fine
-    os.replace(make_qcow2(tmp_path / "other.qcow2", pattern=0x11), base)
-    with pytest.raises(DataError, match="replaced or changed while libvirt started the VM"):
-        runner._recheck_bases()
-    assert destroyed == [True] and runner.dom is None
-    image.close()
