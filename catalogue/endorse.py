@@ -312,6 +312,11 @@ def _entry_problems(cat: CatalogueDir, entry: Entry) -> list[str]:
         problems.append(f"{entry.ref}: {path}: {st.st_size} bytes, the index says {entry.size}")
     elif sha256_file(path) != entry.sha256:
         problems.append(f"{entry.ref}: {path}: sha256 does not match the index (tampered or corrupt)")
+    else:
+        try:
+            _checked_copy(path, entry.format)
+        except DataError as e:
+            problems.append(f"{entry.ref}: {e}")
     try:
         check_torrent(entry, read_limited(cat.torrent_file(entry), 16 << 20), str(cat.torrent_file(entry)))
     except DataError as e:
