@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from catalogue import approvals, trust  # noqa: E402
 from catalogue.hashcache import sha256_file  # noqa: E402
+from catalogue.imagefile import open_image  # noqa: E402
 from catalogue.index import Entry, Index, new_signature_file, now_utc, sign_index_bytes  # noqa: E402
 from catalogue.keys import public_pem  # noqa: E402
 from cluster.spec import parse_spec  # noqa: E402
@@ -100,12 +101,13 @@ def bench_preboot(root: Path, mib: int, entries: int, runs: int) -> tuple[float,
 
     def uncached() -> None:
         cache.unlink(missing_ok=True)
-        trust.verified_image(spec, "sage")
+        trust.verified_image(spec, "sage").close()
 
     uncached_ms = median_ms(uncached, max(3, runs // 2))
-    trust.verified_image(spec, "sage")
-    cached_ms = median_ms(lambda: trust.verified_image(spec, "sage"), runs)
+    trust.verified_image(spec, "sage").close()
+    cached_ms = median_ms(lambda: trust.verified_image(spec, "sage").close(), runs)
     entry = index.entries[-1]
+    image = open_image(image, entry.format, None)
 
     def hash_uncached() -> None:
         cache.unlink(missing_ok=True)

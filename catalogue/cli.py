@@ -58,7 +58,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = action("keygen", cmd_keygen, "make an Ed25519 endorser key pair (private key encrypted)",
                "passphrase from $SALVUS_KEY_PASSPHRASE or a prompt; example: catalogue keygen --out endorser.key")
     p.add_argument("--out", type=Path, required=True, help="private key file; the public key goes to FILE.pub")
-    p = action("add", cmd_add, "add an image to the catalogue's draft (hash, size, format, torrent)",
+    p = action("add", cmd_add, "add an image (or a direct-boot kernel/initrd: a raw entry) to the catalogue's "
+               "draft (hash, size, format, torrent)",
                "example: catalogue add --dir cat demo.qcow2 --name demo --version 1 --role sage "
                "--url http://origin:8765/")
     p.add_argument("image", type=Path)

@@ -38,6 +38,7 @@ from catalogue.hashcache import sha256_file
 from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, check_refs, new_signature_file, now_utc,
                              parse_index, parse_signature_file, sign_index_bytes)
 from catalogue.keys import key_id
+from catalogue.qcow2 import check_image_header
 from catalogue.torrent import check_torrent, make_torrent
 from catalogue.trust import check_signed_index
 
@@ -135,7 +136,8 @@ class CatalogueDir:
 
 def image_info(image: Path) -> str:
     """The image's format per `qemu-img info`; refuses formats other than qcow2/raw and backing files
-    (a base image must be self-contained: a backing file would be read from the host, unverified)."""
+    (a base image must be self-contained: a backing file would be read from the host, unverified).
+    The header rules proper (`catalogue.qcow2`) run on the copy that is hashed (`add_image`)."""
     try:
         out = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True,
                              text=True, timeout=60, check=True).stdout
@@ -174,6 +176,17 @@ def _copy_hashing(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
+def _checked_copy(dest: Path, fmt: str) -> int:
+    """The size of the copy in images/ after its header passes `catalogue.qcow2`'s rules (the bytes
+    hashed are the bytes checked: the source may change after the copy)."""
+    fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        check_image_header(fd, fmt, str(dest))
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: list[str], targets: list[str],
               url: str | None, expires: datetime | None = None) -> Entry:
     """Copies the image into images/, makes its torrent, and records the entry in the draft."""
@@ -207,7 +220,7 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
     copied = old is None or not dest.exists()
     try:
         draft.sha256 = _copy_hashing(image, dest) if copied else old.sha256  # type: ignore[union-attr]
-        draft.size = dest.stat().st_size
+        draft.size = _checked_copy(dest, fmt)
         torrent, draft.info_hash = make_torrent(dest, draft.web_seeds[0])
         write_atomic(cat.torrent_file(draft), torrent)
         if old is not None:
@@ -299,6 +312,11 @@ def _entry_problems(cat: CatalogueDir, entry: Entry) -> list[str]:
         problems.append(f"{entry.ref}: {path}: {st.st_size} bytes, the index says {entry.size}")
     elif sha256_file(path) != entry.sha256:
         problems.append(f"{entry.ref}: {path}: sha256 does not match the index (tampered or corrupt)")
+    else:
+        try:
+            _checked_copy(path, entry.format)
+        except DataError as e:
+            problems.append(f"{entry.ref}: {e}")
     try:
         check_torrent(entry, read_limited(cat.torrent_file(entry), 16 << 20), str(cat.torrent_file(entry)))
     except DataError as e:

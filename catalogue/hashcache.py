@@ -5,7 +5,9 @@ A cached digest is reused only while the file's identity and change stamps are a
 rewrite changes size or mtime, a replace-by-rename changes the inode, and `touch -d` to fake an old
 mtime still moves ctime (which user space cannot set), so any change means a re-hash.
 The cache is one JSON file in `STORE/state/`, replaced atomically; two writers racing lose at most
-one entry, which only costs a re-hash later.
+one entry, which only costs a re-hash later. Stamps cannot see writes through an already-dirty shared
+mmap, so callers remember digests only of files nobody but the store's owner can write
+(`catalogue.imagefile` StrictModes); keys are the real path the descriptor was opened at.
 """
 from __future__ import annotations
 
@@ -43,33 +45,39 @@ def _load(cache_path: Path) -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def cached_sha256(cache_path: Path, path: Path) -> str | None:
-    """The remembered digest of `path` if its stamps still match, else None."""
-    key = str(path.resolve())
-    rec = _load(cache_path).get(key)
-    try:
-        stamp = file_stamp(os.stat(key))
-    except OSError:
-        return None
+def cached_sha256(cache_path: Path, path: Path, st: os.stat_result) -> str | None:
+    """The remembered digest of `path` if its stamps still match `st` (the fstat of the descriptor
+    about to be booted), else None."""
+    rec = _load(cache_path).get(str(path))
+    stamp = file_stamp(st)
     if isinstance(rec, dict) and {k: rec.get(k) for k in stamp} == stamp and isinstance(rec.get("sha256"), str):
         return rec["sha256"]
     return None
 
 
-def hash_with_stamp(path: Path) -> tuple[str, dict[str, int]]:
-    """The digest and the stamps taken around it; if the file changed while being read, hash again."""
+def sha256_fd(fd: int) -> str:
+    """sha256 of the whole file open at `fd`, read with pread (the descriptor's offset is untouched)."""
+    h, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def hash_fd_with_stamp(fd: int, source: str) -> tuple[str, dict[str, int]]:
+    """The digest of the open file and its stamps taken around it; if it changed while being read, hash again."""
     for _ in range(3):
-        before = file_stamp(os.stat(path))
-        digest = sha256_file(path)
-        if file_stamp(os.stat(path)) == before:
+        before = file_stamp(os.fstat(fd))
+        digest = sha256_fd(fd)
+        if file_stamp(os.fstat(fd)) == before:
             return digest, before
-    raise OSError(f"{path}: keeps changing while being hashed")
+    raise OSError(f"{source}: keeps changing while being hashed")
 
 
 def remember(cache_path: Path, path: Path, digest: str, stamp: dict[str, int]) -> None:
     data = _load(cache_path)
     data = {k: v for k, v in data.items() if os.path.exists(k)}  # forget deleted images
-    data[str(path.resolve())] = {**stamp, "sha256": digest}
+    data[str(path)] = {**stamp, "sha256": digest}
     try:
         write_atomic(cache_path, json.dumps(data, indent=1, sort_keys=True).encode())
     except OSError as e:

@@ -1,13 +1,17 @@
 """Trust on the hypervisor: which signed index this host accepted, and whether an image may boot.
 
-An image may boot only when four checks pass, in this order:
+An image (and a role's direct-boot kernel/initrd, which are catalogue entries too) may boot only
+when these checks pass, in this order:
   1. index fresh — an accepted index exists, its signatures still verify with the spec's trust
      anchors (threshold), and it has not expired (a frozen mirror cannot keep a host on old images);
   2. endorsed    — NAME@VERSION is an entry of that index, not revoked, not expired, for this role;
   3. approved    — the site's approvals list it and pin exactly the entry's sha256, size and
                    format (`catalogue.approvals`);
-  4. hash        — the file's size and sha256 match the entry (cached per file stamp).
-`verified_image` raises DataError (exit 65) naming the failed check and creates nothing on failure.
+  4. file        — opened once (O_NOFOLLOW), StrictModes (only root or the store's owner can change
+     it: `catalogue.imagefile`), and a self-contained header for the entry's format (`catalogue.qcow2`);
+  5. hash        — the size and sha256 of that descriptor match the entry (cached per file stamp).
+`verified_image` returns the open file (QEMU gets its descriptor, never the path again), raises
+DataError (exit 65) naming the failed check and creates nothing on failure.
 
 Accepting an index (`accept_index`, used by `salvus_jobs catalogue accept` and imgdist) checks, in
 order: size before reading (endless data), signatures over the exact bytes (arbitrary software,
@@ -32,23 +36,26 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cluster.errors import DataError, SpecError
-from cluster.spec import ClusterSpec, split_image_ref
+from cluster.spec import ClusterSpec, boot_ref, split_image_ref
 from cluster.store import Store, image_file_name
 from catalogue import approvals, hashcache
 from catalogue.approvals import is_approved
 from cluster.files import locked, read_limited, write_atomic
+from catalogue.imagefile import OpenImage, open_image, suffix_format
 from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
 from catalogue.keys import load_trust_keys
 
 log = logging.getLogger(__name__)
 
-CHECKS = ("index fresh", "endorsed", "approved", "hash")
+CHECKS = ("index fresh", "endorsed", "approved", "file", "hash")
 __all__ = ["accept_index", "accepted_index", "accepted_version", "base_image_path", "check_image_bytes",
-           "check_signed_index", "is_approved", "trust_keys", "verified_image"]
+           "check_signed_index", "is_approved", "trust_keys", "verified_boot_files",
+           "verified_image"]
 
 
 def state_dir(spec: ClusterSpec) -> Path:
@@ -245,26 +252,33 @@ def accept_index(spec: ClusterSpec, index_bytes: bytes, sig_bytes: bytes) -> Ind
     return index
 
 
-def check_image_bytes(spec: ClusterSpec, entry: Entry, path: Path) -> None:
-    """DataError unless `path` holds exactly the entry's bytes. The sha256 is remembered per file
-    stamp in STORE/state, so an unchanged image is not re-read at every boot."""
+def store_owner(spec: ClusterSpec) -> int:
+    """The uid whose files the store trusts besides root's (StrictModes, `catalogue.imagefile`)."""
+    root = Store.of(spec).root
     try:
-        st = os.stat(path)
+        return os.stat(root).st_uid
     except OSError as e:
-        raise DataError(f"{path}: cannot read image: {e.strerror or e}") from None
+        raise DataError(f"{root}: cannot read the store: {e.strerror or e}") from None
+
+
+def check_image_bytes(spec: ClusterSpec, entry: Entry, image: OpenImage) -> None:
+    """DataError unless the open `image` holds exactly the entry's bytes, hashed from the descriptor
+    QEMU will read. The sha256 is remembered per file stamp in STORE/state (only ever for files that
+    passed StrictModes: nobody else can write them), so an unchanged image is not re-read at every boot."""
+    st = os.fstat(image.fd)
     if st.st_size != entry.size:
-        raise DataError(f"{path}: {st.st_size} bytes, but {entry.ref} has {entry.size}")
+        raise DataError(f"{image.path}: {st.st_size} bytes, but {entry.ref} has {entry.size}")
     cache = hash_cache_path(spec)
-    digest = hashcache.cached_sha256(cache, path)
+    digest = hashcache.cached_sha256(cache, image.path, st)
     if digest is None:
         try:
-            digest, stamp = hashcache.hash_with_stamp(path)
+            digest, stamp = hashcache.hash_fd_with_stamp(image.fd, str(image.path))
         except OSError as e:
-            raise DataError(f"{path}: cannot hash image: {e}") from None
+            raise DataError(f"{image.path}: cannot hash image: {e}") from None
         if digest == entry.sha256:
-            hashcache.remember(cache, path, digest, stamp)
+            hashcache.remember(cache, image.path, digest, stamp)
     if digest != entry.sha256:
-        raise DataError(f"{path}: sha256 {digest[:16]}... does not match {entry.ref}'s {entry.sha256[:16]}... "
+        raise DataError(f"{image.path}: sha256 {digest[:16]}... does not match {entry.ref}'s {entry.sha256[:16]}... "
                         "(tampered or corrupt)")
 
 
@@ -336,20 +350,8 @@ def _endorsed_entry(index: Index, role_name: str, name: str, version: str, refus
     return entry
 
 
-def verified_image(spec: ClusterSpec, role_name: str) -> Path:
-    """The image file `role_name` may boot from, after all four checks; DataError (65) naming the
-    failed check otherwise. Reads only; the hash cache is updated only after a successful hash."""
-    role = spec.role(role_name)
-    name, version = split_image_ref(role.image)
-    refuse = _Refusal(role.image, role_name)
-    if spec.catalogue.insecure_allow_unsigned:
-        log.warning("catalogue.insecure_allow_unsigned is set: booting %s for role %s WITHOUT "
-                    "signature, approval or hash checks", role.image, role_name)
-        path = image_path(spec, role_name)
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise DataError(f"image {role.image} for role {role_name}: {path} is missing or unreadable")
-        return path
-    index = _fresh_index(spec, refuse)
+def _approved_entry(spec: ClusterSpec, index: Index, role_name: str, ref: str, refuse: _Refusal) -> Entry:
+    name, version = split_image_ref(ref)
     entry = _endorsed_entry(index, role_name, name, version, refuse)
     try:
         refusal = approvals.refusal(spec, entry)
@@ -357,9 +359,72 @@ def verified_image(spec: ClusterSpec, role_name: str) -> Path:
         raise refuse("approved", str(e)) from None
     if refusal:
         raise refuse("approved", refusal)
+    return entry
+
+
+def _opened(spec: ClusterSpec, entry: Entry, where: Callable[[], Path], refuse: _Refusal) -> OpenImage:
     try:
-        path = image_path(spec, role_name, entry)
-        check_image_bytes(spec, entry, path)
+        image = open_image(where(), entry.format, store_owner(spec))
     except DataError as e:
+        raise refuse("file", str(e)) from None
+    try:
+        check_image_bytes(spec, entry, image)
+    except DataError as e:
+        image.close()
         raise refuse("hash", str(e)) from None
-    return path
+    return image
+
+
+def verified_image(spec: ClusterSpec, role_name: str) -> OpenImage:
+    """The image `role_name` may boot, opened once, after every check above (the qcow2 header rules
+    included); DataError (65) naming the failed check otherwise. The caller hands QEMU the
+    descriptor (never the path again) and closes it. Reads only; the hash cache is updated only
+    after a successful hash."""
+    role = spec.role(role_name)
+    refuse = _Refusal(role.image, role_name)
+    if spec.catalogue.insecure_allow_unsigned:
+        log.warning("catalogue.insecure_allow_unsigned is set: booting %s for role %s WITHOUT "
+                    "signature, approval or hash checks", role.image, role_name)
+        path = image_path(spec, role_name)
+        try:  # no signed entry to give the format: the suffix rule, never probing; headers still checked
+            return open_image(path, suffix_format(path), None)
+        except DataError as e:
+            raise DataError(f"image {role.image} for role {role_name}: {e}") from None
+    index = _fresh_index(spec, refuse)
+    entry = _approved_entry(spec, index, role_name, role.image, refuse)
+    return _opened(spec, entry, lambda: image_path(spec, role_name, entry), refuse)
+
+
+def verified_boot_files(spec: ClusterSpec, role_name: str) -> dict[str, OpenImage]:
+    """The role's direct-boot files (`kernel`, `initrd`), opened once. With the catalogue on each
+    must be a catalogue entry NAME@VERSION passing the same four checks as the image (a file path
+    is refused with one line); in insecure mode a path is opened as it is."""
+    boot = spec.role(role_name).boot
+    wanted = {k: v for k, v in (("kernel", boot.kernel), ("initrd", boot.initrd)) if v} if boot else {}
+    opened: dict[str, OpenImage] = {}
+    try:
+        for label, value in wanted.items():
+            opened[label] = _boot_file(spec, role_name, label, value)
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    return opened
+
+
+def _boot_file(spec: ClusterSpec, role_name: str, label: str, value: str) -> OpenImage:
+    ref = boot_ref(value)
+    if spec.catalogue.insecure_allow_unsigned:
+        path = _store_image_path(spec, image_file_name(*ref, "raw")) if ref else Path(value)
+        try:
+            return open_image(path, "raw", None)
+        except DataError as e:
+            raise DataError(f"roles.{role_name}.boot.{label}: {e}") from None
+    if ref is None:
+        raise SpecError(f"{spec.source}: roles.{role_name}.boot.{label}: {value!r} is a file; with the "
+                        "catalogue on it must name a catalogue entry NAME@VERSION (endorsed, approved)")
+    refuse = _Refusal(value, role_name)
+    entry = _approved_entry(spec, _fresh_index(spec, refuse), role_name, value, refuse)
+    if entry.format != "raw":
+        raise refuse("endorsed", f"boot.{label} must be a raw entry (the file's bytes), not {entry.format}")
+    return _opened(spec, entry, lambda: _store_image_path(spec, entry.file_name), refuse)

@@ -42,7 +42,12 @@ class DiskSpec:
 
 @dataclass(config=STRICT)
 class BootSpec:
-    """Direct kernel boot (the demo image); real images boot from their own disk via firmware."""
+    """Direct kernel boot (the demo image); real images boot from their own disk via firmware.
+
+    `kernel` and `initrd` are each a catalogue entry NAME@VERSION (resolved like `image`: the store's
+    images/base/NAME-VERSION.raw, signed hash, approval, for this role) or, only with
+    `catalogue.insecure_allow_unsigned`, a file path (`boot_ref` tells them apart: a value with a
+    '/' or without an '@' is a path)."""
 
     kernel: StrictStr
     initrd: Optional[StrictStr] = None
@@ -295,6 +300,16 @@ def parse_spec(raw: bytes | str, path: Path) -> ClusterSpec:
     return _absolutize(spec, base)
 
 
+def boot_ref(value: str) -> tuple[str, str] | None:
+    """(NAME, VERSION) when a boot.kernel/boot.initrd value names a catalogue entry, None for a path."""
+    if "/" in value:
+        return None
+    try:
+        return split_image_ref(value)
+    except ValueError:
+        return None
+
+
 def _abs(base: Path, p: str | None) -> str | None:
     if p is None:
         return None
@@ -313,6 +328,8 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
     for role in spec.roles.values():
         role.image_path = _abs(base, role.image_path)
         if role.boot:
-            role.boot.kernel = _abs(base, role.boot.kernel) or role.boot.kernel
-            role.boot.initrd = _abs(base, role.boot.initrd)
+            if boot_ref(role.boot.kernel) is None:
+                role.boot.kernel = _abs(base, role.boot.kernel) or role.boot.kernel
+            if role.boot.initrd and boot_ref(role.boot.initrd) is None:
+                role.boot.initrd = _abs(base, role.boot.initrd)
     return spec

@@ -203,7 +203,7 @@ class Agent:
                     continue
                 try:
                     t_verify = time.monotonic()
-                    install(self.store, e.file_name, e.size, e.sha256, hash_cache_path(self.spec))
+                    install(self.store, e, hash_cache_path(self.spec))
                 except DataError as err:
                     if attempt == 0:
                         # Resume data can claim pieces whose writes were lost (host crash):

@@ -6,17 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from catalogue.imagefile import OpenImage
 from cluster.errors import DataError, SpecError
 from cluster.spec import DiskSpec
 from cluster.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def image_format(path: Path) -> str:
-    """The base's format from its name, never from its content: a raw image whose first bytes look
-    like a qcow2 header must not be able to point QEMU at another file as its backing store."""
-    return "raw" if path.suffix in (".raw", ".img") else "qcow2"
 
 
 def _qemu_img(*args: str) -> None:
@@ -28,11 +23,12 @@ def _qemu_img(*args: str) -> None:
         raise DataError(f"qemu-img {args[0]}: {proc.stderr.strip()}")
 
 
-def create_overlay(base: Path, overlay: Path) -> Path:
-    """A qcow2 overlay whose backing file is the base by absolute path (a relative one would resolve
-    against the overlay's own directory). The guest writes only to the overlay."""
-    base = base.resolve()
-    _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", image_format(base), str(overlay))
+def create_overlay(base: OpenImage, overlay: Path) -> Path:
+    """A qcow2 overlay of the base's virtual size with NO backing file in its header: the runner
+    gives it the verified base as its backing node (opened from the checked descriptor, with the
+    signed entry's format), so nothing re-opens the base by name or probes its format. The guest
+    writes only to the overlay."""
+    _qemu_img("create", "-q", "-f", "qcow2", str(overlay), str(base.virtual_size))
     return overlay
 
 

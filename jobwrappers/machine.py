@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from catalogue.imagefile import OpenImage
 from jobwrappers.accel import Accel
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ class Disk:
     format: str  # qcow2 | raw
     serial: str = ""  # the guest finds persistent disks by this (/sys/block/vdX/serial)
     readonly: bool = False
+    # The verified base under a header-less overlay: the runner opens it read-only, with the entry's
+    # format and no backing of its own; the plain QEMU runner hands QEMU this very descriptor.
+    backing: Optional[OpenImage] = None
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Machine:
     channel_path: Path  # unix socket of the virtio-serial host channel
     console_log: Path
     workdir: Path
-    kernel: Optional[Path] = None
+    kernel: Optional[Path] = None  # private copies of the verified bytes (QEMU reads -kernel by name)
     initrd: Optional[Path] = None
     cmdline: str = ""
 

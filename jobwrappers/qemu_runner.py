@@ -3,16 +3,19 @@
 The child gets PR_SET_PDEATHSIG=SIGKILL so it dies with the wrapper even when the wrapper is
 SIGKILLed (the scheduler's last resort), and its own session so a terminal's Ctrl-C or a process
 group signal reaches only the wrapper, which then shuts the guest down properly.
+The verified base reaches QEMU as an inherited descriptor (`-add-fd`, `/dev/fdset/N`), never by
+name; disks are `-blockdev` JSON and every other path in an option string has its commas doubled.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import signal
 import subprocess
 from pathlib import Path
 
-from jobwrappers.machine import CHANNEL_NAME, Machine, VmRunner
+from jobwrappers.machine import CHANNEL_NAME, Disk, Machine, VmRunner
 from jobwrappers.qmp import Qmp, QmpError
 
 log = logging.getLogger(__name__)
@@ -26,28 +29,61 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> list[str]:
+def opt(value: object) -> str:
+    """A value inside a QEMU `key=value,...` option string: a ',' is doubled, so a path with a comma
+    stays one value instead of adding options."""
+    return str(value).replace(",", ",,")
+
+
+def _blockdevs(i: int, d: Disk) -> tuple[list[str], list[int]]:
+    """-blockdev JSON (no option-string parsing at all) for disk i, and the descriptors QEMU needs.
+    A disk with a verified `backing` gets it as its backing node, opened from /dev/fdset/N (the
+    descriptor that was checked and hashed), read-only, in the signed entry's format, and with no
+    backing of its own; nothing is probed."""
+    argv: list[str] = []
+    fds: list[int] = []
+    node: dict = {"driver": d.format, "node-name": f"disk{i}", "read-only": d.readonly,
+                  "file": {"driver": "file", "filename": str(d.path), "read-only": d.readonly}}
+    if d.backing is not None:
+        fdset = i + 1
+        base: dict = {"driver": d.backing.format, "node-name": f"base{i}", "read-only": True,
+                      "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}", "read-only": True}}
+        if d.backing.format == "qcow2":
+            base["backing"] = None
+        argv += ["-add-fd", f"fd={d.backing.fd},set={fdset},opaque=base{i}", "-blockdev", json.dumps(base)]
+        fds.append(d.backing.fd)
+        node["backing"] = f"base{i}"
+    elif d.format == "qcow2":
+        node["backing"] = None  # persistent disks are ours and have none; never follow one
+    argv += ["-blockdev", json.dumps(node)]
+    dev = f"virtio-blk-pci,drive=disk{i}" + (f",serial={opt(d.serial)}" if d.serial else "")
+    return argv + ["-device", dev], fds
+
+
+def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], list[int]]:
+    """The command line and the descriptors the child must inherit. Every path reaches QEMU either
+    as JSON (-blockdev) or with commas doubled (`opt`)."""
     hostfwd = f"tcp:{m.host_addr}:{m.host_port}-:{m.guest_port}"
-    argv = [qemu, "-name", f"guest={m.name},process=salvus-{m.name}", *m.accel.qemu_args,
+    argv = [qemu, "-name", f"guest={opt(m.name)},process=salvus-{opt(m.name)}", *m.accel.qemu_args,
             "-machine", "pc", "-m", str(m.memory_mb), "-smp", str(m.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-chardev", f"file,id=console,path={m.console_log}", "-serial", "chardev:console",
-            "-netdev", f"user,id=net0,hostfwd={hostfwd}", "-device", "virtio-net-pci,netdev=net0",
-            "-chardev", f"socket,id=channel0,path={m.channel_path},server=on,wait=off",
+            "-qmp", f"unix:{opt(qmp_path)},server=on,wait=off",
+            "-chardev", f"file,id=console,path={opt(m.console_log)}", "-serial", "chardev:console",
+            "-netdev", f"user,id=net0,hostfwd={opt(hostfwd)}", "-device", "virtio-net-pci,netdev=net0",
+            "-chardev", f"socket,id=channel0,path={opt(m.channel_path)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
             "-device", f"virtserialport,bus=vser0.0,chardev=channel0,name={CHANNEL_NAME}"]
     if m.kernel:
+        # -kernel/-initrd/-append are single values QEMU does not split at commas.
         argv += ["-kernel", str(m.kernel), "-append", m.cmdline]
         if m.initrd:
             argv += ["-initrd", str(m.initrd)]
+    fds: list[int] = []
     for i, d in enumerate(m.disks):
-        drive = f"file={d.path},if=none,id=disk{i},format={d.format},cache=writeback"
-        if d.readonly:
-            drive += ",readonly=on"
-        dev = f"virtio-blk-pci,drive=disk{i}" + (f",serial={d.serial}" if d.serial else "")
-        argv += ["-drive", drive, "-device", dev]
-    return argv
+        more, disk_fds = _blockdevs(i, d)
+        argv += more
+        fds += disk_fds
+    return argv, fds
 
 
 class QemuRunner(VmRunner):
@@ -61,10 +97,10 @@ class QemuRunner(VmRunner):
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        argv = qemu_argv(self.machine, self.qmp_path, self.qemu)
+        argv, fds = qemu_argv(self.machine, self.qmp_path, self.qemu)
         log.debug("starting %s", " ".join(argv))
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, pass_fds=fds,
                                          preexec_fn=_die_with_parent, start_new_session=True)
 
     @property

@@ -21,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalogue.trust import verified_image
+from catalogue.imagefile import OpenImage, copy_from
+from catalogue.trust import verified_boot_files, verified_image
 from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
-from cluster.errors import DataError, SpecError, TempFailure
+from cluster.errors import SpecError, TempFailure
 from cluster.registry import Registry, Service, open_registry
 from cluster import jobstatus
 from cluster.jobstatus import JobStatus
@@ -57,7 +58,8 @@ class Job:
     role: RoleSpec
     service_id: str
     env: JobEnv
-    image: Path
+    image: OpenImage  # verified and open: QEMU gets this descriptor
+    boot_files: dict[str, OpenImage]  # kernel/initrd, verified and open
     stop: threading.Event
     workdir: Path | None = None
     sockdir: Path | None = None
@@ -88,6 +90,8 @@ class Job:
         for d in (self.workdir, self.sockdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
+        for f in (self.image, *self.boot_files.values()):
+            f.close()
         self.env.remove_private_scratch()
         jobstatus.remove(Store.of(self.spec), self.service_id, os.getpid())
 
@@ -105,14 +109,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
     add_verbose(p, help_text="debug log output")
     return p.parse_args(argv)
-
-
-def check_boot_files(role_name: str, role: RoleSpec) -> None:
-    if role.boot is None:
-        return
-    for label, p in (("boot.kernel", role.boot.kernel), ("boot.initrd", role.boot.initrd)):
-        if p and not (Path(p).is_file() and os.access(p, os.R_OK)):
-            raise DataError(f"roles.{role_name}.{label}: {p} is missing or unreadable")
 
 
 def local_names(spec: ClusterSpec) -> frozenset[str]:
@@ -142,7 +138,10 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     job.sockdir = (job.workdir if len(str(job.workdir)) <= MAX_SOCKET_DIR_LEN
                    else Path(tempfile.mkdtemp(prefix="salvus-sock-", dir="/tmp")))
     overlay = create_overlay(job.image, job.workdir / "root.qcow2")
-    disks = [Disk(overlay, "qcow2")]
+    disks = [Disk(overlay, "qcow2", backing=job.image)]
+    # QEMU opens -kernel/-initrd by name and takes no /dev/fdset: it boots private copies written
+    # from the verified descriptors into the job's own (0700) work dir.
+    boot = {label: copy_from(f, job.workdir / f"boot-{label}") for label, f in job.boot_files.items()}
     for d in role.persistent:
         disks.append(Disk(ensure_persistent_disk(Store.of(spec), job.service_id, d), "qcow2", serial=d.name))
     upstreams = guest_upstreams(job, registry)
@@ -164,9 +163,7 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
         name=job.service_id, vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel, disks=disks,
         guest_port=role.port, host_addr=host_addr, host_port=free_port(host_addr),
         channel_path=job.sockdir / "channel.sock", console_log=job.console_log, workdir=job.workdir,
-        kernel=Path(role.boot.kernel) if role.boot else None,
-        initrd=Path(role.boot.initrd) if role.boot and role.boot.initrd else None,
-        cmdline=role.boot.cmdline if role.boot else "")
+        kernel=boot.get("kernel"), initrd=boot.get("initrd"), cmdline=role.boot.cmdline if role.boot else "")
 
 
 def start_vm(job: Job, machine: Machine) -> None:
@@ -243,17 +240,22 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     role = spec.role(args.role)
     env = job_from_env(spec.scheduler.backend)
     service_id = check_service_id(args.service_id or default_service_id(args.role, env.job_id))
-    # Nothing is created before the image passes its checks.
+    # Nothing is created before the image and boot files pass their checks; they stay open from
+    # here to the end of the job (the descriptors QEMU reads; a failed start exits the process).
     image = verified_image(spec, args.role)
-    check_boot_files(args.role, role)
-    if role.network != "user":
-        raise SpecError(f"roles.{args.role}.network: salvus-vmjob supports only 'user' networking "
-                        f"(a host port forward) so far, got {role.network!r}")
-    for up in role.upstreams:
-        spec.role(up)
-    Store.of(spec).open()
-    registry = open_registry(spec)
-    job = Job(spec, args.role, role, service_id, env, image, stop, here=local_names(spec))
+    try:
+        boot_files = verified_boot_files(spec, args.role)
+        if role.network != "user":
+            raise SpecError(f"roles.{args.role}.network: salvus-vmjob supports only 'user' networking "
+                            f"(a host port forward) so far, got {role.network!r}")
+        for up in role.upstreams:
+            spec.role(up)
+        Store.of(spec).open()
+        registry = open_registry(spec)
+    except BaseException:
+        image.close()
+        raise
+    job = Job(spec, args.role, role, service_id, env, image, boot_files, stop, here=local_names(spec))
     beat: Heartbeater | None = None
     try:
         machine = prepare_machine(job, registry)

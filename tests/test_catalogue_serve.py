@@ -69,7 +69,7 @@ def test_signed_index_round_trips_through_serve(signed_catalogue, origin, cli):
     dest = sc.store / "images" / "base" / entry.file_name
     dest.parent.mkdir(parents=True)
     dest.write_bytes(body)
-    assert trust.verified_image(spec, "sage") == dest.resolve()
+    assert trust.verified_image(spec, "sage").path == dest.resolve()
     status, _, torrent = get(origin + entry.torrent)
     assert status == 200 and check_torrent(entry, torrent).info_hashes().v2
 

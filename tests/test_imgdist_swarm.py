@@ -32,7 +32,7 @@ def assert_installed(spec: Path, entry) -> Path:
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     assert not list((store_of(spec) / "images" / "partial").iterdir())
     # The digest checked at install is the pre-boot check's cache entry: the first boot won't re-hash.
-    assert cached_sha256(hash_cache_path(load_spec(spec)), path) == entry.sha256
+    assert cached_sha256(hash_cache_path(load_spec(spec)), path, path.stat()) == entry.sha256
     return path
 
 

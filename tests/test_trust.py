@@ -31,7 +31,7 @@ def accept_installed_approved(sc):
 
 def test_trusted_image_passes_all_four_checks(signed_catalogue):
     spec, path = accept_installed_approved(signed_catalogue)
-    assert trust.verified_image(spec, "sage") == path.resolve()
+    assert trust.verified_image(spec, "sage").path == path.resolve()
     assert trust.accepted_version(spec) == 1
     assert trust.accepted_index(spec).find("demo", "1").sha256 == hashcache.sha256_file(path)
 
@@ -276,7 +276,7 @@ def test_missing_image_refused(signed_catalogue):
     sc = signed_catalogue
     spec, path = accept_installed_approved(sc)
     path.unlink()
-    assert_boot_refused(sc, spec, "hash", "cannot read image")
+    assert_boot_refused(sc, spec, "file", "cannot open")
 
 
 def test_hash_cache_reused_until_the_file_changes(signed_catalogue, monkeypatch):
@@ -284,8 +284,8 @@ def test_hash_cache_reused_until_the_file_changes(signed_catalogue, monkeypatch)
     spec, path = accept_installed_approved(sc)
     trust.verified_image(spec, "sage")  # hashes and remembers
     calls = []
-    real = hashcache.sha256_file
-    monkeypatch.setattr(hashcache, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = hashcache.sha256_fd
+    monkeypatch.setattr(hashcache, "sha256_fd", lambda fd: calls.append(fd) or real(fd))
     trust.verified_image(spec, "sage")
     assert calls == [], "an unchanged image must not be re-hashed"
     # Same size, same mtime, one byte changed: ctime moves, so the cache must not vouch for it.
@@ -305,7 +305,7 @@ def test_insecure_allow_unsigned_skips_checks_with_one_warning(signed_catalogue,
                             f"roles: {{sage: {{image: demo@1, port: 6000}}}}\n")
     path = sc.install()
     with caplog.at_level("WARNING"):
-        assert trust.verified_image(sc.spec(), "sage") == path.resolve()
+        assert trust.verified_image(sc.spec(), "sage").path == path.resolve()
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "WITHOUT signature, approval or hash checks" in warnings[0].getMessage()
 
@@ -322,7 +322,7 @@ def test_raw_image_entries_live_under_their_own_file_name(signed_catalogue, tmp_
     trust.accept_index(spec, *sc.signed())
     approvals.approve(spec, "plain@3")
     installed = sc.install("plain-3.raw")
-    assert trust.verified_image(spec, "sage") == installed.resolve()
+    assert trust.verified_image(spec, "sage").path == installed.resolve()
 
 
 def test_accepted_index_survives_as_exact_bytes(signed_catalogue):

@@ -16,6 +16,7 @@ from cluster.store import Store
 from cluster.yamlmodel import load_yaml
 from jobwrappers.accel import TCG, choose_accel, pvm_only
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
+from catalogue.imagefile import open_image
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
 from jobwrappers.jobenv import check_service_id, default_service_id, job_from_env, sweep_stale_private_scratch
@@ -26,15 +27,18 @@ def qemu_img_info(path: Path) -> dict:
                                      capture_output=True, text=True, check=True).stdout)
 
 
-def test_overlay_backs_onto_the_base_by_absolute_path(tmp_path, monkeypatch):
+def test_overlay_names_no_backing_file_and_has_the_base_size(tmp_path):
+    """The runner attaches the verified base as the overlay's backing node; the overlay's own header
+    must not name a file QEMU would open by name."""
     base = tmp_path / "images" / "base.qcow2"
     base.parent.mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     (tmp_path / "scratch").mkdir()
-    monkeypatch.chdir(tmp_path)
-    overlay = create_overlay(Path("images/base.qcow2"), tmp_path / "scratch" / "root.qcow2")
+    opened = open_image(base, "qcow2", None)
+    overlay = create_overlay(opened, tmp_path / "scratch" / "root.qcow2")
+    opened.close()
     info = qemu_img_info(overlay)
-    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "qcow2"
+    assert "backing-filename" not in info
     assert info["virtual-size"] == 64 << 20
 
 
