@@ -166,6 +166,14 @@ IMAGE_PART_WHAT = "letters, digits, '.', '_', '+', '-' (no '/', no '..', not sta
 # Role and persistent-disk names: they appear in job names, service ids and file names.
 Name = full_match(NAME_PATTERN, "a short lowercase name ([a-z][a-z0-9_-]*)")
 ImagePart = full_match(IMAGE_PART_PATTERN, IMAGE_PART_WHAT, IMAGE_PART_MAX)  # an image NAME or VERSION
+# Text that stays one line wherever it lands (a job script, a directive, a submit description, an
+# authorized_keys file): no CR/LF, no other control characters.
+SINGLE_LINE_PATTERN = r"[^\x00-\x1f\x7f]*"
+SingleLine = full_match(SINGLE_LINE_PATTERN, "a single line of text (no newline or other control character)")
+# A scheduler option's value (partition, queue, account, host name): one word that needs no quoting
+# in a job script, a directive line, a DRMAA native specification or a submit description.
+SCHEDULER_WORD_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.,@+-]{0,127}"
+SchedulerWord = full_match(SCHEDULER_WORD_PATTERN, "a scheduler name of letters, digits, '_', '.', ',', '@', '+', '-'")
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 
@@ -194,6 +202,10 @@ def _image_ref(v: str) -> str:
 
 
 ImageRef = Annotated[StrictStr, AfterValidator(_image_ref)]  # NAME@VERSION
+
+
+def is_single_line(text: str) -> bool:
+    return re.fullmatch(SINGLE_LINE_PATTERN, text) is not None
 
 
 def is_service_id(text: str) -> bool:
