@@ -34,8 +34,7 @@ MAX_SPEC_BYTES = 1 << 20
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0)]
 # Slurm's time forms (sbatch --time): MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_WALLTIME_RE = re.compile(r"(?:(?P<d>[0-9]{1,5})-(?P<dh>[0-9]{1,2})(?::(?P<dm>[0-9]{1,2})(?::(?P<ds>[0-9]{1,2}))?)?"
-                          r"|(?P<a>[0-9]{1,7})(?::(?P<b>[0-9]{1,2})(?::(?P<c>[0-9]{1,2}))?)?)")
+_WALLTIME_RE = re.compile(r"(?:(?P<days>[0-9]{1,5})-)?(?P<clock>[0-9]{1,7}(?::[0-9]{1,2}){0,2})")
 WALLTIME_WHAT = "a Slurm time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 7-00:00:00)"
 
 
@@ -45,19 +44,16 @@ def parse_walltime(text: str) -> int:
     m = _WALLTIME_RE.fullmatch(text)
     if not m:
         raise ValueError(f"expected {WALLTIME_WHAT}, got {text!r}")
-    g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
-    if m["d"] is not None:
-        parts, hours = (g["dm"], g["ds"]), g["dh"]
+    fields = [int(f) for f in m["clock"].split(":")]
+    if m["days"] is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, secs = fields + [0] * (3 - len(fields))
         if hours > 23:
             raise ValueError(f"expected {WALLTIME_WHAT}: hours after 'D-' must be below 24, got {text!r}")
-        seconds = g["d"] * 86400 + hours * 3600 + g["dm"] * 60 + g["ds"]
-    elif m["c"] is not None:  # HH:MM:SS
-        parts, seconds = (g["b"], g["c"]), g["a"] * 3600 + g["b"] * 60 + g["c"]
-    elif m["b"] is not None:  # MM:SS
-        parts, seconds = (g["b"],), g["a"] * 60 + g["b"]
-    else:  # MINUTES
-        parts, seconds = (), g["a"] * 60
-    if any(p > 59 for p in parts):
+        seconds = int(m["days"]) * 86400 + hours * 3600 + minutes * 60 + secs
+    else:  # MINUTES, MM:SS or HH:MM:SS
+        hours, minutes, secs = ([0, fields[0], 0], [0, *fields], fields)[len(fields) - 1]
+        seconds = hours * 3600 + minutes * 60 + secs
+    if any(f > 59 for f in fields[1:]):
         raise ValueError(f"expected {WALLTIME_WHAT}: minutes and seconds must be below 60, got {text!r}")
     if seconds <= 0:
         raise ValueError(f"expected a time limit above zero (leave walltime unset for none), got {text!r}")
