@@ -33,6 +33,13 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (`--threshold 0` or `-1` would accept an index nobody signed)."""
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def image_ref(text: str) -> str:
     try:
         split_image_ref(text)
@@ -80,7 +87,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                "one line per problem, exit 65 on any; example: catalogue verify --dir cat --trust endorser.key.pub")
     p.add_argument("--trust", type=Path, action="append", default=[], metavar="PUBKEY",
                    help="trusted public key (repeatable; default: the spec's catalogue.trust.keys)")
-    p.add_argument("--threshold", type=int, help="signatures needed (default: the spec's, else 1)")
+    p.add_argument("--threshold", type=positive_int, help="signatures needed (default: the spec's, else 1)")
     p = action("list", cmd_list, "entries with endorsed/approved/expired state",
                "approval state needs --spec; example: catalogue list --dir cat --spec cluster.yaml")
     p.add_argument("--trust", type=Path, action="append", default=[], metavar="PUBKEY")

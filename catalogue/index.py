@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import TypeAdapter, model_validator
 from pydantic.dataclasses import dataclass
 
-from cluster.errors import DataError
+from cluster.errors import DataError, SpecError
 from cluster.yamlmodel import STRICT, ImagePart, ImageRef, Name, NonNegativeInt, PositiveInt, UtcTime, full_match
 from cluster.yamlmodel import format_time, load_yaml, validate_document
 from catalogue.keys import key_id
@@ -261,7 +261,10 @@ def parse_signature_file(sig: bytes, source: str = "index.yaml.sig") -> list[Sig
 def verify_signatures(raw: bytes, sig: bytes, trusted: list[Ed25519PublicKey], threshold: int,
                       source: str = "index.yaml.sig") -> list[str]:
     """The key ids of the trusted keys with a valid signature over `raw`; DataError when fewer than
-    `threshold` distinct trusted keys signed. Each message says which way it failed."""
+    `threshold` distinct trusted keys signed. Each message says which way it failed. A threshold
+    below 1 is refused: with it any bytes, signed by nobody, would verify."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise SpecError(f"{source}: signature threshold must be a positive integer, got {threshold!r}")
     lines = parse_signature_file(sig, source)
     by_id = {key_id(k): k for k in trusted}
     good: set[str] = set()

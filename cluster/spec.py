@@ -6,18 +6,24 @@ the first error into one line naming the file, the path (`roles.sage.vcpus`) and
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from cluster.errors import SpecError
 from cluster.store import DEFAULT_STORE, Store
-from cluster.yamlmodel import STRICT, ImageRef, Name, NonNegativeInt, PositiveInt, full_match, is_name
+from cluster.yamlmodel import STRICT, ImageRef, Name, NonNegativeInt, PositiveInt, SchedulerWord, SingleLine
+from cluster.yamlmodel import full_match, is_name, is_single_line
 from cluster.yamlmodel import load_yaml, validate_document
 from cluster.yamlmodel import split_image_ref  # noqa: F401 - callers take it from here with the spec
 
@@ -27,6 +33,68 @@ MAX_SPEC_BYTES = 1 << 20
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0)]
+# Slurm's time forms (sbatch --time): MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_WALLTIME_RE = re.compile(r"(?:(?P<days>[0-9]{1,5})-)?(?P<clock>[0-9]{1,7}(?::[0-9]{1,2}){0,2})")
+WALLTIME_WHAT = "a Slurm time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 7-00:00:00)"
+
+
+def parse_walltime(text: str) -> int:
+    """A Slurm-style time limit in seconds; ValueError (saying the forms) for anything else, so
+    each backend renders its own form (PBS HH:MM:SS, HTCondor and SGE seconds) from real numbers."""
+    m = _WALLTIME_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"expected {WALLTIME_WHAT}, got {text!r}")
+    fields = [int(f) for f in m["clock"].split(":")]
+    if m["days"] is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, secs = fields + [0] * (3 - len(fields))
+        if hours > 23:
+            raise ValueError(f"expected {WALLTIME_WHAT}: hours after 'D-' must be below 24, got {text!r}")
+        seconds = int(m["days"]) * 86400 + hours * 3600 + minutes * 60 + secs
+    else:  # MINUTES, MM:SS or HH:MM:SS
+        hours, minutes, secs = ([0, fields[0], 0], [0, *fields], fields)[len(fields) - 1]
+        seconds = hours * 3600 + minutes * 60 + secs
+    if any(f > 59 for f in fields[1:]):
+        raise ValueError(f"expected {WALLTIME_WHAT}: minutes and seconds must be below 60, got {text!r}")
+    if seconds <= 0:
+        raise ValueError(f"expected a time limit above zero (leave walltime unset for none), got {text!r}")
+    return seconds
+
+
+def _walltime(v: str) -> str:
+    parse_walltime(v)
+    return v
+
+
+Walltime = Annotated[StrictStr, AfterValidator(_walltime)]
+
+# One OpenSSH public key line: TYPE BASE64 [COMMENT]; no options (command=, from=, ...), no newline.
+_SSH_KEY_RE = re.compile(r"(?P<type>[a-z0-9][a-z0-9.@-]{0,63}) (?P<blob>[A-Za-z0-9+/]{16,16384}={0,2})"
+                         r"(?: [^\x00-\x1f\x7f]{0,256})?")
+
+
+def check_ssh_public_key(v: str) -> str:
+    """`v` if it is exactly one OpenSSH public key line (what authorized_keys and cloud-init get)."""
+    m = _SSH_KEY_RE.fullmatch(v)
+    what = "one OpenSSH public key line 'TYPE BASE64 [COMMENT]' (no options, no newline)"
+    if not m:
+        raise ValueError(f"expected {what}, got {v[:40]!r}{'...' if len(v) > 40 else ''}")
+    try:
+        blob = base64.b64decode(m["blob"], validate=True)
+    except binascii.Error:
+        raise ValueError(f"expected {what}: the key is not valid base64") from None
+    inner = blob[4:4 + int.from_bytes(blob[:4], "big")] if len(blob) > 4 else b""
+    if inner != m["type"].encode():
+        raise ValueError(f"expected {what}: the key data is not a {m['type']} key")
+    try:
+        load_ssh_public_key(f"{m['type']} {m['blob']}".encode())
+    except UnsupportedAlgorithm:
+        pass  # a type this cryptography cannot load (security-key types): the type check above holds
+    except ValueError:
+        raise ValueError(f"expected {what}: the {m['type']} key data is malformed") from None
+    return v
+
+
+SshPublicKey = Annotated[StrictStr, AfterValidator(check_ssh_public_key)]
 KeyspaceName = full_match(r"[a-z][a-z0-9_]{0,47}", "a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
 
 
@@ -82,7 +150,7 @@ class RoleSpec:
     # Role-specific settings passed to the guest through the config drive.
     config: dict[StrictStr, Any] = dataclasses.field(default_factory=dict)
     # Hypervisors a job of this role must run on (cassandra: where its persistent disk lives).
-    hosts: list[StrictStr] = dataclasses.field(default_factory=list)
+    hosts: list[SchedulerWord] = dataclasses.field(default_factory=list)
     # Roles whose registered endpoints the guest is given, and kept up to date (the hub: [sage]).
     upstreams: list[StrictStr] = dataclasses.field(default_factory=list)
     probe: ProbeSpec = dataclasses.field(default_factory=ProbeSpec)
@@ -104,28 +172,32 @@ class RoleSpec:
 
 @dataclass(config=STRICT)
 class SchedulerSpec:
+    """Every string here reaches a job script, a directive, a submit description or a scheduler
+    client's arguments: single lines only, names as plain words, the walltime parsed."""
+
     backend: Literal["local", "slurm", "pbs", "condor", "drmaa"] = "local"
-    queue: Optional[StrictStr] = None  # Slurm partition, PBS/SGE queue
-    account: Optional[StrictStr] = None
-    walltime: Optional[StrictStr] = None  # e.g. "7-00:00:00"; unlimited when unset
-    # Extra lines copied verbatim into rendered job descriptions (site policy).
-    extra_directives: list[StrictStr] = dataclasses.field(default_factory=list)
+    queue: Optional[SchedulerWord] = None  # Slurm partition, PBS/SGE queue
+    account: Optional[SchedulerWord] = None
+    walltime: Optional[Walltime] = None  # e.g. "7-00:00:00"; unlimited when unset
+    # Extra lines copied verbatim into rendered job descriptions (site policy): `#SBATCH ...`/`#PBS
+    # ...` (a bare `-option` gets the backend's prefix), `key = value` for HTCondor.
+    extra_directives: list[SingleLine] = dataclasses.field(default_factory=list)
     # Where job logs go (relative paths are relative to the spec file).
-    log_dir: Optional[StrictStr] = None
+    log_dir: Optional[SingleLine] = None
     # HTCondor: schedd name and collector; unset means the local schedd.
-    schedd: Optional[StrictStr] = None
-    collector: Optional[StrictStr] = None
+    schedd: Optional[SingleLine] = None
+    collector: Optional[SingleLine] = None
     # DRMAA native specification appended to every job template.
-    native_spec: Optional[StrictStr] = None
+    native_spec: Optional[SingleLine] = None
     max_retries: NonNegativeInt = 5
     # salvus-vmjob as execute nodes see it; default the one installed beside this Python.
-    wrapper: Optional[StrictStr] = None
+    wrapper: Optional[SingleLine] = None
     # HTCondor: extra `requirements` ANDed with the image/hypervisor match (site policy).
-    requirements: Optional[StrictStr] = None
+    requirements: Optional[SingleLine] = None
     # Directory of the scheduler's client commands (sbatch, qsub, ...); default: found on PATH.
-    bin_dir: Optional[StrictStr] = None
+    bin_dir: Optional[SingleLine] = None
     # DRMAA: the scheduler's libdrmaa (default $DRMAA_LIBRARY_PATH, else Grid Engine's on Debian).
-    drmaa_library: Optional[StrictStr] = None
+    drmaa_library: Optional[SingleLine] = None
 
 
 @dataclass(config=STRICT)
@@ -184,7 +256,7 @@ class HypervisorSpec:
     # Address recorded in the registry for forwarded ports; default this host's name.
     advertise_host: Optional[StrictStr] = None
     # The site's hypervisors (informational for one machine; used for placement and imgdist).
-    hosts: list[StrictStr] = dataclasses.field(default_factory=list)
+    hosts: list[SingleLine] = dataclasses.field(default_factory=list)
 
 
 @dataclass(config=STRICT)
@@ -228,14 +300,15 @@ class ImgdistSpec:
 @dataclass(config=STRICT)
 class ClusterSpec:
     roles: dict[StrictStr, RoleSpec]
-    site: StrictStr = "salvus"
+    # Tags every job (`SITE.ROLE`) and names its script files: a name like a role's.
+    site: Name = "salvus"
     store: StrictStr = DEFAULT_STORE
     scheduler: SchedulerSpec = dataclasses.field(default_factory=SchedulerSpec)
     registry: RegistrySpec = dataclasses.field(default_factory=RegistrySpec)
     hypervisor: HypervisorSpec = dataclasses.field(default_factory=HypervisorSpec)
     catalogue: CatalogueSpec = dataclasses.field(default_factory=CatalogueSpec)
     imgdist: ImgdistSpec = dataclasses.field(default_factory=ImgdistSpec)
-    ssh_keys: list[StrictStr] = dataclasses.field(default_factory=list)  # public keys for guests
+    ssh_keys: list[SshPublicKey] = dataclasses.field(default_factory=list)  # public keys for guests
     # Absolute path of the file this spec was loaded from (set by load_spec, not by YAML).
     source: StrictStr = ""
 
@@ -295,6 +368,9 @@ def parse_spec(raw: bytes | str, path: Path) -> ClusterSpec:
     if "source" in data:
         raise SpecError(f"{path}: source: unknown key (it is set from the file name)")
     base = path.resolve().parent
+    if not is_single_line(str(path.resolve())):
+        # The spec's own path is baked into job scripts and submit descriptions.
+        raise SpecError(f"{str(path)!r}: the spec's path must be a single line (no newline or control character)")
     spec = validate_document(ClusterSpec, {**data, "source": str(path.resolve())}, str(path), SpecError,
                              internal=("source",))
     return _absolutize(spec, base)

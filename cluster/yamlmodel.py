@@ -4,7 +4,8 @@ Every YAML file the project reads (the spec, the signed index, the endorser's dr
 `catalogue.yaml`, the site's `approvals.yaml`) is read by `load_yaml` and validated by
 `validate_document` into pydantic dataclasses declared with `config=STRICT` and the strict types
 below, so a problem is one line naming the file, the field path (`entries[3].sha256`,
-`roles.sage.vcpus`) and what was expected.
+`roles.sage.vcpus`) and what was expected. The loader refuses YAML anchors and aliases (a few
+hundred bytes of nested aliases stand for gigabytes) and nesting deeper than `MAX_YAML_DEPTH`.
 
 Patterns match the whole text (`full_match` types, `re.fullmatch` in plain checks): `re.match` with
 `^…$` also accepts a trailing newline (`"sage-1\\n"` would pass as a service id and end up in file
@@ -31,14 +32,61 @@ T = TypeVar("T")
 STRICT = ConfigDict(extra="forbid")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-# libyaml's parser when present: 6x faster on a 1,000-entry index, which every pre-boot check parses.
-_SAFE_BASE: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Deeper than any document the project reads (a spec is ~5 levels; a role's `config` a few more),
+# shallow enough that neither the composer's nor the constructor's recursion can overflow.
+MAX_YAML_DEPTH = 32
+# libyaml's scanner and parser when present: 6x faster on a 1,000-entry index, which every
+# pre-boot check parses; else PyYAML's pure-Python reader, scanner and parser.
+_CPARSER: Any = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+_PARSER_BASES: tuple[type, ...] = (_CPARSER,) if _CPARSER else (yaml.reader.Reader, yaml.scanner.Scanner,
+                                                                yaml.parser.Parser)
 
 
-class UniqueKeyLoader(_SAFE_BASE):  # type: ignore[misc, valid-type]
-    """The safe loader (plain types only, like `yaml.safe_load`) that refuses a key given twice in
-    one mapping: PyYAML keeps the last one silently, so a second `scheduler:` section or a second
-    `sha256:` in a signed entry would quietly replace the first."""
+class StrictComposer(yaml.composer.Composer):
+    """PyYAML's composer, refusing anchors and aliases and bounding nesting depth as it goes.
+    Aliases let a few hundred bytes stand for gigabytes once anything walks the data (the
+    "billion laughs"); no file the project reads needs them. Composing here rather than in libyaml's
+    C composer costs ~7% on a 1,000-entry index; libyaml still scans and parses."""
+
+    def __init__(self) -> None:
+        yaml.composer.Composer.__init__(self)
+        self.depth = 0  # open mappings and sequences around the node being composed
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise yaml.composer.ComposerError(
+                None, None, f"{what} refused (YAML anchors and aliases are not accepted)", event.start_mark)
+        if not isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class UniqueKeyLoader(StrictComposer, *_PARSER_BASES, yaml.constructor.SafeConstructor,  # type: ignore[misc]
+                      yaml.resolver.Resolver):
+    """The safe loader (plain types only, like `yaml.safe_load`) that refuses anchors, aliases and
+    deep nesting (StrictComposer) and a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second `scheduler:` section or a second `sha256:` in a signed entry would quietly
+    replace the first."""
+
+    def __init__(self, stream: str) -> None:
+        if _CPARSER:
+            _CPARSER.__init__(self, stream)
+        else:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+        StrictComposer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if not isinstance(node, yaml.MappingNode):
@@ -65,8 +113,8 @@ class UniqueKeyLoader(_SAFE_BASE):  # type: ignore[misc, valid-type]
 
 
 def load_yaml(raw: bytes | str, source: str, error: type[SalvusError], max_bytes: int | None = None) -> Any:
-    """The plain data in `raw` (size-checked before YAML is touched, UTF-8, no duplicate keys), or
-    `error` naming the file and the line."""
+    """The plain data in `raw` (size-checked before YAML is touched, UTF-8, no duplicate keys, no
+    anchors or aliases, bounded depth), or `error` naming the file and the line."""
     if max_bytes is not None and len(raw) > max_bytes:
         raise error(f"{source}: {len(raw)} bytes exceeds the limit of {max_bytes} bytes; refused unread")
     if isinstance(raw, bytes):
@@ -118,6 +166,14 @@ IMAGE_PART_WHAT = "letters, digits, '.', '_', '+', '-' (no '/', no '..', not sta
 # Role and persistent-disk names: they appear in job names, service ids and file names.
 Name = full_match(NAME_PATTERN, "a short lowercase name ([a-z][a-z0-9_-]*)")
 ImagePart = full_match(IMAGE_PART_PATTERN, IMAGE_PART_WHAT, IMAGE_PART_MAX)  # an image NAME or VERSION
+# Text that stays one line wherever it lands (a job script, a directive, a submit description, an
+# authorized_keys file): no CR/LF, no other control characters.
+SINGLE_LINE_PATTERN = r"[^\x00-\x1f\x7f]*"
+SingleLine = full_match(SINGLE_LINE_PATTERN, "a single line of text (no newline or other control character)")
+# A scheduler option's value (partition, queue, account, host name): one word that needs no quoting
+# in a job script, a directive line, a DRMAA native specification or a submit description.
+SCHEDULER_WORD_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.,@+-]{0,127}"
+SchedulerWord = full_match(SCHEDULER_WORD_PATTERN, "a scheduler name of letters, digits, '_', '.', ',', '@', '+', '-'")
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 
@@ -146,6 +202,10 @@ def _image_ref(v: str) -> str:
 
 
 ImageRef = Annotated[StrictStr, AfterValidator(_image_ref)]  # NAME@VERSION
+
+
+def is_single_line(text: str) -> bool:
+    return re.fullmatch(SINGLE_LINE_PATTERN, text) is not None
 
 
 def is_service_id(text: str) -> bool:

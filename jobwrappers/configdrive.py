@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from cluster.errors import SpecError
+from cluster.yamlmodel import is_single_line
 
 LABEL = "cidata"
 
@@ -73,13 +74,23 @@ def user_data(cfg: GuestConfig) -> str:
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
+def authorized_keys(keys: list[str]) -> str:
+    """One line per key. The spec allows only single-line OpenSSH public keys (cluster.spec); a key
+    with a line break would add an authorized_keys line of its own (`command=...`), so it is refused
+    here too, whoever built the GuestConfig."""
+    for i, key in enumerate(keys):
+        if not is_single_line(key) or not key.strip():
+            raise SpecError(f"ssh_keys[{i}]: expected one OpenSSH public key line, got {key[:40]!r}")
+    return "".join(k.strip() + "\n" for k in keys)
+
+
 def build_config_drive(dest: Path, cfg: GuestConfig) -> Path:
     files = {
         "meta-data": yaml.safe_dump({"instance-id": cfg.instance_id, "local-hostname": cfg.hostname},
                                     sort_keys=False),
         "user-data": user_data(cfg),
         "salvus.env": "".join(f"{k}={shlex.quote(v)}\n" for k, v in cfg.env().items()),
-        "authorized_keys": "".join(k.strip() + "\n" for k in cfg.ssh_keys),
+        "authorized_keys": authorized_keys(cfg.ssh_keys),
     }
     with tempfile.TemporaryDirectory(prefix="cidata-", dir=dest.parent) as tmp:
         for name, text in files.items():

@@ -23,8 +23,9 @@ from typing import Iterable
 
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
 from cluster.files import write_atomic_text
-from cluster.spec import ClusterSpec, RoleSpec
+from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
+from cluster.yamlmodel import is_service_id
 from submit.runner import CommandResult, CommandRunner
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,6 @@ def wrapper_path(spec: ClusterSpec) -> str:
     return found
 
 
-def walltime_seconds(walltime: str) -> int:
-    """Slurm-style `[D-]HH:MM:SS` -> seconds (HTCondor's allowed_job_duration, SGE's h_rt)."""
-    days, _, clock = walltime.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
 @dataclass(frozen=True)
 class JobResources:
     """What one VM's job asks the scheduler for, computed once from the spec for every backend."""
@@ -92,18 +84,30 @@ class JobResources:
     memory_mb: int  # the guest's memory plus QEMU_OVERHEAD_MB
     disk_mb: int  # scratch for the overlay and config drive
     grace_s: int  # SIGTERM -> SIGKILL: the guest's shutdown bound plus CLEANUP_GRACE_S
-    walltime: str | None  # `[D-]HH:MM:SS` as the spec says it; None: unlimited
+    # The spec's walltime parsed (cluster.spec.parse_walltime); each backend renders its own form
+    # from it (Slurm D-HH:MM:SS, PBS HH:MM:SS, HTCondor and SGE seconds). None: unlimited.
+    walltime_s: int | None
 
     @classmethod
     def of(cls, spec: ClusterSpec, role: str) -> "JobResources":
         r = spec.role(role)
+        walltime = spec.scheduler.walltime
         return cls(cpus=r.vcpus, memory_mb=r.memory_mb + QEMU_OVERHEAD_MB, disk_mb=max(r.disk_mb, 1),
                    grace_s=int(spec.hypervisor.stop_timeout) + CLEANUP_GRACE_S,
-                   walltime=spec.scheduler.walltime or None)
+                   walltime_s=parse_walltime(walltime) if walltime else None)
 
-    @property
-    def walltime_s(self) -> int | None:
-        return walltime_seconds(self.walltime) if self.walltime else None
+
+def clock_time(seconds: int) -> str:
+    """HH:MM:SS, hours unbounded (PBS/Torque's walltime form; Torque refuses Slurm's D-)."""
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def checked_service_id(service_id: str | None) -> str | None:
+    """A service id given to `render`/`submit` is baked into job scripts: refuse anything else."""
+    if service_id is not None and not is_service_id(service_id):
+        raise SpecError(f"--service-id: expected letters, digits, '_', '.', '-' (at most 64, no '..'), "
+                        f"got {service_id!r}")
+    return service_id
 
 
 class Ledger:
@@ -237,6 +241,7 @@ class Backend(abc.ABC):
         return role if site == self.spec.site and role in self.spec.roles else None
 
     def template_values(self, role: str) -> dict[str, str]:
+        """The spec's values for a job template, raw: each backend escapes them for its language."""
         r = self.role(role)
         res = self.resources(role)
         return {
@@ -254,17 +259,12 @@ class Backend(abc.ABC):
             "image": r.image,
         }
 
-    def render_template(self, template: str, role: str, **extra: str) -> str:
-        text = (TEMPLATES / template).read_text()
-        return Template(text).substitute({**self.template_values(role), **extra})
+    def render_template(self, template: str, values: dict[str, str]) -> str:
+        """`template` filled with `values`, which the caller has escaped for the template's language."""
+        return Template((TEMPLATES / template).read_text()).substitute(values)
 
     def log_dir(self) -> Path:
         return Path(self.spec.scheduler.log_dir) if self.spec.scheduler.log_dir else Store.of(self.spec).logs
-
-    def extra_directive_lines(self, prefix: str) -> str:
-        """The site's `scheduler.extra_directives`, each as its own `prefix ...` line."""
-        return "".join(f"{prefix} {d}\n" if not d.startswith(prefix) else f"{d}\n"
-                       for d in self.spec.scheduler.extra_directives)
 
     def stable_service_ids(self, role: str, n: int) -> list[str | None]:
         """Roles with persistent disks get `ROLE-K` ids, lowest free first, so a job finds its
@@ -305,14 +305,10 @@ def quote(s: str) -> str:
     return shlex.quote(s)
 
 
-def double_quoted(s: str) -> str:
-    """`s` as the inside of a shell "..." word (e.g. the default of "${VAR:-s}"), where single
-    quotes do not quote: only backslash, dollar, backquote and double quote need escaping."""
-    return "".join("\\" + c if c in '\\$`"' else c for c in s)
-
-
 class ScriptBackend(Backend):
-    """A scheduler that takes a shell script with directive comments (Slurm, PBS)."""
+    """A scheduler that takes a shell script with directive comments (Slurm, PBS). Every value
+    reaches the script shell-quoted; a value inside a directive line must be a word that needs no
+    quoting (schedulers' directive parsers do not all understand shell quotes), else it is refused."""
 
     template = ""
     directive = ""  # "#SBATCH", "#PBS"
@@ -321,18 +317,51 @@ class ScriptBackend(Backend):
     # The job id as the job script sees it (the default service id is ROLE-<that>).
     job_id_expr = ""
 
+    def format_walltime(self, seconds: int) -> str:
+        """The walltime as this scheduler's directive takes it."""
+        raise NotImplementedError
+
     def directives(self, role: str, service_id: str | None) -> list[str]:
         s = self.spec.scheduler
-        values = {"queue": s.queue, "account": s.account, "walltime": self.resources(role).walltime,
+        walltime_s = self.resources(role).walltime_s
+        values = {"queue": s.queue, "account": s.account,
+                  "walltime": self.format_walltime(walltime_s) if walltime_s else None,
                   "host": self.host_for(role, service_id)}
-        return [self.directive_forms[k].format(v) for k, v in values.items() if v and k in self.directive_forms]
+        return [self.directive_forms[k].format(self.directive_word(k, v))
+                for k, v in values.items() if v and k in self.directive_forms]
+
+    def directive_word(self, field: str, value: str) -> str:
+        if quote(value) != value:
+            raise SpecError(f"{self.spec.source}: scheduler: {field} {value!r} cannot go into a {self.directive} "
+                            "line: use letters, digits and @%+=:,./_- only (no spaces or quotes)")
+        return value
+
+    def extra_directive_lines(self) -> str:
+        """The site's `scheduler.extra_directives`, verbatim: each one line (the spec refuses
+        newlines), either `PREFIX ...` or a bare `-option` that gets the prefix; anything else would
+        be a shell command in the job script and is refused."""
+        out = ""
+        for i, d in enumerate(self.spec.scheduler.extra_directives):
+            if d.startswith(self.directive + " "):
+                out += d + "\n"
+            elif d.startswith("-"):
+                out += f"{self.directive} {d}\n"
+            else:
+                raise SpecError(f"{self.spec.source}: scheduler.extra_directives[{i}]: expected a "
+                                f"'{self.directive} ...' line or a '-option', got {d[:60]!r}")
+        return out
 
     def render(self, role: str, service_id: str | None = None) -> str:
+        checked_service_id(service_id)
         directives = "".join(f"{self.directive} {d}\n" for d in self.directives(role, service_id))
-        directives += self.extra_directive_lines(self.directive)
-        # Persistent roles need a stable id even when submitted by hand: the first one's.
-        default = service_id or (f"{role}-0" if self.role(role).persistent else f"{role}-{self.job_id_expr}")
-        # The paths are the defaults of "${SALVUS_VMJOB:-...}" and "${SALVUS_SPEC:-...}".
-        return self.render_template(self.template, role, directives=directives, default_service_id=default,
-                                    wrapper=double_quoted(wrapper_path(self.spec)),
-                                    spec=double_quoted(self.spec.source))
+        directives += self.extra_directive_lines()
+        values = {k: quote(v) for k, v in self.template_values(role).items()}
+        self.directive_word("log_dir", str(self.log_dir()))  # it is in the template's directives
+        # Persistent roles need a stable id even when submitted by hand: the first one's. The job
+        # id expression is the template's own text and stays an expansion.
+        if service_id or self.role(role).persistent:
+            default = quote(service_id or f"{role}-0")
+        else:
+            default = quote(f"{role}-") + self.job_id_expr
+        return self.render_template(self.template, {**values, "directives": directives,
+                                                    "default_service_id": default})

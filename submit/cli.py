@@ -102,7 +102,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from submit.base import checked_service_id
+
     spec = load_spec(args.spec)
+    checked_service_id(args.service_id)  # every backend bakes it into the job's text
     backend = open_backend(spec, args.scheduler)
     sys.stdout.write(backend.render(args.role, args.service_id))
     return 0

@@ -6,9 +6,11 @@ finds a site's jobs by role. Removal sends `kill_sig` (SIGTERM) and SIGKILL afte
 """
 from __future__ import annotations
 
-from cluster.errors import SchedulerError, SchedulerUnavailable
-from submit.base import Backend, Job
-from submit.condor_check import validate_submit
+import re
+
+from cluster.errors import SchedulerError, SchedulerUnavailable, SpecError
+from submit.base import Backend, Job, checked_service_id
+from submit.condor_check import command_key, submit_keys, validate_submit
 
 # JobStatus codes (HTCondor manual, "Job ClassAd Attributes") -> ours.
 JOB_STATUS = {1: "queued", 2: "running", 3: "stopping", 4: "done", 5: "held", 6: "running", 7: "held"}
@@ -17,6 +19,17 @@ PROJECTION = ["ClusterId", "ProcId", "JobStatus", "SalvusRole", "SalvusServiceId
 
 def classad_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def condor_arguments(args: list[str]) -> str:
+    """`arguments` in HTCondor's new syntax: the whole in double quotes; an argument with anything
+    but plain characters, or a macro (its value is known only at submit time), in single quotes
+    with a quote of either kind doubled, so spaces never split an argument."""
+    def one(a: str) -> str:
+        if re.fullmatch(r"[A-Za-z0-9_.,@+=:/-]+", a):
+            return a
+        return "'" + a.replace("'", "''").replace('"', '""') + "'"
+    return '"' + " ".join(one(a) for a in args) + '"'
 
 
 class CondorBackend(Backend):
@@ -37,17 +50,53 @@ class CondorBackend(Backend):
         return " && ".join(parts)
 
     def render(self, role: str, service_id: str | None = None) -> str:
+        checked_service_id(service_id)
         default = service_id or (f"{role}-0" if self.role(role).persistent else f"{role}-$(ClusterId).$(ProcId)")
-        extra = "".join(f"{d}\n" for d in self.spec.scheduler.extra_directives)
-        if self.spec.scheduler.queue:
-            extra += f"+SalvusQueue = {classad_string(self.spec.scheduler.queue)}\n"
-        if self.spec.scheduler.account:
-            extra += f"accounting_group = {self.spec.scheduler.account}\n"
+        s = self.spec.scheduler
+        # Fixed keys with values this code writes: strings as ClassAd string literals, paths as
+        # macro values refused when they hold anything the submit language would interpret.
+        extra = ""
+        if s.queue:
+            extra += f"+SalvusQueue = {classad_string(s.queue)}\n"
+        if s.account:
+            extra += f"accounting_group = {s.account}\n"  # a SchedulerWord: no spaces, no quotes
         walltime_s = self.resources(role).walltime_s
         if walltime_s:
             extra += f"allowed_job_duration = {walltime_s}\n"
-        return self.render_template(self.template, role, service_id=default,
-                                    requirements=self.requirements(role, service_id), extra=extra)
+        raw = self.template_values(role)
+        values = {**raw, "wrapper": self.macro_value("scheduler.wrapper", raw["wrapper"]),
+                  "spec": self.macro_value("the spec's path", raw["spec"]),
+                  "log_dir": self.macro_value("scheduler.log_dir", raw["log_dir"]),
+                  "site_ad": classad_string(raw["site"]), "role_ad": classad_string(role),
+                  "service_id_ad": classad_string(default), "image_ad": classad_string(raw["image"]),
+                  "arguments": condor_arguments(["--spec", "$(SALVUS_SPEC)", "--role", role, "--service-id", default]),
+                  "requirements": self.requirements(role, service_id)}
+        # The site's lines are checked against the keys the description sets without them.
+        site_lines = self.extra_directive_lines(self.render_template(self.template, {**values, "extra": extra}))
+        return self.render_template(self.template, {**values, "extra": extra + site_lines})
+
+    def macro_value(self, what: str, value: str) -> str:
+        if value != value.strip() or any(c in value for c in "$'\"\\"):
+            raise SpecError(f"{self.spec.source}: {what} {value!r} cannot go into an HTCondor submit "
+                            "description: no $, quotes, backslashes or surrounding spaces")
+        return value
+
+    def extra_directive_lines(self, text: str) -> str:
+        """The site's `scheduler.extra_directives`, each one `key = value` command that sets a key
+        the description does not already set (a second `executable` would replace ours)."""
+        fixed = submit_keys(text)
+        out = ""
+        for i, d in enumerate(self.spec.scheduler.extra_directives):
+            key = command_key(d)
+            if key is None or key == "queue":
+                raise SpecError(f"{self.spec.source}: scheduler.extra_directives[{i}]: expected one "
+                                f"'command = value' line, got {d[:60]!r}")
+            if key in fixed:
+                raise SpecError(f"{self.spec.source}: scheduler.extra_directives[{i}]: {key} is set by "
+                                f"salvus (line {fixed[key]} of the description); it cannot be redefined")
+            fixed[key] = -1
+            out += d + "\n"
+        return out
 
     # --- the schedd ------------------------------------------------------------------------------
     def schedd(self):

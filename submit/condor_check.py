@@ -4,7 +4,8 @@
 as `request_cpu` silently becomes a macro nobody reads) and drops everything after the first
 `queue`. So on top of it we check: every command name against the set documented in the
 condor_submit manual, custom attributes (`+Name`/`MY.Name`) and policy expressions with `classad2`,
-and exactly one `queue` statement, last.
+exactly one `queue` statement, last, every other line a comment or one `command = value`, and no
+command set twice (the last one wins silently: a second `executable` would replace ours).
 """
 from __future__ import annotations
 
@@ -49,6 +50,46 @@ periodic_hold_reason periodic_hold_subcode""".split())
 _ATTR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
 _MACRO_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.]*)\)")
 _QUEUE_RE = re.compile(r"^\s*queue\b", re.I)
+_COMMAND_RE = re.compile(r"\s*(\+?[A-Za-z_][A-Za-z0-9_.]*)\s*=.*")  # use with fullmatch
+
+
+def command_key(line: str) -> str | None:
+    """The command a `key = value` line sets, as HTCondor compares them (case-insensitive, `+X`
+    is `MY.X`); None for any other line."""
+    m = _COMMAND_RE.fullmatch(line)
+    if not m:
+        return None
+    key = m.group(1).lower()
+    return "my." + key[1:] if key.startswith("+") else key
+
+
+def submit_keys(text: str) -> dict[str, int]:
+    """Each command the description sets and the line (from 1) that first sets it."""
+    keys: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        key = command_key(line)
+        if key is not None:
+            keys.setdefault(key, n)
+    return keys
+
+
+def _line_problems(lines: list[str], source: str) -> list[str]:
+    """Lines that are neither a comment, a `command = value` nor the queue statement, and commands
+    set twice."""
+    problems: list[str] = []
+    first: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#") or _QUEUE_RE.match(line):
+            continue
+        key = command_key(line)
+        if key is None:
+            problems.append(f"{source}: line {n}: expected 'command = value', got {line.strip()[:60]!r}")
+        elif key in first:
+            problems.append(f"{source}: line {n}: {key} is set again (first on line {first[key]}); "
+                            "HTCondor would keep the last one")
+        else:
+            first[key] = n
+    return problems
 
 
 def _without_macros(value: str) -> str:
@@ -68,6 +109,7 @@ def validate_submit(text: str, source: str = "<submit>") -> list[str]:
         problems.append(f"{source}: expected exactly one 'queue' statement, found {len(queue_lines)}")
     elif any(ln.strip() and not ln.lstrip().startswith("#") for ln in lines[queue_lines[0]:]):
         problems.append(f"{source}: line {queue_lines[0]}: commands after 'queue' are ignored by HTCondor")
+    problems += _line_problems(lines, source)
     try:
         sub = htcondor2.Submit(text)
     except Exception as e:  # the bindings raise their own exception types for syntax errors

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cluster.errors import SchedulerError, SchedulerUnavailable
-from submit.base import Backend, Job, quote, wrapper_path
+from submit.base import Backend, Job, checked_service_id, quote, wrapper_path
 from submit.runner import last_line
 
 JOB_SCRIPT = Path(__file__).resolve().parent / "jobscripts" / "drmaa-vmjob.sh"
@@ -77,6 +77,7 @@ class DrmaaBackend(Backend):
 
     def job_template(self, role: str, service_id: str | None) -> dict:
         """The fields of a drmaa.JobTemplate, as the helper process sets them."""
+        checked_service_id(service_id)
         args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role]
         if service_id:
             args += ["--service-id", service_id]  # else the wrapper's default: ROLE-$JOB_ID

@@ -11,7 +11,7 @@ import time
 
 from cluster.errors import SchedulerError
 from cluster.store import Store
-from submit.base import Job, ScriptBackend
+from submit.base import Job, ScriptBackend, clock_time
 from submit.runner import last_line
 
 # Torque job_state letters -> ours (E: exiting, the wrapper is shutting its guest down).
@@ -29,6 +29,9 @@ class PbsBackend(ScriptBackend):
     directive_forms = {"queue": "-q {}", "account": "-A {}", "walltime": "-l walltime={}",
                        "host": "-l host={}"}
     job_id_expr = "${job_id%%.*}"  # Torque ids are NUMBER.SERVER
+
+    def format_walltime(self, seconds: int) -> str:
+        return clock_time(seconds)  # Torque takes HH:MM:SS (hours past 24), not Slurm's D-HH:MM:SS
 
     def submit_one(self, role: str, service_id: str | None) -> str:
         logs = self.log_dir()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from cluster.errors import SchedulerError
-from submit.base import Job, ScriptBackend
+from submit.base import Job, ScriptBackend, clock_time
 from submit.runner import last_line
 
 SQUEUE_FORMAT = "%i|%j|%T|%r|%V|%k"
@@ -39,10 +39,14 @@ class SlurmBackend(ScriptBackend):
                        "host": "--nodelist={}"}
     job_id_expr = "${SLURM_JOB_ID}"
 
+    def format_walltime(self, seconds: int) -> str:
+        days, rest = divmod(seconds, 86400)
+        return f"{days}-{clock_time(rest)}" if days else clock_time(rest)
+
     def directives(self, role: str, service_id: str | None) -> list[str]:
         lines = super().directives(role, service_id)
         res = self.resources(role)
-        if res.walltime:
+        if res.walltime_s:
             # SIGTERM to the batch shell (the wrapper, by exec) before the limit; Slurm may send
             # it up to 60 s early.
             lines.append(f"--signal=B:TERM@{res.grace_s + 60}")

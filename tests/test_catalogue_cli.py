@@ -115,6 +115,24 @@ def test_verify_with_wrong_trust_key(signed_catalogue, cli, tmp_path):
     assert r.returncode == 65 and "signed only by untrusted key(s)" in r.stdout
 
 
+@pytest.mark.parametrize("threshold", ["-1", "0", "x"])
+def test_verify_refuses_a_threshold_below_one(signed_catalogue, cli, threshold):
+    """A threshold of 0 or less would verify any bytes: the CLI, the library and the spec refuse it."""
+    sc = signed_catalogue
+    sc.cat.index_path.write_bytes(sc.cat.index_path.read_bytes() + b"# tampered\n")
+    r = cli("catalogue", "verify", "--dir", str(sc.cat.root), "--trust", str(sc.pub_path), "--threshold", threshold)
+    assert r.returncode == 2 and "--threshold: expected a positive integer" in r.stderr, (r.returncode, r.stderr)
+    from catalogue.index import verify_signatures
+    from catalogue.keys import load_trust_keys
+    from cluster.errors import SpecError
+    with pytest.raises(SpecError, match="threshold must be a positive integer"):
+        verify_signatures(sc.cat.index_path.read_bytes(), sc.cat.sig_path.read_bytes(),
+                          load_trust_keys([str(sc.pub_path)]), -1)
+    sc.write_spec(threshold=0)
+    r = cli("catalogue", "accept", "--spec", str(sc.spec_path), "--dir", str(sc.cat.root))
+    assert r.returncode == 78 and "catalogue.trust.threshold" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/b", ".hidden", ".."])
 def test_add_refuses_names_that_escape(signed_catalogue, cli, name):
     sc = signed_catalogue

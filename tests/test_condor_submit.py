@@ -26,7 +26,7 @@ def test_shipped_submit_file_is_valid(name):
     assert sub["MY.SalvusRole"] == f'"{role}"'
     assert sub.expand("executable") == "/usr/local/bin/salvus-vmjob"
     args = sub.expand("arguments")
-    assert f"--spec /etc/salvus/cluster.yaml --role {role}" in args
+    assert f"--spec '/etc/salvus/cluster.yaml' --role {role}" in args
     assert sub["kill_sig"] == "SIGTERM" and int(sub["job_max_vacate_time"]) >= 35
     assert sub["on_exit_hold"] == "ExitCode =?= 65 || ExitCode =?= 78"
     assert sub["retry_until"] == "ExitCode =!= 75"
@@ -47,7 +47,7 @@ def test_rendered_submit_file_matches_the_spec(tmp_path, demo_image, cli):
     assert sub.expand("arguments").endswith("--role cassandra --service-id cassandra-1\"")
     assert sub["requirements"] == 'stringListMember("demo-1", TARGET.SalvusImages) && (TARGET.HasKVM =?= true)'
     assert Path(sub.expand("executable")).name == "salvus-vmjob"
-    assert sub.expand("arguments").startswith(f'"--spec {load_spec(spec).source} ')
+    assert sub.expand("arguments").startswith(f'"--spec \'{load_spec(spec).source}\' ')
 
 
 @pytest.mark.parametrize("mutate, problem", [

@@ -24,10 +24,11 @@ WALLTIME_S = 86400 + 2 * 3600 + 3 * 60 + 4
 GRACE = 30 + 15  # hypervisor.stop_timeout + the wrapper's clean-up
 
 
-def make_spec(tmp_path: Path, scheduler: str = "", wrapper: str = "/opt/salvus/bin/salvus-vmjob"):
+def make_spec(tmp_path: Path, scheduler: str = "", wrapper: str = "/opt/salvus/bin/salvus-vmjob",
+              store: Path | None = None):
     text = f"""
 site: rt
-store: {tmp_path / 'store'}
+store: '{store or tmp_path / 'store'}'
 scheduler: {{wrapper: '{wrapper}', walltime: '{WALLTIME}', queue: vms, account: physics{scheduler}}}
 hypervisor: {{stop_timeout: 30}}
 roles:
@@ -49,8 +50,8 @@ def lines(text: str) -> list[str]:
 def test_resources_are_computed_once_from_the_spec(tmp_path):
     res = JobResources.of(make_spec(tmp_path), "sage")
     assert res == JobResources(cpus=2, memory_mb=1024 + QEMU_OVERHEAD_MB, disk_mb=4096, grace_s=GRACE,
-                               walltime=WALLTIME)
-    assert res.walltime_s == WALLTIME_S and QEMU_OVERHEAD_MB == 256
+                               walltime_s=WALLTIME_S)
+    assert QEMU_OVERHEAD_MB == 256
 
 
 def test_slurm_header_carries_the_spec(tmp_path):
@@ -60,16 +61,17 @@ def test_slurm_header_carries_the_spec(tmp_path):
                       "--account=physics", "--requeue"):
         assert f"#SBATCH {directive}" in lines(text), directive
     assert f"KillWait (SIGTERM -> SIGKILL) must be at least {GRACE}s" in text
-    assert lines(text)[-1].endswith('--role sage --service-id "${SALVUS_SERVICE_ID:-sage-${SLURM_JOB_ID}}"')
+    assert "service_id=${SALVUS_SERVICE_ID:-sage-${SLURM_JOB_ID}}" in lines(text)
+    assert lines(text)[-1].endswith('--role sage --service-id "$service_id"')
 
 
 def test_pbs_header_carries_the_spec(tmp_path):
     text = open_backend(make_spec(tmp_path), "pbs").render("sage")
     for directive in ("-N rt.sage", "-l nodes=1:ppn=2", f"-l mem={1024 + 256}mb", "-l file=4096mb",
-                      f"-l walltime={WALLTIME}", "-q vms", "-A physics", "-r y"):
+                      "-l walltime=26:03:04", "-q vms", "-A physics", "-r y"):
         assert f"#PBS {directive}" in lines(text), directive
     assert f"kill_delay = {GRACE}'" in text
-    assert lines(text)[-1].endswith('--service-id "${SALVUS_SERVICE_ID:-sage-${job_id%%.*}}"')
+    assert "service_id=${SALVUS_SERVICE_ID:-sage-${job_id%%.*}}" in lines(text)
 
 
 def test_condor_submit_file_carries_the_spec(tmp_path):
@@ -107,12 +109,12 @@ def test_persistent_role_is_pinned_to_its_disk_host_and_keeps_its_id(tmp_path, s
 
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 def test_script_paths_survive_the_shell_and_are_overridable(tmp_path, scheduler):
-    spec = make_spec(tmp_path / 'a dir "with" $quotes', wrapper='/opt/my tools/salvus-vmjob')
+    spec = make_spec(tmp_path / 'a dir "with" $quotes', wrapper='/opt/my tools/salvus-vmjob', store=tmp_path / "store")
     text = open_backend(spec, scheduler).render("sage")
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
-    exec_line = lines(text)[-1]
-    assert exec_line.startswith("exec ")
-    show = 'job_id=7.srv\nprintf "%s\\n" ' + exec_line[len("exec "):]
+    tail = lines(text)[lines(text).index(next(ln for ln in lines(text) if ln.startswith("wrapper="))):]
+    assert tail[-1].startswith("exec ")
+    show = "job_id=7.srv\n" + "\n".join(tail[:-1]) + '\nprintf "%s\\n" ' + tail[-1][len("exec "):]
     env = {"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"}
     argv = subprocess.run(["bash", "-c", show], env=env, capture_output=True, text=True).stdout.splitlines()
     assert argv[:3] == ["/opt/my tools/salvus-vmjob", "--spec", spec.source]

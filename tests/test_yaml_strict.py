@@ -86,9 +86,64 @@ def test_catalogue_yaml_is_typed(signed_catalogue):
 
 
 def test_merge_keys_may_be_overridden_but_not_repeated():
-    assert load_yaml("base: &b {x: 1, y: 1}\nr: {<<: *b, x: 2}\n", "t.yaml", DataError)["r"] == {"x": 2, "y": 1}
-    msg = refused(DataError, load_yaml, "base: &b {x: 1}\nr: {<<: *b, x: 2, x: 3}\n", "t.yaml", DataError)
-    one_line(msg, "t.yaml: malformed YAML at line 2", "key 'x' appears twice")
+    assert load_yaml("r: {<<: {x: 1, y: 1}, x: 2}\n", "t.yaml", DataError)["r"] == {"x": 2, "y": 1}
+    msg = refused(DataError, load_yaml, "r: {<<: {x: 1}, x: 2, x: 3}\n", "t.yaml", DataError)
+    one_line(msg, "t.yaml: malformed YAML at line 1", "key 'x' appears twice")
+
+
+# --- YAML bombs -----------------------------------------------------------------------------------
+
+# 9 levels of 9 aliases: ~600 bytes, 387 million strings once anything walks `config` (the config
+# drive's json.dumps does): gigabytes.
+BOMB_SPEC = ("roles:\n  sage:\n    image: sage@1\n    port: 6000\n    config:\n"
+             "      l0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+             + "".join(f"      l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+             + "      all: *a8\n")
+# What the wrapper does with a spec: load it, then serialize the role's config for the guest. Run
+# in a child with 1 GiB of address space and a timeout, so a regression fails the test instead of
+# exhausting the machine; `hide_libyaml` runs it with PyYAML's pure-Python parser.
+BOMB_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+if sys.argv[2] == "pure":
+    sys.modules["yaml._yaml"] = None
+from cluster.errors import SalvusError
+from cluster.spec import load_spec
+try:
+    spec = load_spec(sys.argv[1])
+    json.dumps(spec.roles["sage"].config)
+except SalvusError as e:
+    print(e)
+    sys.exit(e.exit_code)
+except MemoryError:
+    sys.exit("MemoryError: the aliases were expanded")
+"""
+
+
+@pytest.mark.parametrize("parser", ["libyaml", "pure"])
+def test_alias_bomb_refused_before_it_expands(tmp_path, parser):
+    import subprocess
+    import sys
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(BOMB_SPEC)
+    assert len(BOMB_SPEC) < 640
+    r = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(path), parser], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 78, (r.returncode, r.stdout, r.stderr[-500:])
+    one_line(r.stdout.strip(), f"{path}: malformed YAML at line 6, column 11", "anchor &a0 refused")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("a: &x 1\nb: 2\n", "line 1, column 4: anchor &x refused"),
+    ("a: 1\nb: *x\n", "line 2, column 4: alias *x refused"),
+    ("[" * 33 + "]" * 33, "line 1, column 33: nested deeper than 32 levels"),
+    ("a:\n" + "".join("  " * i + "- \n" for i in range(1, 40)), "line 33, column 65: nested deeper than 32 levels"),
+    ("[" * 100_000 + "]" * 100_000, "line 1, column 1001"),  # libyaml's own limit, before ours
+])
+def test_anchors_aliases_and_deep_nesting_are_one_line(text, where):
+    one_line(refused(SpecError, load_yaml, text, "t.yaml", SpecError), f"t.yaml: malformed YAML at {where}")
+    assert load_yaml("[" * 32 + "]" * 32, "t.yaml", SpecError) is not None
 
 
 # --- full matches ---------------------------------------------------------------------------------
