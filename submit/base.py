@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
 from cluster.files import write_atomic_text
@@ -45,6 +46,15 @@ EXIT_HOLD = (EXIT_DATAERR, EXIT_CONFIG)
 QEMU_OVERHEAD_MB = 256
 # Time a wrapper needs after the guest stopped: destroy it, deregister, clean scratch up.
 CLEANUP_GRACE_S = 15
+
+# The submitter's environment variables a job is given; nothing else of it reaches a job (not
+# SALVUS_KEY_PASSPHRASE, cloud credentials, tokens). What a login shell and the wrapper need: the
+# program search path (PYTHONPATH too, so the job runs the code the submitter runs), home and user,
+# locale (LANG, LC_*) and scratch (TMPDIR). The wrapper's own variables (SALVUS_SPEC, SALVUS_VMJOB,
+# SALVUS_SERVICE_ID, SALVUS_SCHEDULER) are set by `Backend.job_env`, never taken from the
+# submitter; the scheduler adds its own (SLURM_*, PBS_*, JOB_ID, _CONDOR_*) on the execute node.
+JOB_ENV_NAMES = ("PATH", "PYTHONPATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+JOB_ENV_PREFIXES = ("LC_",)
 
 
 @dataclass
@@ -82,6 +92,13 @@ def walltime_seconds(walltime: str) -> int:
     while len(parts) < 3:
         parts.insert(0, 0)
     return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def job_environment(environ: Mapping[str, str], **values: str) -> dict[str, str]:
+    """A job's environment: the allowlisted part of `environ` (the submitter's), then `values`
+    (the wrapper's own variables)."""
+    allowed = {k: v for k, v in environ.items() if k in JOB_ENV_NAMES or k.startswith(JOB_ENV_PREFIXES)}
+    return {**allowed, **values}
 
 
 @dataclass(frozen=True)
@@ -216,11 +233,15 @@ class Backend(abc.ABC):
         return self.runner.check(list(argv), input, scheduler=self.name,
                                  unreachable_hints=self.unreachable_hints, env=env, timeout=timeout)
 
-    def job_env(self) -> dict[str, str]:
-        """Set for the submit command: job scripts take these paths from the job's environment
-        first (so a hand submission can override them), and a scheduler that exports the
-        submitter's environment must not hand the job another spec than the one we used."""
-        return {"SALVUS_SPEC": self.spec.source, "SALVUS_VMJOB": wrapper_path(self.spec)}
+    def job_env(self, service_id: str | None = None) -> dict[str, str]:
+        """The job's environment, set for the submit command too: the allowlisted part of ours
+        (`job_environment`) and the wrapper's variables. Job scripts take the paths from it first
+        (so a hand submission can override them), so it must name the spec we used."""
+        values = {"SALVUS_SPEC": self.spec.source, "SALVUS_VMJOB": wrapper_path(self.spec),
+                  "SALVUS_SCHEDULER": self.name}
+        if service_id:
+            values["SALVUS_SERVICE_ID"] = service_id
+        return job_environment(os.environ, **values)
 
     def resources(self, role: str) -> JobResources:
         return JobResources.of(self.spec, role)

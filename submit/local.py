@@ -58,8 +58,7 @@ class LocalBackend(Backend):
         record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
         # Recorded before it starts, so a crash between the two never leaves an untracked job.
         write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record))
-        env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
-               "SALVUS_LOCAL_ERR_LOG": str(err)}
+        env = {**self.job_env(job.service_id), "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_LOCAL_ERR_LOG": str(err)}
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
                str(self.spec.scheduler.max_retries), "--",
                wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--service-id", job.service_id]
