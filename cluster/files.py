@@ -3,6 +3,9 @@ fsync by path, free space, and the kernel's identity of a process.
 
 State files are replaced by rename, never rewritten in place, so a reader sees the old file or the
 new one; every lock is one `flock` on a file beside the state it guards.
+
+Modes: what the store writes is its owner's, readable by an operator group at most
+(`STATE_MODE`, 0640); what is published (a catalogue's index, signatures, torrents) says 0644.
 """
 from __future__ import annotations
 
@@ -15,8 +18,16 @@ from typing import Iterator
 from cluster.errors import DataError, TempFailure
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never half of one (temp + fsync + rename)."""
+# State files: the owner writes, an operator group may read, others nothing (job records, status,
+# ledgers, trust state: nothing there is for the world, some of it says what runs where).
+STATE_MODE = 0o640
+# What anyone may read: a catalogue's published files (served to every host).
+PUBLISHED_MODE = 0o644
+
+
+def write_atomic(path: Path, data: bytes, mode: int = STATE_MODE) -> None:
+    """Readers see the old file or the new one, never half of one (temp + fsync + rename). The
+    file is created with `mode` (less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -30,7 +41,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
+def write_atomic_text(path: Path, text: str, mode: int = STATE_MODE) -> None:
     write_atomic(path, text.encode(), mode)
 
 

@@ -12,6 +12,8 @@ from cluster.store import Store
 
 log = logging.getLogger(__name__)
 
+DISK_MODE = 0o600  # persistent disks hold a guest's data
+
 
 def image_format(path: Path) -> str:
     """The base's format from its name, never from its content: a raw image whose first bytes look
@@ -42,10 +44,13 @@ def ensure_persistent_disk(store: Store, service_id: str, disk: DiskSpec) -> Pat
     path = store.persistent_disk(service_id, disk.name)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{disk.size_mb}M")
     try:
+        # qemu-img creates with the umask (0644): the guest's data is the job user's only, and
+        # it is private before it has its real name.
+        os.chmod(tmp, DISK_MODE)
         # link, not rename: if another job created it meanwhile, keep theirs (it may hold data).
         os.link(tmp, path)
         log.info("created persistent disk %s (%d MiB, sparse)", path, disk.size_mb)

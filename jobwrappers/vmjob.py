@@ -46,6 +46,7 @@ LIVENESS_CHECK_S = 0.5
 UPSTREAM_REFRESH_S = 2.0
 # Unix socket paths are limited to 108 bytes; deep scratch directories get a short socket dir.
 MAX_SOCKET_DIR_LEN = 80
+CONSOLE_LOG_MODE = 0o640
 
 
 @dataclass
@@ -155,7 +156,8 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
     job.console_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(job.console_log, "a") as f:
+    # A guest's console may print secrets (keys, tokens): an operator group may read it, no one else.
+    with open(os.open(job.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, CONSOLE_LOG_MODE), "a") as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n")
     advertise = spec.hypervisor.advertise_host

@@ -17,15 +17,22 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import BinaryIO
 
 from cluster.errors import SpecError
 from cluster.spec import ClusterSpec
-from cluster.files import process_start_time, write_atomic_text
+from cluster.files import STATE_MODE, process_start_time, write_atomic_text
 from cluster.store import Store
 from submit.base import Backend, Job, quote, wrapper_path
 from submit.runner import CommandRunner
 
 log = logging.getLogger(__name__)
+
+
+def open_log(path: Path) -> BinaryIO:
+    """A job's output log for appending, created so that an operator group may read it, no one else."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, STATE_MODE), "ab")
 
 
 class LocalBackend(Backend):
@@ -62,7 +69,7 @@ class LocalBackend(Backend):
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
                str(self.spec.scheduler.max_retries), "--",
                wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--service-id", job.service_id]
-        with open(out, "ab") as fo, open(err, "ab") as fe:
+        with open_log(out) as fo, open_log(err) as fe:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
                                     start_new_session=True, cwd="/")
         # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.

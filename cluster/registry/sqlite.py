@@ -5,10 +5,15 @@ operation is one short transaction (BEGIN IMMEDIATE takes the write lock up fron
 never deadlock upgrading a read lock). synchronous=NORMAL in WAL mode is durable against a crashed
 or SIGKILLed process (only a power loss can drop the last commits), which is the failure the job
 wrappers have.
+
+The database is created 0600 (`DB_MODE`); SQLite gives its -wal and -shm files the database's
+mode, so all three are the owner's only. (A reader needs write access to -shm anyway, so group read
+would buy nothing.)
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -39,6 +44,16 @@ CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
 CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
 """
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
+DB_MODE = 0o600
+
+
+def _create_private(path: Path) -> None:
+    """Creates an empty database file with DB_MODE unless one is there (SQLite would create it
+    with 0644 less the umask)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_MODE))
+    except FileExistsError:
+        pass
 
 
 class SqliteRegistry(Registry):
@@ -47,6 +62,7 @@ class SqliteRegistry(Registry):
         self.ttl = ttl
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
