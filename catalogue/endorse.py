@@ -33,7 +33,7 @@ from cluster.spec import split_image_ref
 from cluster.yamlmodel import STRICT, ImageRef, NonNegativeInt, describe_validation_error, load_yaml
 from cluster.yamlmodel import validate_document
 from cluster.files import read_limited
-from cluster.files import PUBLISHED_MODE, write_atomic
+from cluster.files import write_atomic
 from catalogue.hashcache import sha256_file
 from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, check_refs, new_signature_file, now_utc,
                              parse_index, parse_signature_file, sign_index_bytes)
@@ -209,7 +209,7 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
         draft.sha256 = _copy_hashing(image, dest) if copied else old.sha256  # type: ignore[union-attr]
         draft.size = dest.stat().st_size
         torrent, draft.info_hash = make_torrent(dest, draft.web_seeds[0])
-        write_atomic(cat.torrent_file(draft), torrent, PUBLISHED_MODE)
+        write_atomic(cat.torrent_file(draft), torrent)
         if old is not None:
             draft.created = old.created
         cat.save_draft([e for e in entries if e.ref != ref] + [draft], revoked)
@@ -247,8 +247,8 @@ def sign_index(cat: CatalogueDir, key: Ed25519PrivateKey, valid_for: timedelta) 
     cat.save_config(last_version=index.version)
     # Two files cannot be replaced in one step: a client reading between the two renames gets a
     # signature that does not match, refuses, and succeeds at its next poll.
-    write_atomic(cat.sig_path, sig, PUBLISHED_MODE)
-    write_atomic(cat.index_path, raw, PUBLISHED_MODE)
+    write_atomic(cat.sig_path, sig)
+    write_atomic(cat.index_path, raw)
     return index
 
 
@@ -262,7 +262,7 @@ def cosign_index(cat: CatalogueDir, key: Ed25519PrivateKey) -> Index:
     mine = key_id(key.public_key())
     others = [f"ed25519 {s.key_id} {base64.b64encode(s.signature).decode()}\n"
               for s in (parse_signature_file(sig, str(cat.sig_path)) if sig.strip() else []) if s.key_id != mine]
-    write_atomic(cat.sig_path, new_signature_file(others + [sign_index_bytes(raw, key)]), PUBLISHED_MODE)
+    write_atomic(cat.sig_path, new_signature_file(others + [sign_index_bytes(raw, key)]))
     return index
 
 

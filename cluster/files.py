@@ -3,9 +3,6 @@ fsync by path, free space, and the kernel's identity of a process.
 
 State files are replaced by rename, never rewritten in place, so a reader sees the old file or the
 new one; every lock is one `flock` on a file beside the state it guards.
-
-Modes: what the store writes is its owner's, readable by an operator group at most
-(`STATE_MODE`, 0640); what is published (a catalogue's index, signatures, torrents) says 0644.
 """
 from __future__ import annotations
 
@@ -13,21 +10,13 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from cluster.errors import DataError, TempFailure
 
 
-# State files: the owner writes, an operator group may read, others nothing (job records, status,
-# ledgers, trust state: nothing there is for the world, some of it says what runs where).
-STATE_MODE = 0o640
-# What anyone may read: a catalogue's published files (served to every host).
-PUBLISHED_MODE = 0o644
-
-
-def write_atomic(path: Path, data: bytes, mode: int = STATE_MODE) -> None:
-    """Readers see the old file or the new one, never half of one (temp + fsync + rename). The
-    file is created with `mode` (less the umask)."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Readers see the old file or the new one, never half of one (temp + fsync + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -41,7 +30,7 @@ def write_atomic(path: Path, data: bytes, mode: int = STATE_MODE) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic_text(path: Path, text: str, mode: int = STATE_MODE) -> None:
+def write_atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
     write_atomic(path, text.encode(), mode)
 
 
@@ -115,6 +104,19 @@ def fsync_path(path: Path, flags: int = 0, data_only: bool = False) -> None:
 
 def fsync_dir(path: Path) -> None:
     fsync_path(path, os.O_DIRECTORY)
+
+
+# Modes of what the store writes (the list is cluster/store.py's): runtime state and logs an
+# operator group may read, never the world (what runs where, a guest's console); private data the
+# owner's only. Trust state and the layout file keep write_atomic's 0644: every job user's wrapper
+# reads them, nothing there is secret, and only their owner may write them.
+STATE_MODE = 0o640
+PRIVATE_MODE = 0o600
+
+
+def open_append(path: Path, mode: int) -> BinaryIO:
+    """`path` opened for appending (a log), created with `mode` when it is new."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode), "ab")
 
 
 def free_bytes(path: Path) -> int:

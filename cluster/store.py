@@ -29,11 +29,6 @@ state/imgdist.json, imgdist-status.json, imgdist.lock   imgdist's toggle, progre
 
 Trust and runtime state sit behind separate accessors (`Store.trust`, `Store.runtime`), so they can
 be given separate directories by changing only this module.
-
-Modes (whatever the umask allows at most): state files and job logs 0640 (`cluster.files.STATE_MODE`:
-an operator group may read), console logs 0640, the SQLite registry and its -wal/-shm 0600,
-persistent disks 0600 in a 0700 `persistent/SERVICE_ID/`, base images 0444. Directories keep the
-umask's mode: imgdist (root) and job users share them, and their ownership is the site's set-up.
 """
 from __future__ import annotations
 

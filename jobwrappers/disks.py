@@ -7,12 +7,11 @@ import subprocess
 from pathlib import Path
 
 from cluster.errors import DataError, SpecError
+from cluster.files import PRIVATE_MODE
 from cluster.spec import DiskSpec
 from cluster.store import Store
 
 log = logging.getLogger(__name__)
-
-DISK_MODE = 0o600  # persistent disks hold a guest's data
 
 
 def image_format(path: Path) -> str:
@@ -50,7 +49,7 @@ def ensure_persistent_disk(store: Store, service_id: str, disk: DiskSpec) -> Pat
     try:
         # qemu-img creates with the umask (0644): the guest's data is the job user's only, and
         # it is private before it has its real name.
-        os.chmod(tmp, DISK_MODE)
+        os.chmod(tmp, PRIVATE_MODE)
         # link, not rename: if another job created it meanwhile, keep theirs (it may hold data).
         os.link(tmp, path)
         log.info("created persistent disk %s (%d MiB, sparse)", path, disk.size_mb)

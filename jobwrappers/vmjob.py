@@ -24,6 +24,7 @@ from pathlib import Path
 from catalogue.trust import verified_image
 from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
 from cluster.errors import DataError, SpecError, TempFailure
+from cluster.files import STATE_MODE, open_append
 from cluster.registry import Registry, Service, open_registry
 from cluster import jobstatus
 from cluster.jobstatus import JobStatus
@@ -46,7 +47,6 @@ LIVENESS_CHECK_S = 0.5
 UPSTREAM_REFRESH_S = 2.0
 # Unix socket paths are limited to 108 bytes; deep scratch directories get a short socket dir.
 MAX_SOCKET_DIR_LEN = 80
-CONSOLE_LOG_MODE = 0o640
 
 
 @dataclass
@@ -157,9 +157,9 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     job.console_log = Store.of(spec).console_log(job.service_id)
     job.console_log.parent.mkdir(parents=True, exist_ok=True)
     # A guest's console may print secrets (keys, tokens): an operator group may read it, no one else.
-    with open(os.open(job.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, CONSOLE_LOG_MODE), "a") as f:
+    with open_append(job.console_log, STATE_MODE) as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n")
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n".encode())
     advertise = spec.hypervisor.advertise_host
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
     return Machine(

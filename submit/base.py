@@ -23,7 +23,7 @@ from string import Template
 from typing import Iterable, Mapping
 
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
-from cluster.files import write_atomic_text
+from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec
 from cluster.store import Store
 from submit.runner import CommandResult, CommandRunner
@@ -135,7 +135,7 @@ class Ledger:
         return self.dir / f"{job_id.replace('/', '_')}.json"
 
     def add(self, job: Job, **extra: object) -> None:
-        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}))
+        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}), STATE_MODE)
 
     def forget(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)

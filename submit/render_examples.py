@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cluster.files import PUBLISHED_MODE, write_atomic
+from cluster.files import write_atomic
 from cluster.spec import parse_spec
 from submit import open_backend
 
@@ -34,7 +34,7 @@ def render_examples() -> dict[Path, str]:
 def main() -> int:
     for path, text in render_examples().items():
         if not path.exists() or path.read_text() != text:
-            write_atomic(path, text.encode(), PUBLISHED_MODE)
+            write_atomic(path, text.encode())
             print(f"wrote {path.relative_to(EXAMPLES.parent.parent)}")
     return 0
 

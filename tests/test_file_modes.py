@@ -1,6 +1,7 @@
 """What the store's files are created with, whatever the umask: state and logs 0640 (an operator
 group may read), the SQLite registry with its -wal/-shm and persistent disks 0600, a VM's console
-log 0640, published catalogue files 0644. Run under umask 0, so only the code's own modes count."""
+log 0640; the layout and trust state, which every job user's wrapper reads, 0644. Run under umask 0,
+so only the code's own modes count."""
 from __future__ import annotations
 
 import os
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from cluster import jobstatus
 from cluster.files import write_atomic
 from cluster.registry import Service
 from cluster.registry.sqlite import SqliteRegistry
-from cluster.spec import DiskSpec
+from cluster.spec import DiskSpec, parse_spec
 from cluster.store import Store
 from jobwrappers.disks import ensure_persistent_disk
+from submit.base import Job, Ledger
 from tests.fixtures.demo_image import demo_spec_text
 from tests.test_job_environment import env_dump_spec, job_environ
 
@@ -39,14 +42,22 @@ def test_state_files_and_job_logs_of_a_submission_are_closed_to_others(tmp_path,
     assert {p.parts[0] for p in files} == {"state", "logs"}
     assert any(p.suffix == ".state" for p in files) and any(p.suffix == ".err" for p in files)
     assert files.pop(Path("state/registry.sqlite")) == 0o600
+    layout = next(p for p in files if p.name == "layout.json")  # state/ here, the root after trust's move
+    assert files.pop(layout) == 0o644
     # Lock files hold nothing but a pid (cluster.files.locked).
     assert {p: oct(m) for p, m in files.items() if m != 0o640 and p.suffix != ".lock"} == {}
 
 
-def test_write_atomic_creates_state_private_to_owner_and_group(tmp_path, no_umask):
-    write_atomic(tmp_path / "state.json", b"{}")
-    write_atomic(tmp_path / "index.yaml", b"x", 0o644)
-    assert (mode(tmp_path / "state.json"), mode(tmp_path / "index.yaml")) == (0o640, 0o644)
+def test_job_status_and_the_ledger_are_closed_to_others_and_trust_state_stays_readable(tmp_path, no_umask):
+    store = Store(tmp_path / "store")
+    status = jobstatus.write(store, jobstatus.JobStatus("sage-1", "sage", "7", os.getpid(), "booting", "", ""))
+    spec = parse_spec(f"store: {store.root}\nroles: {{sage: {{image: demo@1, port: 6000}}}}\n", tmp_path / "c.yaml")
+    ledger = Ledger(spec, "slurm")
+    ledger.add(Job("7", "sage", "queued", "sage-7", 0.0))
+    assert (mode(status), mode(ledger._path("7"))) == (0o640, 0o640)
+    # Every job user's wrapper reads the layout and trust state: public, as before.
+    write_atomic(store.trust.approvals, b"{}\n")
+    assert mode(store.trust.approvals) == 0o644
 
 
 def test_sqlite_registry_and_its_wal_and_shm_are_owner_only(tmp_path, no_umask):

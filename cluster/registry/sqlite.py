@@ -6,7 +6,7 @@ never deadlock upgrading a read lock). synchronous=NORMAL in WAL mode is durable
 or SIGKILLed process (only a power loss can drop the last commits), which is the failure the job
 wrappers have.
 
-The database is created 0600 (`DB_MODE`); SQLite gives its -wal and -shm files the database's
+The database is created 0600 (`cluster.files.PRIVATE_MODE`); SQLite gives its -wal and -shm files the database's
 mode, so all three are the owner's only. (A reader needs write access to -shm anyway, so group read
 would buy nothing.)
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable
+from cluster.files import PRIVATE_MODE
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
@@ -44,14 +45,13 @@ CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
 CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
 """
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
-DB_MODE = 0o600
 
 
 def _create_private(path: Path) -> None:
-    """Creates an empty database file with DB_MODE unless one is there (SQLite would create it
-    with 0644 less the umask)."""
+    """Creates an empty database file with PRIVATE_MODE unless one is there (SQLite would create
+    it 0644 less the umask)."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_MODE))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
     except FileExistsError:
         pass
 
