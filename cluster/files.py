@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from cluster.errors import DataError, TempFailure
 
@@ -154,6 +154,19 @@ def fsync_path(path: Path, flags: int = 0, data_only: bool = False) -> None:
 
 def fsync_dir(path: Path) -> None:
     fsync_path(path, os.O_DIRECTORY)
+
+
+# Modes of what the store writes (the list is cluster/store.py's): runtime state and logs an
+# operator group may read, never the world (what runs where, a guest's console); private data the
+# owner's only. Trust state and the layout file keep write_atomic's 0644: every job user's wrapper
+# reads them, nothing there is secret, and only their owner may write them.
+STATE_MODE = 0o640
+PRIVATE_MODE = 0o600
+
+
+def open_append(path: Path, mode: int) -> BinaryIO:
+    """`path` opened for appending (a log), created with `mode` when it is new."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode), "ab")
 
 
 def free_bytes(path: Path) -> int:

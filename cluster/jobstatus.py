@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.files import pid_alive, write_atomic
+from cluster.files import STATE_MODE, pid_alive, write_atomic
 from cluster.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class JobStatus:
 
 def write(store: Store, status: JobStatus) -> Path:
     path = store.runtime.job_status(status.service_id)
-    write_atomic(path, (json.dumps(asdict(status)) + "\n").encode())
+    write_atomic(path, (json.dumps(asdict(status)) + "\n").encode(), STATE_MODE)
     return path
 
 

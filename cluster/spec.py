@@ -201,6 +201,27 @@ class SchedulerSpec:
 
 
 @dataclass(config=STRICT)
+class CassandraTlsSpec:
+    """TLS to the nodes: each node's certificate must chain to `ca_file` and name the address the
+    driver connects to (or `server_hostname` for every node); `cert_file` + `key_file` (PEM) are
+    presented when the cluster requires client certificates."""
+
+    ca_file: StrictStr
+    cert_file: Optional[StrictStr] = None
+    key_file: Optional[StrictStr] = None  # unencrypted PEM, readable by its owner only
+    check_hostname: StrictBool = True
+    server_hostname: Optional[StrictStr] = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "CassandraTlsSpec":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (give both or neither)")
+        if self.server_hostname is not None and not self.check_hostname:
+            raise ValueError("server_hostname is the name checked: it needs check_hostname: true")
+        return self
+
+
+@dataclass(config=STRICT)
 class CassandraSpec:
     contact_points: Annotated[list[StrictStr], Field(min_length=1)]
     port: Port = 9042
@@ -212,8 +233,10 @@ class CassandraSpec:
     request_timeout: Seconds = 1.0
     connect_timeout: Seconds = 5.0
     username: Optional[StrictStr] = None
-    # The password is read from this file, never from the spec or the command line.
+    # The password is read from this file, never from the spec or the command line; the file
+    # must be readable by its owner only.
     password_file: Optional[StrictStr] = None
+    tls: Optional[CassandraTlsSpec] = None
 
     @field_validator("consistency")
     @classmethod
@@ -398,6 +421,10 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
     spec.registry.sqlite = _abs(base, spec.registry.sqlite)
     if spec.registry.cassandra:
         spec.registry.cassandra.password_file = _abs(base, spec.registry.cassandra.password_file)
+        tls = spec.registry.cassandra.tls
+        if tls:
+            tls.ca_file = _abs(base, tls.ca_file) or tls.ca_file
+            tls.cert_file, tls.key_file = _abs(base, tls.cert_file), _abs(base, tls.key_file)
     spec.hypervisor.domain_template = _abs(base, spec.hypervisor.domain_template)
     spec.scheduler.log_dir = _abs(base, spec.scheduler.log_dir)
     spec.catalogue.trust.keys = [_abs(base, k) or k for k in spec.catalogue.trust.keys]

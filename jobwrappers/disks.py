@@ -8,6 +8,7 @@ from pathlib import Path
 
 from catalogue.imagefile import OpenImage
 from cluster.errors import DataError, SpecError
+from cluster.files import PRIVATE_MODE
 from cluster.spec import DiskSpec
 from cluster.store import Store
 
@@ -38,10 +39,13 @@ def ensure_persistent_disk(store: Store, service_id: str, disk: DiskSpec) -> Pat
     path = store.persistent_disk(service_id, disk.name)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{disk.size_mb}M")
     try:
+        # qemu-img creates with the umask (0644): the guest's data is the job user's only, and
+        # it is private before it has its real name.
+        os.chmod(tmp, PRIVATE_MODE)
         # link, not rename: if another job created it meanwhile, keep theirs (it may hold data).
         os.link(tmp, path)
         log.info("created persistent disk %s (%d MiB, sparse)", path, disk.size_mb)

@@ -25,6 +25,7 @@ from catalogue.imagefile import OpenImage, copy_from
 from catalogue.trust import verified_boot_files, verified_image
 from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
 from cluster.errors import SpecError, TempFailure
+from cluster.files import STATE_MODE, open_append
 from cluster.registry import Registry, Service, open_registry
 from cluster import jobstatus
 from cluster.jobstatus import JobStatus
@@ -154,9 +155,10 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
     job.console_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(job.console_log, "a") as f:
+    # A guest's console may print secrets (keys, tokens): an operator group may read it, no one else.
+    with open_append(job.console_log, STATE_MODE) as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n")
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n".encode())
     advertise = spec.hypervisor.advertise_host
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
     return Machine(

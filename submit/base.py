@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -19,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
-from cluster.files import write_atomic_text
+from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
 from cluster.yamlmodel import is_service_id
@@ -46,6 +47,15 @@ EXIT_HOLD = (EXIT_DATAERR, EXIT_CONFIG)
 QEMU_OVERHEAD_MB = 256
 # Time a wrapper needs after the guest stopped: destroy it, deregister, clean scratch up.
 CLEANUP_GRACE_S = 15
+
+# The submitter's environment variables a job is given; nothing else of it reaches a job (not
+# SALVUS_KEY_PASSPHRASE, cloud credentials, tokens). What a login shell and the wrapper need: the
+# program search path (PYTHONPATH too, so the job runs the code the submitter runs), home and user,
+# locale (LANG, LC_*) and scratch (TMPDIR). The wrapper's own variables (SALVUS_SPEC, SALVUS_VMJOB,
+# SALVUS_SERVICE_ID, SALVUS_SCHEDULER) are set by `Backend.job_env`, never taken from the
+# submitter; the scheduler adds its own (SLURM_*, PBS_*, JOB_ID, _CONDOR_*) on the execute node.
+JOB_ENV_NAMES = ("PATH", "PYTHONPATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+JOB_ENV_PREFIXES = ("LC_",)
 
 
 @dataclass
@@ -74,6 +84,13 @@ def wrapper_path(spec: ClusterSpec) -> str:
         raise SpecError("scheduler.wrapper: salvus-vmjob is not installed beside this Python nor on "
                         "PATH; set scheduler.wrapper to its path on the execute nodes")
     return found
+
+
+def job_environment(environ: Mapping[str, str], **values: str) -> dict[str, str]:
+    """A job's environment: the allowlisted part of `environ` (the submitter's), then `values`
+    (the wrapper's own variables)."""
+    allowed = {k: v for k, v in environ.items() if k in JOB_ENV_NAMES or k.startswith(JOB_ENV_PREFIXES)}
+    return {**allowed, **values}
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,7 @@ class Ledger:
         return self.dir / f"{job_id.replace('/', '_')}.json"
 
     def add(self, job: Job, **extra: object) -> None:
-        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}))
+        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}), STATE_MODE)
 
     def forget(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
@@ -220,11 +237,15 @@ class Backend(abc.ABC):
         return self.runner.check(list(argv), input, scheduler=self.name,
                                  unreachable_hints=self.unreachable_hints, env=env, timeout=timeout)
 
-    def job_env(self) -> dict[str, str]:
-        """Set for the submit command: job scripts take these paths from the job's environment
-        first (so a hand submission can override them), and a scheduler that exports the
-        submitter's environment must not hand the job another spec than the one we used."""
-        return {"SALVUS_SPEC": self.spec.source, "SALVUS_VMJOB": wrapper_path(self.spec)}
+    def job_env(self, service_id: str | None = None) -> dict[str, str]:
+        """The job's environment, set for the submit command too: the allowlisted part of ours
+        (`job_environment`) and the wrapper's variables. Job scripts take the paths from it first
+        (so a hand submission can override them), so it must name the spec we used."""
+        values = {"SALVUS_SPEC": self.spec.source, "SALVUS_VMJOB": wrapper_path(self.spec),
+                  "SALVUS_SCHEDULER": self.name}
+        if service_id:
+            values["SALVUS_SERVICE_ID"] = service_id
+        return job_environment(os.environ, **values)
 
     def resources(self, role: str) -> JobResources:
         return JobResources.of(self.spec, role)

@@ -86,9 +86,9 @@ class DrmaaBackend(Backend):
                 "native": self.native_spec(role, service_id),
                 "stdout": str(logs / f"{self.job_name(role)}.$JOB_ID.out"),
                 "stderr": str(logs / f"{self.job_name(role)}.$JOB_ID.err"),
-                "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SALVUS_SCHEDULER": self.name,
-                        "LANG": os.environ.get("LANG", "C.UTF-8"),
-                        # so the job script's qhold reaches this cell
+                # The allowlisted environment, and the cell's client settings so the job script's
+                # qhold reaches this cell.
+                "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **self.job_env(service_id),
                         **{k: os.environ[k] for k in SGE_CLIENT_ENV if k in os.environ}}}
 
     def render(self, role: str, service_id: str | None = None) -> str:

@@ -20,7 +20,7 @@ import time
 
 from cluster.errors import SpecError
 from cluster.spec import ClusterSpec
-from cluster.files import process_start_time, write_atomic_text
+from cluster.files import STATE_MODE, open_append, process_start_time, write_atomic_text
 from cluster.store import Store
 from submit.base import Backend, Job, quote, wrapper_path
 from submit.runner import CommandRunner
@@ -57,19 +57,18 @@ class LocalBackend(Backend):
         out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
         record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
         # Recorded before it starts, so a crash between the two never leaves an untracked job.
-        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record))
-        env = {**os.environ, "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_SCHEDULER": self.name,
-               "SALVUS_LOCAL_ERR_LOG": str(err)}
+        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record), STATE_MODE)
+        env = {**self.job_env(job.service_id), "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_LOCAL_ERR_LOG": str(err)}
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
                str(self.spec.scheduler.max_retries), "--",
                wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--service-id", job.service_id]
-        with open(out, "ab") as fo, open(err, "ab") as fe:
+        with open_append(out, STATE_MODE) as fo, open_append(err, STATE_MODE) as fe:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
                                     start_new_session=True, cwd="/")
         # Reap it if this process lives on (tests, `demo`); a CLI just exits and init adopts it.
         threading.Thread(target=proc.wait, daemon=True).start()
         record.update(pid=proc.pid, pid_start=process_start_time(proc.pid))
-        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record))
+        write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record), STATE_MODE)
         log.debug("local job %s: supervisor pid %d", job_id, proc.pid)
         return job_id
 

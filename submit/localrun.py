@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.files import write_atomic_text
+from cluster.files import STATE_MODE, write_atomic_text
 from submit.base import EXIT_HOLD, EXIT_RETRY
 
 
@@ -38,7 +38,7 @@ def supervise(job_dir: Path, job_id: str, max_retries: int, cmd: list[str]) -> i
 
     def write(**fields: object) -> None:
         write_atomic_text(state_file, json.dumps({"job_id": job_id, "supervisor": os.getpid(),
-                                                  "updated": time.time(), **fields}))
+                                                  "updated": time.time(), **fields}), STATE_MODE)
 
     def on_signal(signum: int, _frame: object) -> None:
         stop["requested"] = True

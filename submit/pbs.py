@@ -40,9 +40,11 @@ class PbsBackend(ScriptBackend):
         self.runner.write_file(script, self.render(role, service_id), mode=0o755)
         stamp = f"{self.job_name(role)}.{int(time.time() * 1000)}"
         argv = ["qsub", "-o", str(logs / f"{stamp}.out"), "-e", str(logs / f"{stamp}.err")]
-        if service_id:
-            argv += ["-v", f"SALVUS_SERVICE_ID={service_id}"]
-        job_id = self.run(*argv, str(script), env=self.job_env()).stdout.strip()
+        # -v with names only and no -V: the job gets these from qsub's environment, nothing else
+        # of ours (PBS adds its PBS_O_* itself).
+        env = self.job_env(service_id)
+        argv += ["-v", ",".join(sorted(env))]
+        job_id = self.run(*argv, str(script), env=env).stdout.strip()
         if not re.fullmatch(r"\d+(\.[\w.-]+)?", job_id):
             raise SchedulerError(f"qsub: expected a job id, got {last_line(job_id)!r}")
         return job_id

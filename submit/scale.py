@@ -18,7 +18,7 @@ from typing import ContextManager
 
 from cluster import jobstatus
 from cluster.errors import RegistryUnavailable, SpecError, TempFailure
-from cluster.files import locked, write_atomic_text
+from cluster.files import STATE_MODE, locked, write_atomic_text
 from cluster.registry import Service, open_registry
 from cluster.spec import ClusterSpec
 from cluster.store import Store
@@ -163,7 +163,7 @@ def read_desired(spec: ClusterSpec) -> dict[str, int]:
 def record_desired(spec: ClusterSpec, desired: dict[str, int]) -> None:
     counts = read_desired(spec)
     counts.update(desired)
-    write_atomic_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True))
+    write_atomic_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True), STATE_MODE)
 
 
 def scale_lock(spec: ClusterSpec) -> ContextManager[None]:

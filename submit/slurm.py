@@ -54,9 +54,11 @@ class SlurmBackend(ScriptBackend):
 
     # --- submit / list / cancel ----------------------------------------------------------------
     def submit_one(self, role: str, service_id: str | None) -> str:
-        export = f"--export=ALL,SALVUS_SERVICE_ID={service_id}" if service_id else "--export=ALL"
-        r = self.run("sbatch", "--parsable", export, f"--comment=salvus:{service_id or ''}",
-                     input=self.render(role, service_id), env=self.job_env())
+        # Names only: sbatch passes their values from its own environment (no value on the command
+        # line, none split at a comma), and nothing else of ours; Slurm adds its SLURM_* itself.
+        env = self.job_env(service_id)
+        r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
+                     f"--comment=salvus:{service_id or ''}", input=self.render(role, service_id), env=env)
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
             raise SchedulerError(f"sbatch: expected a job id, got {last_line(r.stdout)!r}")

@@ -71,6 +71,7 @@ def test_unresolvable_contact_point_is_one_line(tmp_path):
 def test_wrong_password_is_one_line_naming_authentication(cassandra_node, tmp_path, cli):
     bad = tmp_path / "bad-password"
     bad.write_text("not-the-password\n")
+    bad.chmod(0o600)
     spec = cassandra_spec(tmp_path, [cassandra_node.address], "authcheck", username="cassandra", password_file=bad)
     message = open_fails(spec, RegistryMisconfigured)
     assert "authentication failed" in message and cassandra_node.address in message

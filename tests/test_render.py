@@ -156,7 +156,8 @@ def test_slurm_submits_through_the_injected_runner(tmp_path):
     assert [(j.job_id, j.service_id) for j in jobs] == [("4242", "sage-4242")] * 2
     argv, script, env = runner.calls[0]
     assert argv[:2] == ["sbatch", "--parsable"] and "#SBATCH --cpus-per-task=2" in script
-    assert env == {"SALVUS_SPEC": spec.source, "SALVUS_VMJOB": "/opt/salvus/bin/salvus-vmjob"}
+    assert env["SALVUS_SPEC"] == spec.source and env["SALVUS_VMJOB"] == "/opt/salvus/bin/salvus-vmjob"
+    assert f"--export={','.join(sorted(env))}" in argv  # these names and nothing else of ours
     assert backend.recorded_ids() == {"4242"}
 
 

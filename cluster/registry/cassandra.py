@@ -45,9 +45,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
+import ssl
+import stat
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from cassandra import (AuthenticationFailed, ConsistencyLevel, DriverException, InvalidRequest, OperationTimedOut,
@@ -62,7 +64,7 @@ from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundR
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError, SpecError
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service
-from cluster.spec import CassandraSpec
+from cluster.spec import CassandraSpec, CassandraTlsSpec
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +140,23 @@ def describe_failure(exc: BaseException, where: str) -> str:
     return f"{where}: {type(exc).__name__}: {_reason(exc)}"
 
 
+def _tls_refused(e: BaseException) -> bool:
+    """A TLS handshake that failed (the driver rewraps certificate errors as a plain OSError whose
+    text keeps OpenSSL's "[SSL: ...]")."""
+    return isinstance(e, ssl.SSLError) or "[SSL" in str(e)
+
+
 def startup_failure(exc: BaseException, where: str) -> SalvusError:
-    """A failure while connecting: credentials the cluster refuses are configuration (78); anything
-    else may pass (75)."""
+    """A failure while connecting: credentials or TLS the cluster refuses (an unknown CA, a name the
+    certificate does not carry, a client certificate missing or refused) are configuration (78);
+    anything else may pass (75)."""
     errors = getattr(exc, "errors", None)
-    if isinstance(exc, NoHostAvailable) and isinstance(errors, dict) and errors and all(
-            isinstance(e, AuthenticationFailed) for e in errors.values()):
-        return RegistryMisconfigured(describe_failure(exc, where))
+    if isinstance(exc, NoHostAvailable) and isinstance(errors, dict) and errors:
+        if all(isinstance(e, AuthenticationFailed) for e in errors.values()):
+            return RegistryMisconfigured(describe_failure(exc, where))
+        if all(_tls_refused(e) for e in errors.values()):
+            return RegistryMisconfigured(describe_failure(exc, where).replace(
+                ": no node reachable (", ": TLS handshake failed (check registry.cassandra.tls) (", 1))
     return RegistryUnavailable(describe_failure(exc, where))
 
 
@@ -173,16 +185,50 @@ def _quiet_driver_logs() -> Iterator[None]:
         driver_log.setLevel(level)
 
 
+def _refuse_shared(mode: int, path: str, field: str) -> None:
+    """Refuses a secret (password, private key) that others than its owner may read or write, as
+    ssh does with a private key: a secret others can read is no longer one."""
+    if mode & 0o077:
+        raise SpecError(f"registry.cassandra.{field}: {path} is open to group or others (mode "
+                        f"{stat.S_IMODE(mode):04o}); expected readable by its owner only (chmod 600)")
+
+
+def _read_private(path: str, field: str) -> str:
+    try:
+        with open(path) as f:
+            _refuse_shared(os.fstat(f.fileno()).st_mode, path, field)  # the file read, not the name
+            return f.read()
+    except OSError as e:
+        raise SpecError(f"registry.cassandra.{field}: cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_password(spec: CassandraSpec) -> str | None:
     if spec.username is None and spec.password_file is None:
         return None
     if spec.username is None or spec.password_file is None:
         raise SpecError("registry.cassandra: username and password_file go together (give both or neither)")
+    return _read_private(spec.password_file, "password_file").rstrip("\r\n")
+
+
+def ssl_context(tls: CassandraTlsSpec | None) -> ssl.SSLContext | None:
+    """The driver's TLS context: the nodes verified against the site's CA (and their names checked
+    unless check_hostname is off), the client certificate loaded when one is given."""
+    if tls is None:
+        return None
     try:
-        return Path(spec.password_file).read_text().rstrip("\r\n")
-    except OSError as e:
-        raise SpecError(f"registry.cassandra.password_file: cannot read {spec.password_file}: "
-                        f"{e.strerror or e}") from None
+        ctx = ssl.create_default_context(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise SpecError(f"registry.cassandra.tls.ca_file: cannot load {tls.ca_file}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file and tls.key_file:
+        try:
+            _refuse_shared(os.stat(tls.key_file).st_mode, tls.key_file, "tls.key_file")
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise SpecError(f"registry.cassandra.tls: cannot load the client certificate {tls.cert_file} "
+                            f"with key {tls.key_file}: {getattr(e, 'strerror', None) or e}") from None
+    return ctx
 
 
 def _consistency(name: str) -> int:
@@ -221,7 +267,10 @@ class CassandraRegistry(Registry):
                 execution_profiles={EXEC_PROFILE_DEFAULT: profile},
                 connect_timeout=spec.connect_timeout, control_connection_timeout=spec.connect_timeout,
                 # Cassandra 4.0+ speaks v5; pinning it skips two failed handshakes per node.
-                protocol_version=ProtocolVersion.V5)
+                protocol_version=ProtocolVersion.V5,
+                ssl_context=ssl_context(spec.tls),
+                ssl_options={"server_hostname": spec.tls.server_hostname}
+                if spec.tls and spec.tls.server_hostname else None)
         except DriverException as e:
             raise RegistryUnavailable(describe_failure(e, self.where)) from None
         try:

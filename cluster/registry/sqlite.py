@@ -5,10 +5,15 @@ operation is one short transaction (BEGIN IMMEDIATE takes the write lock up fron
 never deadlock upgrading a read lock). synchronous=NORMAL in WAL mode is durable against a crashed
 or SIGKILLed process (only a power loss can drop the last commits), which is the failure the job
 wrappers have.
+
+The database is created 0600 (`cluster.files.PRIVATE_MODE`); SQLite gives its -wal and -shm files the database's
+mode, so all three are the owner's only. (A reader needs write access to -shm anyway, so group read
+would buy nothing.)
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable
+from cluster.files import PRIVATE_MODE
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
@@ -41,12 +47,22 @@ CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
 
 
+def _create_private(path: Path) -> None:
+    """Creates an empty database file with PRIVATE_MODE unless one is there (SQLite would create
+    it 0644 less the umask)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    except FileExistsError:
+        pass
+
+
 class SqliteRegistry(Registry):
     def __init__(self, path: Path | str, ttl: int = 30, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.ttl = ttl
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
