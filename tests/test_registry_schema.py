@@ -45,15 +45,14 @@ def _old_cassandra(spec, newer: bool) -> None:
                         "{'class': 'SimpleStrategy', 'replication_factor': 1}", timeout=60)
         for table in (cassandra_backend.BY_ROLE, cassandra_backend.BY_ID):
             ddl = cassandra_backend._table_ddl(ks, table).replace(", image text", "")
+            ddl = ddl[:ddl.index(" AND comment")]  # tables from before versioning carry none
             assert " image " not in ddl
             session.execute(ddl, timeout=60)
             session.execute(f"INSERT INTO {ks}.{table} ({', '.join(OLD_COLUMNS)}) VALUES "
                             f"({', '.join(['%s'] * len(OLD_COLUMNS))}) USING TTL 600", OLD_ROW, timeout=60)
         if newer:
-            session.execute(f"CREATE TABLE {ks}.{cassandra_backend.META} (name text PRIMARY KEY, "
-                            "schema_version int)", timeout=60)
-            session.execute(f"INSERT INTO {ks}.{cassandra_backend.META} (name, schema_version) VALUES "
-                            f"('registry', {SCHEMA_VERSION + 1})", timeout=60)
+            session.execute(f"ALTER TABLE {ks}.{cassandra_backend.BY_ID} WITH comment = "
+                            f"'{cassandra_backend.SCHEMA_COMMENT.format(SCHEMA_VERSION + 1)}'", timeout=60)
     finally:
         cluster.shutdown()
 

@@ -1,7 +1,7 @@
 """The registry interface shared by the SQLite and Cassandra backends, and its versioning rule.
 
-Versioning: the registry carries `SCHEMA_VERSION` (SQLite `PRAGMA user_version`, Cassandra a row
-of the keyspace's `registry_meta` table). A backend opening a registry written by an older version
+Versioning: the registry carries `SCHEMA_VERSION` (SQLite `PRAGMA user_version`, Cassandra the
+comment of its tables). A backend opening a registry written by an older version
 adds the project's own missing columns in place (`ALTER TABLE ... ADD`) and stamps the version;
 rows written before a column existed read as the field's default (`Service.from_row`). A registry
 stamped with a newer version than this code knows is refused (RegistryMisconfigured, exit 78):

@@ -70,7 +70,9 @@ log = logging.getLogger(__name__)
 
 BY_ROLE = "services_by_role"
 BY_ID = "services_by_id"
-META = "registry_meta"  # one row: the schema version this keyspace was last brought up to
+# The schema version lives in each table's comment: schema metadata, agreed between nodes like the
+# tables themselves (a separate table of our own, created by many wrappers at once, raced: "Unknown CF").
+SCHEMA_COMMENT = "salvus-jobs registry schema {}"
 # Column order is Service's field order; CQL types as the driver's metadata reports them.
 COLUMNS: dict[str, str] = {
     "role": "text", "service_id": "text", "host": "text", "port": "int", "hypervisor": "text",
@@ -105,7 +107,13 @@ def _table_ddl(keyspace: str, table: str) -> str:
     return (f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} ({cols}, PRIMARY KEY {key}) WITH "
             f"gc_grace_seconds = {GC_GRACE_SECONDS} AND compaction = {{'class': "
             f"'TimeWindowCompactionStrategy', 'compaction_window_unit': 'MINUTES', "
-            f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}}")
+            f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}} AND comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
+
+
+def comment_version(comment: str | None) -> int:
+    """The schema version a table's comment records; 0 for a table from before versioning."""
+    m = re.fullmatch(SCHEMA_COMMENT.format(r"(\d+)"), comment or "")
+    return int(m.group(1)) if m else 0
 
 
 MISSING = "table missing"
@@ -327,22 +335,22 @@ class CassandraRegistry(Registry):
         return version
 
     def _stamp_schema(self, version: int) -> None:
-        """Records SCHEMA_VERSION once the keyspace is known to serve our consistency level (the
-        write would fail as unavailable on a keyspace that cannot, hiding the real refusal)."""
-        if version < SCHEMA_VERSION:
-            self._ddl(f"CREATE TABLE IF NOT EXISTS {self.keyspace}.{META} (name text PRIMARY KEY, "
-                      f"schema_version int)")
-            self._prepare_settled(f"SELECT name FROM {self.keyspace}.{META}")  # wait for the new table
-            self._session.execute(f"INSERT INTO {self.keyspace}.{META} (name, schema_version) "
-                                  f"VALUES ('registry', {SCHEMA_VERSION})", timeout=DDL_TIMEOUT_S)
+        """Records SCHEMA_VERSION in the comment of tables an older version made (new tables are
+        created with it), once the keyspace is known to be usable."""
+        if version >= SCHEMA_VERSION:
+            return
+        for table in (BY_ROLE, BY_ID):
+            meta = self._table_meta(table)
+            if meta is None or comment_version(meta.options.get("comment")) < SCHEMA_VERSION:
+                self._ddl(f"ALTER TABLE {self.keyspace}.{table} WITH comment = "
+                          f"'{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
 
     def _schema_version(self) -> int:
-        """The version recorded in the keyspace; 0 when none is (new, or made before versioning)."""
-        if self._table_meta(META) is None:
-            return 0
-        row = self._session.execute(f"SELECT schema_version FROM {self.keyspace}.{META} WHERE name = 'registry'",
-                                    timeout=DDL_TIMEOUT_S).one()
-        return int(row[0]) if row and row[0] is not None else 0
+        """The newest version the keyspace's tables record; 0 when none do (new, or from before
+        versioning)."""
+        ks = self._cluster.metadata.keyspaces.get(self.keyspace)
+        tables = [ks.tables[t] for t in (BY_ROLE, BY_ID) if ks is not None and t in ks.tables]
+        return max((comment_version(t.options.get("comment")) for t in tables), default=0)
 
     def _add_missing_columns(self, table: str) -> None:
         """ALTER TABLE ... ADD for our columns an older version's table lacks, only when what is
