@@ -1,7 +1,9 @@
 """Slurm: sbatch scripts; `sbatch` / `squeue` / `scancel` / `scontrol`.
 
 Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name` finds every role's jobs; a stable
-service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment.
+service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment, and so does
+the submission's token (`salvus:SERVICE_ID:TOKEN`), by which a job whose id we never read is
+adopted (Backend.adopt).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class SlurmBackend(ScriptBackend):
     directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
                        "host": "--nodelist={}"}
     job_id_expr = "${SLURM_JOB_ID}"
+    tokens = True
 
     def directives(self, role: str, service_id: str | None) -> list[str]:
         lines = super().directives(role, service_id)
@@ -49,9 +52,9 @@ class SlurmBackend(ScriptBackend):
         return lines
 
     # --- submit / list / cancel ----------------------------------------------------------------
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
         export = f"--export=ALL,SALVUS_SERVICE_ID={service_id}" if service_id else "--export=ALL"
-        r = self.run("sbatch", "--parsable", export, f"--comment=salvus:{service_id or ''}",
+        r = self.run("sbatch", "--parsable", export, f"--comment=salvus:{service_id or ''}:{token}",
                      input=self.render(role, service_id), env=self.job_env())
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
@@ -115,6 +118,7 @@ def parse_squeue(out: str, backend: SlurmBackend) -> list[Job]:
             ours = "held"
         if ours == "held":
             hold_reason = reason if reason not in ("None", "") else base_state
-        sid = comment[len("salvus:"):] if comment.startswith("salvus:") and len(comment) > 7 else f"{role}-{job_id}"
-        jobs.append(Job(job_id, role, ours, sid, parse_submit_time(submitted), hold_reason, backend.name))
+        sid, _, token = comment[len("salvus:"):].partition(":") if comment.startswith("salvus:") else ("", "", "")
+        jobs.append(Job(job_id, role, ours, sid or f"{role}-{job_id}", parse_submit_time(submitted),
+                        hold_reason, backend.name, token))
     return jobs
