@@ -161,6 +161,9 @@ class SchedulerSpec:
                "local": "the local backend runs jobs on this machine"}
         if self.login is not None and self.backend not in LOGIN_BACKENDS:
             raise ValueError(f"login is not supported with backend {self.backend!r} ({why[self.backend]})")
+        if self.login is not None and not self.wrapper:
+            # The default (the one installed beside this Python) is a path on the workstation.
+            raise ValueError("login needs 'wrapper': the path of salvus-vmjob on the execute nodes")
         return self
 
 

@@ -197,6 +197,16 @@ class SshConnection:
         except (OSError, paramiko.SSHException, EOFError) as e:
             raise SshUnavailable(f"{self.target}: cannot upload {path}: {e or type(e).__name__}") from None
 
+    def make_dirs(self, path: str) -> None:
+        """`mkdir -p path` on the host, by SFTP."""
+        try:
+            with self.transport().open_sftp_client() as sftp:
+                self._makedirs(sftp, path)
+        except PermissionError as e:
+            raise LoginRefused(f"{self.target}: cannot make {path}: {e}") from None
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise SshUnavailable(f"{self.target}: cannot make {path}: {e or type(e).__name__}") from None
+
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, d: str) -> None:
         missing = []

@@ -217,7 +217,7 @@ class Backend(abc.ABC):
     def prepare_submit(self, role: str) -> None:
         """Checks and directories a submission needs once, before its first job."""
         self.role(role)
-        self.log_dir().mkdir(parents=True, exist_ok=True)
+        self.runner.make_dirs(self.log_dir())  # where the jobs run: on the login node's side
 
     def new_job(self, role: str, service_id: str | None, job_id: str) -> Job:
         return Job(job_id, role, "queued", service_id or self.default_service_id(role, job_id),

@@ -72,6 +72,10 @@ class CommandRunner:
         """Writes a file a command will read (a PBS job script), where the commands run."""
         write_atomic(path, text.encode(), mode)
 
+    def make_dirs(self, path: Path) -> None:
+        """Makes a directory the scheduler's jobs write into (their logs), where the commands run."""
+        path.mkdir(parents=True, exist_ok=True)
+
     def check(self, argv: list[str], input: str | None = None, *, scheduler: str,
               unreachable_hints: tuple[str, ...] = (), env: dict[str, str] | None = None,
               timeout: float | None = None) -> CommandResult:
@@ -129,6 +133,9 @@ class SshRunner(CommandRunner):
     def write_file(self, path: Path, text: str, mode: int = 0o644) -> None:
         """Uploads the file by SFTP to the same path on the login node (the cluster's store)."""
         self.connection.put(str(path), text.encode(), mode)
+
+    def make_dirs(self, path: Path) -> None:
+        self.connection.make_dirs(str(path))
 
     def close(self) -> None:
         if self._conn is not None:

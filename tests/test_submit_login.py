@@ -21,13 +21,17 @@ from submit.slurm import SlurmBackend, parse_squeue
 from tests.fixtures._daemons import free_port
 from tests.fixtures.sshd import keygen
 from tests.polling import wait_for
+from tests.test_submit_slurm import live, logs_of
 from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
+
+
+VMJOB = Path(sys.executable).parent / "salvus-vmjob"  # as the login node's jobs find it
 
 
 def login_yaml(server, **over) -> str:
     fields = {"host": "127.0.0.1", "user": "root", "port": server.port,
               "key_file": str(server.client_key), "known_hosts": str(server.known_hosts), **over}
-    return ", login: " + json.dumps(fields)
+    return f", wrapper: {VMJOB}, login: " + json.dumps(fields)
 
 
 def login_spec(tmp_path: Path, demo_image, server, slurm_conf: str | None = None,
@@ -35,9 +39,15 @@ def login_spec(tmp_path: Path, demo_image, server, slurm_conf: str | None = None
     """A slurm spec submitting through `server`; by default its jobs cannot start for an hour (the
     queue holds them pending: no VM boots)."""
     if slurm_conf:
-        over.setdefault("env", {"SLURM_CONF": slurm_conf})
+        over.setdefault("env", {"SLURM_CONF": slurm_conf, **login_node_python()})
     extra = f', extra_directives: ["{directives}"]' if directives else ""
     return scheduler_spec(tmp_path, demo_image, "slurm", extra + login_yaml(server, **over))
+
+
+def login_node_python() -> dict[str, str]:
+    """The login node (and the jobs it submits, by sbatch --export=ALL) runs the code under test,
+    as a cluster runs the release its workstations have: the same PYTHONPATH as these tests."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
 def runner_of(tmp_path: Path, server, **over) -> SshRunner:
@@ -97,12 +107,20 @@ def test_login_with_drmaa_or_condor_is_refused_in_one_line(tmp_path):
     for backend, why in (("drmaa", "DRMAA needs its library on the submitting host"),
                          ("condor", "scheduler.schedd")):
         spec = tmp_path / f"{backend}.yaml"
-        spec.write_text(f"scheduler: {{backend: {backend}, login: {{host: login.example}}}}\n"
+        spec.write_text(f"scheduler: {{backend: {backend}, wrapper: /x, login: {{host: login.example}}}}\n"
                         "roles: {sage: {image: demo@1, port: 8080}}\n")
         with pytest.raises(SpecError) as e:
             load_spec(spec)
         assert "scheduler.login" in str(e.value) or "scheduler" in str(e.value)
         assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_login_needs_the_wrapper_path_on_the_cluster(tmp_path):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("scheduler: {backend: slurm, login: {host: login.example}}\n"
+                    "roles: {sage: {image: demo@1, port: 8080}}\n")
+    with pytest.raises(SpecError, match="salvus-vmjob on the execute nodes"):
+        load_spec(spec)
 
 
 def test_squeue_comment_carries_service_id_and_token(tmp_path):
@@ -117,16 +135,17 @@ def test_squeue_comment_carries_service_id_and_token(tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.vm
 def test_scale_status_stop_from_a_workstation_one_connection_each(tmp_path, demo_image, sshd_server,
                                                                   slurm_cluster, stop_everything_after, cli):
-    spec = login_spec(tmp_path, demo_image, sshd_server, slurm_conf=str(slurm_cluster.conf))
+    spec = login_spec(tmp_path, demo_image, sshd_server, slurm_conf=str(slurm_cluster.conf), directives="")
     stop_everything_after(spec)
     # The workstation has no Slurm configuration: only the login node's environment names it.
     env = {"SLURM_CONF": "/nonexistent/slurm.conf"}
 
     def run(*argv: str, connections: int = 1) -> subprocess.CompletedProcess:
         before = sshd_server.connections()
-        r = cli("--spec", str(spec), *argv, env=env)
+        r = cli("--spec", str(spec), *argv, env=env, timeout=150)
         assert r.returncode == 0, r.stderr
         assert sshd_server.connections() - before == connections, \
             f"{argv}: {sshd_server.log.read_text()[-2000:]}"
@@ -134,15 +153,21 @@ def test_scale_status_stop_from_a_workstation_one_connection_each(tmp_path, demo
 
     r = run("scale", "sage=2")
     assert r.stdout.count("submitted slurm job") == 2, r.stdout
+    # The jobs Slurm started from the login node's submission boot and register their VMs.
+    try:
+        wait_for(lambda: len(live(spec, "sage")) == 2, 240, "2 sage registered")
+    except AssertionError:
+        raise AssertionError(logs_of(spec)) from None
     st = json.loads(run("status", "--json").stdout)
-    assert st["roles"]["sage"]["queued"] == 2
-    jobs = [j["job_id"] for j in st["jobs"]]
+    assert st["roles"]["sage"]["running"] == 2 and st["roles"]["sage"]["registered"] == 2, st
+    jobs = sorted(j["job_id"] for j in st["jobs"])
     assert "nothing to do" in run("scale", "sage=2").stdout
     assert run("render", "sage", connections=0).stdout.startswith("#!")  # runs nothing
     r = run("stop", "--all")
-    assert f"stopped 2 job(s): {' '.join(jobs)}" in r.stdout or set(r.stdout.split()[-2:]) == set(jobs), r.stdout
+    assert sorted(r.stdout.split(":", 1)[1].split()) == jobs, r.stdout
+    assert live(spec, "sage") == {}
     states = slurm_cluster.run("squeue", "-h", "-t", "all", "-j", ",".join(jobs), "-o", "%T").stdout.split()
-    assert set(states) <= {"CANCELLED"}, states
+    assert set(states) <= {"CANCELLED", "COMPLETED"}, states
 
 
 @pytest.mark.slurm
@@ -160,7 +185,8 @@ echo "$out"
 """)
     (shim / "sbatch").chmod(0o755)
     spec = login_spec(tmp_path, demo_image, sshd_server, directives="",
-                      env={"SLURM_CONF": str(slurm_cluster.conf), "PATH": f"{shim}:/usr/bin:/bin"})
+                      env={"SLURM_CONF": str(slurm_cluster.conf), "PATH": f"{shim}:/usr/bin:/bin",
+                           **login_node_python()})
     stop_everything_after(spec)
     exe = Path(sys.executable).parent / "salvus_jobs"
     proc = subprocess.Popen([str(exe), "--spec", str(spec), "scale", "sage=1"], stdout=subprocess.PIPE,
