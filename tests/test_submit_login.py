@@ -19,6 +19,7 @@ from submit import open_backend
 from submit.runner import SshRunner
 from submit.slurm import SlurmBackend, parse_squeue
 from tests.fixtures._daemons import free_port
+from tests.test_submit_slurm import TORQUE_BIN
 from tests.fixtures.sshd import keygen
 from tests.polling import wait_for
 from tests.test_submit_slurm import live, logs_of
@@ -213,3 +214,26 @@ echo "$out"
     listed = slurm_cluster.run("squeue", "-h", "-t", "all", "-n", backend.job_name("sage"), "-o", "%i").stdout.split()
     assert listed == [job_id]
     assert not list(Store.of(load_spec(spec)).runtime.pending_dir("slurm").glob("*.json"))
+
+
+@pytest.mark.slurm
+def test_pbs_script_goes_up_by_sftp_and_qsub_runs_on_the_login_node(tmp_path, demo_image, sshd_server,
+                                                                    slurm_cluster, stop_everything_after, cli):
+    spec = scheduler_spec(tmp_path, demo_image, "pbs", f', bin_dir: {TORQUE_BIN}, extra_directives: ["-h"]'
+                          + login_yaml(sshd_server, env={"SLURM_CONF": str(slurm_cluster.conf),
+                                                         **login_node_python()}))
+    stop_everything_after(spec)
+    # Slurm's qstat wrapper fails (exit 153) on an empty queue: keep one foreign job in it.
+    other = slurm_cluster.run("sbatch", "--parsable", "--hold", "-J", "placeholder", "--wrap", "true").stdout.strip()
+    try:
+        before = sshd_server.connections()
+        r = cli("--spec", str(spec), "scale", "sage=1", env={"SLURM_CONF": "/nonexistent"})
+        assert r.returncode == 0, r.stderr
+        assert sshd_server.connections() - before == 1
+        scripts = list(Store.of(load_spec(spec)).runtime.scripts_dir.iterdir())
+        assert [p.suffix for p in scripts] == [".pbs"] and scripts[0].stat().st_mode & 0o777 == 0o755
+        st = json.loads(cli("--spec", str(spec), "status", "--json", env={"SLURM_CONF": "/nonexistent"}).stdout)
+        assert st["roles"]["sage"]["held"] + st["roles"]["sage"]["queued"] == 1, st
+        assert cli("--spec", str(spec), "stop", "--all", env={"SLURM_CONF": "/nonexistent"}).returncode == 0
+    finally:
+        slurm_cluster.run("scancel", other)
