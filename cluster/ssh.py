@@ -137,10 +137,11 @@ class SshConnection:
         log.debug("ssh: connected to %s", self.target)
         return client
 
-    def exec(self, command: str, input: str | None = None, timeout: float = 60.0) -> ExecResult:
+    def exec(self, command: str, input: str | None = None, timeout: float = 60.0,
+             what: str = "a command") -> ExecResult:
         """Runs `command` (one shell command line, already quoted) on a new channel; a channel
-        that closes without an exit status (connection dropped) is `SshUnavailable`."""
-        what = command.rsplit("\n", 1)[-1][:80]
+        that closes without an exit status (connection dropped) is `SshUnavailable`. `what` names
+        the command in errors (never the command line, which may carry settings)."""
         try:
             chan = self.transport().open_session(timeout=self.connect_timeout)
         except (OSError, paramiko.SSHException, EOFError) as e:

@@ -112,8 +112,11 @@ class SshRunner(CommandRunner):
         return self._conn
 
     def command_line(self, argv: list[str], env: dict[str, str] | None = None) -> str:
-        """The remote shell's command: exports, the profile, then `exec` the quoted argv."""
-        exports = {**self.login.env, **self.env, **(env or {})}
+        """The remote shell's command: exports, the profile, then `exec` the quoted argv. A
+        variable the command is given with this process's own value (PATH, HOME, ... passed on to
+        a job) is this machine's environment, not a setting: on the login node its own stands."""
+        given = {**self.env, **(env or {})}
+        exports = {**self.login.env, **{k: v for k, v in given.items() if os.environ.get(k) != v}}
         lines = [f"export {k}={shlex.quote(v)}" for k, v in exports.items()]
         if self.login.profile:
             lines.append(self.login.profile)
@@ -124,7 +127,7 @@ class SshRunner(CommandRunner):
             timeout: float | None = None) -> CommandResult:
         argv = [self.program(argv[0]), *argv[1:]]
         timeout = self.timeout if timeout is None else timeout
-        r = self.connection.exec(self.command_line(argv, env), input, timeout)
+        r = self.connection.exec(self.command_line(argv, env), input, timeout, what=Path(argv[0]).name)
         if r.returncode == 127 and "not found" in r.stderr:
             raise SchedulerUnavailable(f"{argv[0]}: command not found on {self.connection.target} "
                                        f"(set login.profile or scheduler.bin_dir): {last_line(r.stderr)}")

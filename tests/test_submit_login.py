@@ -73,6 +73,14 @@ def test_commands_and_files_go_over_one_connection_with_the_login_environment(tm
     assert sshd_server.connections() - before == 1
 
 
+def test_this_machines_own_environment_is_not_forced_on_the_login_node(tmp_path, sshd_server, monkeypatch):
+    monkeypatch.setenv("SALVUS_TEST_WORKSTATION", "mine")
+    runner = runner_of(tmp_path, sshd_server)
+    show = ["sh", "-c", 'printf "%s" "${SALVUS_TEST_WORKSTATION-unset}"']
+    assert runner.run(show, env={"SALVUS_TEST_WORKSTATION": "mine"}).stdout == "unset"
+    assert runner.run(show, env={"SALVUS_TEST_WORKSTATION": "set"}).stdout == "set"
+
+
 def test_unknown_or_changed_host_key_is_refused_naming_its_fingerprint(tmp_path, sshd_server):
     fp = sshd_server.fingerprint()
     empty = tmp_path / "empty_known_hosts"
