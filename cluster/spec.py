@@ -170,6 +170,35 @@ class RoleSpec:
         return split_image_ref(self.image)[1]
 
 
+# A host name or address for the login node: no spaces, no leading '-' (never an ssh option).
+HostName = full_match(r"[A-Za-z0-9_.:\[\]-]+", "a host name or address", 253)
+UserName = full_match(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", "a user name ([A-Za-z_][A-Za-z0-9_.-]*)")
+EnvName = full_match(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")
+
+
+@dataclass(config=STRICT)
+class LoginSpec:
+    """The cluster's login node: submit from a workstation, with every scheduler client command
+    run there over one SSH connection (`cluster/ssh.py`). Host keys come only from `known_hosts`."""
+
+    host: HostName
+    user: Optional[UserName] = None  # default: this user's name
+    port: Port = 22
+    # The private key (default: ssh-agent, then ~/.ssh/id_*); an encrypted key needs the agent.
+    key_file: Optional[SingleLine] = None
+    known_hosts: SingleLine = "~/.ssh/known_hosts"
+    # Set before every command on the login node (e.g. SLURM_CONF): no secrets here, the remote
+    # shell's command line carries them.
+    env: dict[EnvName, SingleLine] = dataclasses.field(default_factory=dict)
+    # One shell line run before every command, e.g. "module load slurm" or ". /etc/profile".
+    profile: Optional[SingleLine] = None
+    connect_timeout: Seconds = 15
+
+
+# Backends that run client commands through `submit/runner.py`, so a login node can run them.
+LOGIN_BACKENDS = ("slurm", "pbs")
+
+
 @dataclass(config=STRICT)
 class SchedulerSpec:
     """Every string here reaches a job script, a directive, a submit description or a scheduler
@@ -198,6 +227,21 @@ class SchedulerSpec:
     bin_dir: Optional[SingleLine] = None
     # DRMAA: the scheduler's libdrmaa (default $DRMAA_LIBRARY_PATH, else Grid Engine's on Debian).
     drmaa_library: Optional[SingleLine] = None
+    # Submit from this machine through the cluster's login node (slurm, pbs).
+    login: Optional[LoginSpec] = None
+
+    @model_validator(mode="after")
+    def _login_backend(self) -> "SchedulerSpec":
+        why = {"drmaa": "DRMAA needs its library on the submitting host: run salvus_jobs on the login node",
+               "condor": "HTCondor is driven by its Python bindings: name the cluster's schedd with "
+                         "scheduler.schedd and scheduler.collector instead",
+               "local": "the local backend runs jobs on this machine"}
+        if self.login is not None and self.backend not in LOGIN_BACKENDS:
+            raise ValueError(f"login is not supported with backend {self.backend!r} ({why[self.backend]})")
+        if self.login is not None and not self.wrapper:
+            # The default (the one installed beside this Python) is a path on the workstation.
+            raise ValueError("login needs 'wrapper': the path of salvus-vmjob on the execute nodes")
+        return self
 
 
 @dataclass(config=STRICT)
@@ -427,6 +471,11 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
             tls.cert_file, tls.key_file = _abs(base, tls.cert_file), _abs(base, tls.key_file)
     spec.hypervisor.domain_template = _abs(base, spec.hypervisor.domain_template)
     spec.scheduler.log_dir = _abs(base, spec.scheduler.log_dir)
+    if spec.scheduler.login:
+        # This machine's files, unlike the paths the login node sees (store, log_dir, wrapper).
+        login = spec.scheduler.login
+        login.key_file = _abs(base, login.key_file)
+        login.known_hosts = _abs(base, login.known_hosts) or login.known_hosts
     spec.catalogue.trust.keys = [_abs(base, k) or k for k in spec.catalogue.trust.keys]
     for role in spec.roles.values():
         role.image_path = _abs(base, role.image_path)

@@ -21,6 +21,7 @@ state/ (runtime: what is running here; job users write it; safe to lose when not
 state/jobs/SERVICE_ID.json          a running wrapper's status (`cluster.jobstatus`)
 state/local-jobs/JOB_ID.*           the local executor's job records
 state/submitted/BACKEND/JOB_ID.json the ledger of jobs `scale` submitted
+state/submitted/BACKEND/pending/TOKEN.json  a submission under way (its job id not read yet)
 state/scripts/                      rendered job scripts (PBS)
 state/desired.json, scale.lock      the counts `scale` last asked for; one `scale` at a time
 state/registry.sqlite               the SQLite registry (unless registry.sqlite names a file)
@@ -103,6 +104,10 @@ class RuntimePaths:
 
     def submitted_dir(self, backend: str) -> Path:
         return self.dir / "submitted" / backend
+
+    def pending_dir(self, backend: str) -> Path:
+        """Submissions recorded before the scheduler heard of them, by their token."""
+        return self.submitted_dir(backend) / "pending"
 
     @property
     def scripts_dir(self) -> Path:

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -27,7 +28,7 @@ from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
 from cluster.yamlmodel import is_service_id
-from submit.runner import CommandResult, CommandRunner
+from submit.runner import CommandResult, CommandRunner, runner_for
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Job:
     submitted: float  # epoch seconds
     hold_reason: str = ""
     backend: str = ""
+    token: str = ""  # the submission's token, when the scheduler shows it (see Ledger.intend)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,6 +136,7 @@ class Ledger:
 
     def __init__(self, spec: ClusterSpec, backend: str) -> None:
         self.dir = Store.of(spec).runtime.submitted_dir(backend)
+        self.pending = Store.of(spec).runtime.pending_dir(backend)
 
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id.replace('/', '_')}.json"
@@ -143,6 +146,29 @@ class Ledger:
 
     def forget(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
+
+    def intend(self, role: str, service_id: str | None) -> str:
+        """Records a submission before it is made and returns its token: if the connection drops
+        after the scheduler accepted the job but before we read its id, the next listing finds
+        the job by this token (`Backend.adopt`) instead of a second one being submitted."""
+        token = uuid.uuid4().hex[:16]
+        write_atomic_text(self.pending / f"{token}.json",
+                          json.dumps({"token": token, "role": role, "service_id": service_id,
+                                      "submitted": time.time()}), STATE_MODE)
+        return token
+
+    def intents(self) -> list[dict]:
+        out = []
+        for p in sorted(self.pending.glob("*.json")) if self.pending.is_dir() else []:
+            try:
+                d = json.loads(p.read_text())
+                out.append({"token": str(d["token"]), "role": str(d["role"]), "service_id": d.get("service_id")})
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("ignoring unreadable pending submission %s", p)
+        return out
+
+    def settle(self, token: str) -> None:
+        (self.pending / f"{token}.json").unlink(missing_ok=True)
 
     def jobs(self) -> list[Job]:
         out: list[Job] = []
@@ -162,10 +188,12 @@ class Backend(abc.ABC):
     name: str = ""
     # Phrases in a client's error output that mean the scheduler's daemon could not be reached.
     unreachable_hints: tuple[str, ...] = ()
+    # The scheduler shows a submission's token in its listing (Job.token): submit_one takes one.
+    tokens: bool = False
 
     def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
         self.spec = spec
-        self.runner = runner or CommandRunner.for_spec(spec)
+        self.runner = runner or runner_for(spec, self.name)
         self.ledger = Ledger(spec, self.name)
 
     # --- what a backend implements -------------------------------------------------------------
@@ -175,7 +203,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def submit_one(self, role: str, service_id: str | None) -> str:
-        """Queues one job of `role` (its stable service id, or None: ROLE-JOBID); returns its job id."""
+        """Queues one job of `role` (its stable service id, or None: ROLE-JOBID); returns its job id.
+        A backend with `tokens` takes a third argument, the token the job must carry."""
 
     @abc.abstractmethod
     def list(self, role: str | None = None) -> list[Job]:
@@ -191,8 +220,17 @@ class Backend(abc.ABC):
         self.prepare_submit(role)
         jobs = []
         for sid in self.stable_service_ids(role, n):
-            job = self.new_job(role, sid, self.submit_one(role, sid))
+            if self.tokens:
+                # A failure leaves the intent: whether the scheduler took the job is for the
+                # next listing to say (adopt).
+                token = self.ledger.intend(role, sid)
+                job = self.new_job(role, sid, self.submit_one(role, sid, token))
+                job.token = token
+            else:
+                job = self.new_job(role, sid, self.submit_one(role, sid))
             self.record(job)  # at once: a failure on the next one never resubmits this one
+            if job.token:
+                self.ledger.settle(job.token)
             log.info("%s job %s: %s %s", self.name, job.job_id, role, job.service_id)
             jobs.append(job)
         return jobs
@@ -200,7 +238,7 @@ class Backend(abc.ABC):
     def prepare_submit(self, role: str) -> None:
         """Checks and directories a submission needs once, before its first job."""
         self.role(role)
-        self.log_dir().mkdir(parents=True, exist_ok=True)
+        self.runner.make_dirs(self.log_dir())  # where the jobs run: on the login node's side
 
     def new_job(self, role: str, service_id: str | None, job_id: str) -> Job:
         return Job(job_id, role, "queued", service_id or self.default_service_id(role, job_id),
@@ -212,6 +250,28 @@ class Backend(abc.ABC):
 
     def record(self, job: Job) -> None:
         self.ledger.add(job)
+
+    def adopt(self, listed: list[Job], forget_unmatched: bool = False) -> list[Job]:
+        """Records the jobs of submissions whose id we never read (the connection dropped after
+        the scheduler took them), found in `listed` by their token; returns them. With
+        `forget_unmatched` (under the scale lock), a submission the queue does not show never
+        reached the scheduler (or has long gone) and is forgotten."""
+        by_token = {j.token: j for j in listed if j.token}
+        adopted = []
+        for intent in self.ledger.intents():
+            job = by_token.get(intent["token"])
+            if job is not None:
+                log.info("%s job %s: adopted (%s %s, submitted while the connection dropped)",
+                         self.name, job.job_id, job.role, job.service_id)
+                self.record(job)
+                adopted.append(job)
+            elif forget_unmatched:
+                log.warning("%s: a submission of %s (token %s) is not in the queue: it never reached "
+                            "the scheduler or has long gone", self.name, intent["role"], intent["token"])
+            else:
+                continue
+            self.ledger.settle(intent["token"])
+        return adopted
 
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""

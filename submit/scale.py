@@ -125,6 +125,7 @@ def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | No
         if n < 0:
             raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
     queue = backend.list()
+    backend.adopt(queue, forget_unmatched=True)  # before reading our records: they count as ours
     services = live_services(spec)
     recorded = backend.recorded_ids()
     plans = []
@@ -242,7 +243,9 @@ def job_endpoint(spec: ClusterSpec, job: Job, services: dict[str, Service]) -> s
 def status_report(spec: ClusterSpec) -> dict:
     """Per role desired/queued/running/held/stopping/registered, and every job with its endpoint."""
     backend = open_backend(spec)
-    jobs = [j for j in backend.list() if j.state not in ("done",)]
+    listed = backend.list()
+    backend.adopt(listed)  # unmatched submissions are left to `scale`, which holds the lock
+    jobs = [j for j in listed if j.state not in ("done",)]
     services = {s.service_id: s for s in live_services(spec)}
     desired = read_desired(spec)
     now = time.time()

@@ -1,7 +1,9 @@
 """Slurm: sbatch scripts; `sbatch` / `squeue` / `scancel` / `scontrol`.
 
 Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name` finds every role's jobs; a stable
-service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment.
+service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment, and so does
+the submission's token (`salvus:SERVICE_ID:TOKEN`), by which a job whose id we never read is
+adopted (Backend.adopt).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class SlurmBackend(ScriptBackend):
     directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
                        "host": "--nodelist={}"}
     job_id_expr = "${SLURM_JOB_ID}"
+    tokens = True
 
     def format_walltime(self, seconds: int) -> str:
         days, rest = divmod(seconds, 86400)
@@ -53,12 +56,12 @@ class SlurmBackend(ScriptBackend):
         return lines
 
     # --- submit / list / cancel ----------------------------------------------------------------
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
         # Names only: sbatch passes their values from its own environment (no value on the command
         # line, none split at a comma), and nothing else of ours; Slurm adds its SLURM_* itself.
         env = self.job_env(service_id)
         r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
-                     f"--comment=salvus:{service_id or ''}", input=self.render(role, service_id), env=env)
+                     f"--comment=salvus:{service_id or ''}:{token}", input=self.render(role, service_id), env=env)
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
             raise SchedulerError(f"sbatch: expected a job id, got {last_line(r.stdout)!r}")
@@ -121,6 +124,7 @@ def parse_squeue(out: str, backend: SlurmBackend) -> list[Job]:
             ours = "held"
         if ours == "held":
             hold_reason = reason if reason not in ("None", "") else base_state
-        sid = comment[len("salvus:"):] if comment.startswith("salvus:") and len(comment) > 7 else f"{role}-{job_id}"
-        jobs.append(Job(job_id, role, ours, sid, parse_submit_time(submitted), hold_reason, backend.name))
+        sid, _, token = comment[len("salvus:"):].partition(":") if comment.startswith("salvus:") else ("", "", "")
+        jobs.append(Job(job_id, role, ours, sid or f"{role}-{job_id}", parse_submit_time(submitted),
+                        hold_reason, backend.name, token))
     return jobs

@@ -1,8 +1,10 @@
-# Slurm 22.05 (controller, node daemon, munge) and its PBS-compatible qsub/qstat/qdel wrappers.
+# Slurm 22.05 (controller, node daemon, munge) and its PBS-compatible qsub/qstat/qdel wrappers,
+# and OpenSSH's server: the tests' login node in front of this cluster (scheduler.login).
 # Nothing is started or enabled here: the test fixtures run the daemons with private configs.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-apt_install munge slurm-wlm slurmctld slurmd slurm-client libslurm-perl libslurmdb-perl libswitch-perl
+apt_install munge slurm-wlm slurmctld slurmd slurm-client libslurm-perl libslurmdb-perl libswitch-perl \
+  openssh-server
 # The packaged PBS wrappers (slurm-wlm-torque) conflict with gridengine-client over /usr/bin/qsub,
 # and the tests need both schedulers' clients; so the wrappers are unpacked beside, not installed.
 # A PBS site using them sets `scheduler.bin_dir: /opt/salvus/slurm-torque/bin`.
