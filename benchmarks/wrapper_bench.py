@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.registry import open_registry  # noqa: E402
 from cluster.spec import ClusterSpec, load_spec  # noqa: E402
+from catalogue.imagefile import open_image  # noqa: E402
 from jobwrappers.accel import Accel, choose_accel  # noqa: E402
 from jobwrappers.configdrive import GuestConfig, build_config_drive  # noqa: E402
 from jobwrappers.demo_image import DemoImage, build_demo_image  # noqa: E402
@@ -61,10 +62,11 @@ def plain_boot(work: Path, image: DemoImage, spec: ClusterSpec, accel: Accel, n:
     """Starts one plain QEMU guest of the same image and role config, as one would by hand."""
     role = spec.roles["sage"]
     d = Path(tempfile.mkdtemp(prefix=f"plain{n}-", dir=work))
-    overlay = create_overlay(image.disk, d / "root.qcow2")
+    base = open_image(image.disk, "qcow2", None)  # stays open while the guest runs: QEMU reads it
+    overlay = create_overlay(base, d / "root.qcow2")
     drive = build_config_drive(d / "cidata.iso", GuestConfig(f"plain-{n}", "sage", f"plain-{n}", role.port, f"p{n}"))
     m = Machine(name=f"plain-{n}", vcpus=1, memory_mb=role.memory_mb, accel=accel,
-                disks=[Disk(overlay, "qcow2"), Disk(drive, "raw", readonly=True)], guest_port=role.port,
+                disks=[Disk(overlay, "qcow2", backing=base), Disk(drive, "raw", readonly=True)], guest_port=role.port,
                 host_addr="127.0.0.1", host_port=free_port(), channel_path=d / "ch.sock",
                 console_log=d / "console.log", workdir=d, kernel=image.kernel, initrd=image.initrd,
                 cmdline=role.boot.cmdline)
