@@ -79,14 +79,17 @@ def env_file(cfg: GuestConfig) -> str:
 def agent_bootcmd(cfg: GuestConfig) -> str:
     """One `bootcmd` entry: writes the agent and its settings (base64, so nothing in them meets the
     shell's quoting), then starts it as a transient systemd unit (it outlives cloud-init), or
-    detached where there is no systemd. bootcmd runs at every boot: a running agent is kept."""
+    detached where there is no systemd. bootcmd runs at every boot: a running agent is kept.
+    The unit has no default dependencies and systemd-run does not wait: cloud-init.service runs
+    before sysinit.target, which a default transient service is ordered after (a deadlock)."""
     agent = base64.b64encode(AGENT.read_bytes()).decode()
     env = base64.b64encode(env_file(cfg).encode()).decode()
     return (f"umask 077; mkdir -p /etc/salvus /usr/local/sbin"
             f" && echo {env} | base64 -d > {AGENT_ENV}"
             f" && echo {agent} | base64 -d > {AGENT_PATH} && chmod 700 {AGENT_PATH}"
             f" && if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then"
-            f" systemctl is-active -q {AGENT_UNIT} || systemd-run --unit={AGENT_UNIT} --quiet /bin/sh {AGENT_PATH};"
+            f" systemctl is-active -q {AGENT_UNIT} || systemd-run --no-block --quiet --unit={AGENT_UNIT}"
+            f" -p DefaultDependencies=no /bin/sh {AGENT_PATH};"
             f" else (setsid /bin/sh {AGENT_PATH} </dev/null >/dev/null 2>&1 &); fi")
 
 

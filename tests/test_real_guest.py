@@ -20,7 +20,9 @@ from cluster.registry import Service, open_registry
 from jobwrappers import debian_image
 from tests.polling import wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.vm]
+# ~2 min on an idle 2-core host; three times that while other suites share the cores.
+BOOT_TIMEOUT_S = 900
+pytestmark = [pytest.mark.slow, pytest.mark.vm, pytest.mark.timeout(BOOT_TIMEOUT_S + 300)]
 
 RELOAD_MARK = "/run/salvus-reloaded"
 
@@ -47,6 +49,7 @@ roles:
     vcpus: 2
     memory_mb: 1024
     port: 22
+    boot_timeout: {BOOT_TIMEOUT_S}
     probe: {{expect: "SSH-"}}
     upstreams: [peer]
     reload: "cp /etc/salvus/upstreams {RELOAD_MARK}"
@@ -56,7 +59,7 @@ roles:
 """)
     t0 = time.monotonic()
     run = run_wrapper_module(spec, "sage", "sage-real-1")
-    svc = run.registered(timeout=280)
+    svc = run.registered(timeout=BOOT_TIMEOUT_S)
     return run, svc, key, time.monotonic() - t0
 
 
