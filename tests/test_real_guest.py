@@ -50,7 +50,7 @@ roles:
     memory_mb: 1024
     port: 22
     boot_timeout: {BOOT_TIMEOUT_S}
-    probe: {{expect: "SSH-"}}
+    probe: {{expect: "SSH-", timeout: 30}}  # sshd re-execs per connection: seconds under TCG
     upstreams: [peer]
     reload: "cp /etc/salvus/upstreams {RELOAD_MARK}"
   peer:

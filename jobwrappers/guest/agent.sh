@@ -9,7 +9,6 @@
 #                  CLOUD-INIT-FINAL             /var/lib/cloud/instance/boot-finished exists
 #   host -> guest  UPSTREAMS HOST:PORT...       written atomically to /etc/salvus/upstreams, then
 #                                               $SALVUS_RELOAD (roles.R.reload) is run
-set -f  # words from the host are never globbed
 . /etc/salvus/agent.env
 
 say() { echo "salvus-agent: $*" > /dev/console 2>/dev/null; }
@@ -43,8 +42,10 @@ write_upstreams() {  # HOST:PORT...: only well-formed words, written by rename (
 }
 
 exec 3<>"$port"
+set -f  # split the words below, never glob them
 # shellcheck disable=SC2086
 write_upstreams $SALVUS_UPSTREAMS
+set +f
 
 (  # READY once the role's service listens (the host bounds the wait: boot_timeout)
   while ! listening "$SALVUS_PORT"; do nap; done
@@ -74,8 +75,10 @@ while :; do
   while read -r cmd args <&3; do
     case "$cmd" in
       UPSTREAMS)
+        set -f  # words from the host are split, never globbed
         # shellcheck disable=SC2086
         write_upstreams $args
+        set +f
         if [ -n "$SALVUS_RELOAD" ]; then
           sh -c "$SALVUS_RELOAD" </dev/null >/dev/null 2>&1 || say "reload failed: exit $?"
         fi
