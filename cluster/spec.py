@@ -154,6 +154,14 @@ class RoleSpec:
     # Roles whose registered endpoints the guest is given, and kept up to date (the hub: [sage]).
     upstreams: list[StrictStr] = dataclasses.field(default_factory=list)
     probe: ProbeSpec = dataclasses.field(default_factory=ProbeSpec)
+    # How the wrapper learns the guest is up (README "Your own images"): `agent` waits for the
+    # salvus agent's (or the demo guest's) READY on the host channel, `cloud-init-final` for the
+    # agent's CLOUD-INIT-FINAL, `probe` only polls the probe (a guess, for images with neither).
+    readiness: Literal["agent", "probe", "cloud-init-final"] = "agent"
+    # Overrides hypervisor.boot_timeout for this role (a real userland under TCG is slower).
+    boot_timeout: Optional[Seconds] = None
+    # Run by the guest agent (as root, by /bin/sh) after it wrote a new /etc/salvus/upstreams.
+    reload: Optional[SingleLine] = None
 
     @model_validator(mode="after")
     def _bridge_named(self) -> "RoleSpec":
@@ -318,7 +326,8 @@ class HypervisorSpec:
     # "auto": libvirt when a daemon answers, else plain QEMU; "never": plain QEMU; else a URI.
     libvirt: StrictStr = "auto"
     domain_template: Optional[StrictStr] = None  # site override of the libvirt domain XML
-    boot_timeout: Seconds = 180
+    # Fits a real cloud-init guest under TCG (the agent's READY at ~100-150 s); roles may override.
+    boot_timeout: Seconds = 300
     stop_timeout: Seconds = 20  # must fit the scheduler's SIGTERM -> SIGKILL window
     # Address recorded in the registry for forwarded ports; default this host's name.
     advertise_host: Optional[StrictStr] = None

@@ -1,12 +1,15 @@
 """The NoCloud config drive (ISO9660, volume label `cidata`) a guest configures itself from.
 
 `meta-data` and `user-data` are what cloud-init's NoCloud datasource reads, so a real cloud image
-picks up its hostname, SSH keys and `/etc/salvus/service.json` by itself. Two extra files serve
+picks up its hostname, SSH keys and `/etc/salvus/service.json` by itself, and installs the salvus
+guest agent (`guest/agent.sh`, POSIX sh) from `bootcmd`: cloud-init's first stage, long before
+`runcmd` (its final stage, ~150 s under TCG). Two extra files serve
 guests without cloud-init (the demo image's busybox init): `salvus.env`, shell-quoted assignments,
 and `authorized_keys`. The ISO is built with genisoimage, so no mount and no root are needed.
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -22,6 +25,10 @@ from cluster.errors import SpecError
 from cluster.yamlmodel import is_single_line
 
 LABEL = "cidata"
+AGENT = Path(__file__).with_name("guest") / "agent.sh"
+AGENT_PATH = "/usr/local/sbin/salvus-agent"
+AGENT_ENV = "/etc/salvus/agent.env"
+AGENT_UNIT = "salvus-agent"
 
 
 @dataclass
@@ -35,6 +42,7 @@ class GuestConfig:
     disks: dict[str, str] = field(default_factory=dict)  # persistent disk name -> mount point
     ssh_keys: list[str] = field(default_factory=list)
     role_config: dict[str, Any] = field(default_factory=dict)
+    reload: str = ""  # the role's reload command, run by the agent after an UPSTREAMS update
 
     def service_json(self) -> dict[str, Any]:
         return {"service_id": self.service_id, "role": self.role, "port": self.port,
@@ -49,6 +57,7 @@ class GuestConfig:
             "SALVUS_UPSTREAMS": " ".join(self.upstreams),
             "SALVUS_DISKS": " ".join(f"{n}:{m}" for n, m in self.disks.items()),
             "SALVUS_DATA": next(iter(self.disks.values()), ""),
+            "SALVUS_RELOAD": self.reload,
         }
         for key, value in self.role_config.items():
             if isinstance(value, (str, int, float, bool)) and re.fullmatch(r"[A-Za-z0-9_]+", key):
@@ -62,8 +71,31 @@ def hostname_for(service_id: str) -> str:
     return name or "salvus-guest"
 
 
+def env_file(cfg: GuestConfig) -> str:
+    """Shell-quoted assignments, sourced by the demo guest's init and by the agent."""
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in cfg.env().items())
+
+
+def agent_bootcmd(cfg: GuestConfig) -> str:
+    """One `bootcmd` entry: writes the agent and its settings (base64, so nothing in them meets the
+    shell's quoting), then starts it as a transient systemd unit (it outlives cloud-init), or
+    detached where there is no systemd. bootcmd runs at every boot: a running agent is kept.
+    The unit has no default dependencies and systemd-run does not wait: cloud-init.service runs
+    before sysinit.target, which a default transient service is ordered after (a deadlock)."""
+    agent = base64.b64encode(AGENT.read_bytes()).decode()
+    env = base64.b64encode(env_file(cfg).encode()).decode()
+    return (f"umask 077; mkdir -p /etc/salvus /usr/local/sbin"
+            f" && echo {env} | base64 -d > {AGENT_ENV}"
+            f" && echo {agent} | base64 -d > {AGENT_PATH} && chmod 700 {AGENT_PATH}"
+            f" && if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then"
+            f" systemctl is-active -q {AGENT_UNIT} || systemd-run --no-block --quiet --unit={AGENT_UNIT}"
+            f" -p DefaultDependencies=no /bin/sh {AGENT_PATH};"
+            f" else (setsid /bin/sh {AGENT_PATH} </dev/null >/dev/null 2>&1 &); fi")
+
+
 def user_data(cfg: GuestConfig) -> str:
     doc: dict[str, Any] = {
+        "bootcmd": [agent_bootcmd(cfg)],
         "hostname": cfg.hostname,
         "preserve_hostname": False,
         "write_files": [{"path": "/etc/salvus/service.json", "permissions": "0644",
@@ -89,7 +121,7 @@ def build_config_drive(dest: Path, cfg: GuestConfig) -> Path:
         "meta-data": yaml.safe_dump({"instance-id": cfg.instance_id, "local-hostname": cfg.hostname},
                                     sort_keys=False),
         "user-data": user_data(cfg),
-        "salvus.env": "".join(f"{k}={shlex.quote(v)}\n" for k, v in cfg.env().items()),
+        "salvus.env": env_file(cfg),
         "authorized_keys": authorized_keys(cfg.ssh_keys),
     }
     with tempfile.TemporaryDirectory(prefix="cidata-", dir=dest.parent) as tmp:

@@ -12,6 +12,8 @@ from typing import Callable
 
 from cluster.spec import ProbeSpec
 
+MAX_LINE = 16384  # no line of the protocol is longer (an RSA-16384 HOSTKEY is ~2.8 KiB)
+
 
 class HostChannel:
     """The host end of the guest's virtio-serial port (a unix socket QEMU listens on)."""
@@ -20,6 +22,7 @@ class HostChannel:
         self.path = path
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._skipping = False
 
     def connect(self, deadline: float, keep_going: Callable[[], bool]) -> None:
         while True:
@@ -34,9 +37,30 @@ class HostChannel:
                 raise TimeoutError(f"host channel {self.path} never appeared")
             time.sleep(0.05)
 
+    def _take_line(self) -> str | None:
+        """The next complete line in the buffer; an over-long one is dropped, never buffered whole."""
+        while True:
+            if b"\n" in self._buf:
+                line, _, self._buf = self._buf.partition(b"\n")
+                if len(line) <= MAX_LINE:
+                    return line.decode(errors="replace").strip()
+                continue
+            if len(self._buf) > MAX_LINE:
+                self._buf = b""
+                self._skipping = True
+            return None
+
+    def _receive(self, chunk: bytes) -> None:
+        if self._skipping:  # the rest of an over-long line
+            if b"\n" not in chunk:
+                return
+            chunk = chunk.partition(b"\n")[2]
+            self._skipping = False
+        self._buf += chunk
+
     def read_line(self, deadline: float, keep_going: Callable[[], bool]) -> str:
         assert self._sock is not None
-        while b"\n" not in self._buf:
+        while (line := self._take_line()) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not keep_going():
                 raise TimeoutError("no line from the guest")
@@ -47,18 +71,44 @@ class HostChannel:
                 continue
             if not chunk:
                 raise ConnectionError("host channel closed")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode(errors="replace").strip()
+            self._receive(chunk)
+        return line
 
-    def wait_ready(self, deadline: float, keep_going: Callable[[], bool]) -> str:
-        """Blocks until the guest writes `READY ...`; returns that line."""
+    def poll_lines(self) -> list[str]:
+        """The complete lines that have arrived, without waiting."""
+        if self._sock is None:
+            return []
+        self._sock.setblocking(False)
+        try:
+            while True:
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    break
+                self._receive(chunk)
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self._sock.setblocking(True)
+        lines = []
+        while (line := self._take_line()) is not None:
+            lines.append(line)
+        return lines
+
+    def wait_for(self, word: str, deadline: float, keep_going: Callable[[], bool],
+                 other: Callable[[str], None] = lambda line: None) -> str:
+        """Blocks until the guest writes a line whose first word is `word`; returns that line.
+        Lines before it go to `other` (host keys may come first)."""
         if self._sock is None:
             self.connect(deadline, keep_going)
         while True:
             line = self.read_line(deadline, keep_going)
-            if line.startswith("READY"):
+            if line.split(" ", 1)[0] == word:
                 return line
+            other(line)
+
+    def wait_ready(self, deadline: float, keep_going: Callable[[], bool]) -> str:
+        """Blocks until the guest writes `READY ...`; returns that line."""
+        return self.wait_for("READY", deadline, keep_going)
 
     def send(self, line: str) -> None:
         if self._sock is None:
@@ -98,12 +148,16 @@ def probe_once(host: str, port: int, probe: ProbeSpec) -> bytes:
 
 
 def probe_until(host: str, port: int, probe: ProbeSpec, deadline: float,
-                keep_going: Callable[[], bool]) -> bytes:
+                keep_going: Callable[[], bool], max_interval: float = 0.3) -> bytes:
+    """Probes until it answers; the pause between tries doubles from 0.3 s up to `max_interval`
+    (readiness: probe polls a guest that may take minutes without hammering its boot)."""
     last: Exception | None = None
+    pause = 0.3
     while time.monotonic() < deadline and keep_going():
         try:
             return probe_once(host, port, probe)
         except OSError as e:
             last = e
-        time.sleep(0.3)
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        pause = min(pause * 2, max_interval)
     raise TimeoutError(f"probe of {host}:{port} failed: {last or 'stopped'}")

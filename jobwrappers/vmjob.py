@@ -2,7 +2,8 @@
 
     salvus-vmjob --spec cluster.yaml --role ROLE [--service-id ID]
 
-check image -> overlay -> config drive -> boot -> READY + probe -> register -> heartbeat ->
+check image -> overlay -> config drive -> boot -> ready (the role's `readiness`: the agent's READY,
+its CLOUD-INIT-FINAL, or the probe alone) + probe -> register (with the host keys the agent reports) -> heartbeat ->
 SIGTERM -> ACPI shutdown (bounded) -> destroy -> deregister -> clean up. Exit codes are the job
 contract: 0 stopped on request, 75 transient (retry), 65 image/trust failure, 78 configuration error.
 """
@@ -32,6 +33,7 @@ from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
 from cluster.store import Store
 from jobwrappers.accel import choose_accel
+from jobwrappers.agent import CLOUD_INIT_FINAL, GuestReports
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
@@ -46,6 +48,7 @@ GUEST_HOST_ADDR = "10.0.2.2"  # how a guest on user-mode networking reaches this
 START_ATTEMPTS = 3  # a forwarded port taken between choosing it and QEMU binding it: pick another
 LIVENESS_CHECK_S = 0.5
 UPSTREAM_REFRESH_S = 2.0
+PROBE_BACKOFF_MAX_S = 5.0  # readiness: probe polls at most this far apart
 # Unix socket paths are limited to 108 bytes; deep scratch directories get a short socket dir.
 MAX_SOCKET_DIR_LEN = 80
 
@@ -72,6 +75,7 @@ class Job:
     sent_upstreams: list[str] | None = None
     upstreams_checked: float = 0.0
     here: frozenset[str] = frozenset()
+    reports: GuestReports = field(default_factory=GuestReports)
 
     def keep_going(self) -> bool:
         return not self.stop.is_set() and self.runner is not None and self.runner.alive()
@@ -150,7 +154,7 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     cfg = GuestConfig(service_id=job.service_id, role=job.role_name, hostname=hostname_for(job.service_id),
                       port=role.port, instance_id=f"{job.service_id}.{job.env.job_id}",
                       upstreams=upstreams, disks={d.name: d.mount for d in role.persistent},
-                      ssh_keys=list(spec.ssh_keys), role_config=dict(role.config))
+                      ssh_keys=list(spec.ssh_keys), role_config=dict(role.config), reload=role.reload or "")
     drive = build_config_drive(job.workdir / "cidata.iso", cfg)
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
@@ -186,23 +190,75 @@ def start_vm(job: Job, machine: Machine) -> None:
     job.endpoint = (host, machine.host_port)
 
 
+def boot_timeout(job: Job) -> float:
+    return job.role.boot_timeout if job.role.boot_timeout is not None else job.spec.hypervisor.boot_timeout
+
+
+# What each readiness mode waits for on the host channel, and what its absence suggests.
+AWAITED = {
+    "agent": ("READY", "no READY on the host channel: does the image run cloud-init (or the salvus agent)?"),
+    "cloud-init-final": (CLOUD_INIT_FINAL, "no CLOUD-INIT-FINAL on the host channel: does the image run "
+                                           "cloud-init, and did its final stage finish?"),
+}
+
+
 def wait_until_ready(job: Job, machine: Machine) -> float:
-    """READY on the host channel, then the probe; returns when READY arrived (monotonic)."""
-    deadline = time.monotonic() + job.spec.hypervisor.boot_timeout
+    """The role's readiness signal, then the probe; returns when the guest said it was up, or the
+    probe first answered for `readiness: probe` (monotonic)."""
+    timeout = boot_timeout(job)
+    deadline = time.monotonic() + timeout
     job.channel = HostChannel(machine.channel_path)
+    mode = job.role.readiness
+    awaited, detail = "", True  # what was awaited when time ran out; whether the error adds to it
     try:
-        line = job.channel.wait_ready(deadline, job.keep_going)
+        if mode == "probe":
+            # No agent to ask: the port answering is taken as the service being up (a guess).
+            awaited = "no answer from the probe (readiness: probe)"
+            job.channel.connect(deadline, job.keep_going)  # upstreams/host keys, if an agent is there
+            probe_until("127.0.0.1", machine.host_port, job.role.probe, deadline, job.keep_going,
+                        max_interval=PROBE_BACKOFF_MAX_S)
+            return time.monotonic()
+        word, awaited = AWAITED[mode]
+        detail = False
+        line = job.channel.wait_for(word, deadline, job.keep_going, other=job.reports.take)
         ready_at = time.monotonic()
         log.info("guest says %r", line)
+        if mode == "cloud-init-final":
+            job.reports.take(line)
+        awaited, detail = f"{word} arrived but the probe never answered", True
         probe_until("127.0.0.1", machine.host_port, job.role.probe, deadline, job.keep_going)
     except (TimeoutError, ConnectionError) as e:
         if job.stop.is_set():
             raise
-        why = job.runner.failure_detail() if job.runner and not job.runner.alive() else str(e)
-        raise TempFailure(f"{job.service_id} did not become ready within "
-                          f"{job.spec.hypervisor.boot_timeout} s: {why or 'guest stopped'} "
-                          f"(console: {job.console_log})") from None
+        if job.runner and not job.runner.alive():
+            why = job.runner.failure_detail() or "guest stopped"
+        else:
+            why = f"{awaited} ({e})" if detail or isinstance(e, ConnectionError) else awaited
+        sep = "" if why.endswith("?") else ";"
+        raise TempFailure(f"{job.service_id} did not become ready within {timeout:g} s: {why}{sep} "
+                          f"see console log {job.console_log}") from None
     return ready_at
+
+
+def take_reports(job: Job, beat: Heartbeater, registry: Registry) -> None:
+    """Applies what the agent said since the last look: new host keys are recorded with the row."""
+    if job.channel is None:
+        return
+    try:
+        for line in job.channel.poll_lines():
+            job.reports.take(line)
+    except OSError as e:
+        log.debug("host channel read failed: %s", e)
+        return
+    if job.reports.keys_changed:
+        job.reports.keys_changed = False
+        beat.service.host_keys = job.reports.host_keys
+        try:
+            registry.register(beat.service)
+            log.info("recorded %s's SSH host keys in the registry", job.service_id)
+        except Exception as e:  # the next report or heartbeat may fare better; the VM keeps running
+            job.reports.keys_changed = True
+            log.warning("could not record %s's host keys: %s", job.service_id, e)
 
 
 def push_upstreams(job: Job, registry: Registry) -> None:
@@ -232,6 +288,7 @@ def supervise(job: Job, beat: Heartbeater, registry: Registry) -> bool:
         if not job.runner.alive():
             return False
         beat.beat_if_due()
+        take_reports(job, beat, registry)
         push_upstreams(job, registry)
         job.stop.wait(min(LIVENESS_CHECK_S, beat.seconds_until_due() or LIVENESS_CHECK_S))
     return True
@@ -274,7 +331,9 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         beat = Heartbeater(registry, Service(
             role=args.role, service_id=service_id, host=job.endpoint[0], port=job.endpoint[1],
             hypervisor=socket.gethostname(), scheduler=env.scheduler, job_id=env.job_id,
-            image=role.image), interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
+            image=role.image, host_keys=job.reports.host_keys),
+            interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
+        job.reports.keys_changed = False
         try:
             beat.start()
         except Exception as e:  # any backend failure: the scheduler retries the job later

@@ -30,6 +30,9 @@ class Service:
     image: str = ""  # NAME@VERSION
     started: float = dataclasses.field(default_factory=time.time)  # epoch seconds
     last_heartbeat: float = 0.0  # epoch seconds, set by the registry
+    # The guest's SSH host public keys as its agent reported them, one "TYPE BASE64" per line
+    # (schema 2), so operators and tools can pin them; "" when unknown.
+    host_keys: str = ""
 
     @property
     def endpoint(self) -> str:
@@ -47,7 +50,7 @@ class Service:
 
 
 # Bumped whenever a backend's schema changes (a column added); see the module docstring.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: host_keys
 
 
 def column_default(f: dataclasses.Field) -> object:

@@ -25,7 +25,7 @@ from cluster.files import PRIVATE_MODE
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
-            "started", "last_heartbeat")
+            "started", "last_heartbeat", "host_keys")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS services (
     image          TEXT NOT NULL,
     started        REAL NOT NULL,
     last_heartbeat REAL NOT NULL,
+    host_keys      TEXT NOT NULL DEFAULT '',
     expires_at     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
