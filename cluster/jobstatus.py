@@ -20,7 +20,6 @@ from cluster.store import Store
 log = logging.getLogger(__name__)
 
 MAX_STATUS_BYTES = 1 << 16
-STATES = ("booting", "running", "stopping")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cluster.errors import SpecError
+from cluster.files import process_start_time
 from cluster.yamlmodel import is_service_id
 
 PRIVATE_PREFIX = "salvus-vmjob-"
@@ -79,12 +80,10 @@ def job_from_env(default_scheduler: str, env: Mapping[str, str] | None = None) -
 
 
 def _process_identity(pid: int) -> str:
-    """pid and kernel start time: still names the same process after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return f"{pid} {stat[stat.rindex(')') + 2:].split()[19]}"
-    except (OSError, IndexError):
-        return ""
+    """pid and kernel start time: still names the same process after the pid is reused ("" once
+    it has exited, zombies included)."""
+    start = process_start_time(pid)
+    return f"{pid} {start}" if start is not None else ""
 
 
 def sweep_stale_private_scratch(parent: Path) -> list[Path]:
