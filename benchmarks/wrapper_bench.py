@@ -135,7 +135,7 @@ def main() -> int:
         work = Path(tmp)
         image = build_demo_image(work / "image")
         spec = write_spec(work, image)
-        accel = choose_accel(spec.hypervisor.accel)
+        accel = choose_accel(spec.hypervisor.accel, spec.hypervisor.tcg)
 
         plain, wrapped, ready_to_reg = [], [], []
         for i in range(args.runs):

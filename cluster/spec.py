@@ -158,8 +158,10 @@ class RoleSpec:
     # salvus agent's (or the demo guest's) READY on the host channel, `cloud-init-final` for the
     # agent's CLOUD-INIT-FINAL, `probe` only polls the probe (a guess, for images with neither).
     readiness: Literal["agent", "probe", "cloud-init-final"] = "agent"
-    # Overrides hypervisor.boot_timeout for this role (a real userland under TCG is slower).
+    # Override hypervisor.boot_timeout / stop_timeout for this role (a real userland under TCG is
+    # slower to boot and to power off than the demo guest).
     boot_timeout: Optional[Seconds] = None
+    stop_timeout: Optional[Seconds] = None
     # Run by the guest agent (as root, by /bin/sh) after it wrote a new /etc/salvus/upstreams.
     reload: Optional[SingleLine] = None
 
@@ -320,6 +322,19 @@ class RegistrySpec:
         return "cassandra" if self.cassandra is not None else "sqlite"
 
 
+QemuCpuModel = full_match(r"[a-z][a-z0-9_.-]*", "a QEMU CPU model name such as max or qemu64", 40)
+
+
+@dataclass(config=STRICT)
+class TcgSpec:
+    """QEMU's emulator settings, used only where KVM can't run guests."""
+
+    # A QEMU CPU model (`qemu-system-x86_64 -cpu help`); "max" is every feature TCG emulates.
+    cpu: QemuCpuModel = "max"
+    # The translation cache per VM (QEMU's default is 1 GiB per VM under TCG, a few VMs per host).
+    tb_size_mb: Annotated[StrictInt, Field(ge=1, le=2048)] = 16
+
+
 @dataclass(config=STRICT)
 class HypervisorSpec:
     accel: Literal["auto", "kvm", "tcg"] = "auto"
@@ -328,7 +343,10 @@ class HypervisorSpec:
     domain_template: Optional[StrictStr] = None  # site override of the libvirt domain XML
     # Fits a real cloud-init guest under TCG (the agent's READY at ~100-150 s); roles may override.
     boot_timeout: Seconds = 300
-    stop_timeout: Seconds = 20  # must fit the scheduler's SIGTERM -> SIGKILL window
+    # SIGTERM -> the guest powered off by ACPI, else destroyed. The wrapper asks the scheduler for
+    # this plus its clean-up as the SIGTERM -> SIGKILL grace; roles may override.
+    stop_timeout: Seconds = 20
+    tcg: TcgSpec = dataclasses.field(default_factory=TcgSpec)
     # Address recorded in the registry for forwarded ports; default this host's name.
     advertise_host: Optional[StrictStr] = None
     # The site's hypervisors (informational for one machine; used for placement and imgdist).
@@ -402,6 +420,14 @@ class ClusterSpec:
         except KeyError:
             raise SpecError(f"{self.source}: roles.{name}: no such role "
                             f"(the spec defines: {', '.join(sorted(self.roles)) or 'none'})") from None
+
+    def boot_timeout(self, role: str) -> float:
+        r = self.role(role)
+        return r.boot_timeout if r.boot_timeout is not None else self.hypervisor.boot_timeout
+
+    def stop_timeout(self, role: str) -> float:
+        r = self.role(role)
+        return r.stop_timeout if r.stop_timeout is not None else self.hypervisor.stop_timeout
 
     @property
     def store_path(self) -> Path:

@@ -18,8 +18,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from cluster.errors import SpecError
+from cluster.spec import TcgSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,17 @@ class Accel:
 
 
 KVM = Accel("kvm", ("-accel", "kvm", "-cpu", "host"), "kvm", "<cpu mode='host-passthrough'/>")
-# A small translation cache: the default (1 GiB per VM under TCG) would cap a host at a few guests.
-TCG = Accel("tcg", ("-accel", "tcg,tb-size=16", "-cpu", "max"), "qemu", "<cpu mode='maximum'/>",
-            "<tcg><tb-cache unit='MiB'>16</tb-cache></tcg>")
+
+
+def tcg(cpu: str = "max", tb_size_mb: int = 16) -> Accel:
+    """TCG with `hypervisor.tcg`'s CPU model and translation cache (validated by the spec)."""
+    libvirt_cpu = ("<cpu mode='maximum'/>" if cpu == "max" else
+                   f"<cpu mode='custom' match='exact'><model fallback='forbid'>{escape(cpu)}</model></cpu>")
+    return Accel("tcg", ("-accel", f"tcg,tb-size={tb_size_mb}", "-cpu", cpu), "qemu", libvirt_cpu,
+                 f"<tcg><tb-cache unit='MiB'>{tb_size_mb}</tb-cache></tcg>")
+
+
+TCG = tcg()
 
 
 def pvm_only(sys_module: Path = Path("/sys/module")) -> bool:
@@ -84,10 +94,12 @@ def _probe_runs(qemu: str, timeout: float) -> bool:
     return proc.returncode == _EXPECTED_STATUS
 
 
-def choose_accel(requested: str) -> Accel:
-    """`hypervisor.accel`: "kvm" and "tcg" are taken as given (kvm checked); "auto" detects."""
+def choose_accel(requested: str, settings: TcgSpec | None = None) -> Accel:
+    """`hypervisor.accel`: "kvm" and "tcg" are taken as given (kvm checked); "auto" detects.
+    Under TCG, `settings` (hypervisor.tcg) choose the CPU model and translation cache."""
+    emulated = tcg(settings.cpu, settings.tb_size_mb) if settings else TCG
     if requested == "tcg":
-        return TCG
+        return emulated
     problem = kvm_problem()
     if problem is None:
         return KVM
@@ -95,4 +107,4 @@ def choose_accel(requested: str) -> Accel:
         raise SpecError(f"hypervisor.accel: kvm was requested but this host can't run guests under KVM: "
                         f"{problem} (use 'auto' or 'tcg')")
     log.warning("KVM is not usable on this host (%s); running guests under TCG emulation (slow)", problem)
-    return TCG
+    return emulated

@@ -84,7 +84,7 @@ def agent_bootcmd(cfg: GuestConfig) -> str:
     before sysinit.target, which a default transient service is ordered after (a deadlock)."""
     agent = base64.b64encode(AGENT.read_bytes()).decode()
     env = base64.b64encode(env_file(cfg).encode()).decode()
-    return (f"umask 077; mkdir -p /etc/salvus /usr/local/sbin"
+    return (f"mkdir -p /etc/salvus /usr/local/sbin && chmod 755 /etc/salvus && umask 077"
             f" && echo {env} | base64 -d > {AGENT_ENV}"
             f" && echo {agent} | base64 -d > {AGENT_PATH} && chmod 700 {AGENT_PATH}"
             f" && if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then"
@@ -98,6 +98,8 @@ def user_data(cfg: GuestConfig) -> str:
         "bootcmd": [agent_bootcmd(cfg)],
         "hostname": cfg.hostname,
         "preserve_hostname": False,
+        # The hostname in /etc/hosts (127.0.1.1), as cloud images have it: sudo resolves it.
+        "manage_etc_hosts": "localhost",
         "write_files": [{"path": "/etc/salvus/service.json", "permissions": "0644",
                          "content": json.dumps(cfg.service_json(), indent=2) + "\n"}],
     }

@@ -43,10 +43,11 @@ CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1"
 # The image's role service: one integer expression per line, like the demo guest's sage. Only
 # digits, operators, parentheses and spaces reach the shell's arithmetic.
 SAGE_SERVICE = r"""#!/bin/sh
+CR=$(printf '\r')
 while IFS= read -r line; do
-  line=$(printf '%s' "$line" | tr -d '\r')
+  line=${line%"$CR"}
   case "$line" in
-    *[!0-9+*/%()\ -]*|'') echo "error: integer expressions only" ;;
+    *[!0-9+*/%\(\)\ -]*|'') echo "error: integer expressions only" ;;
     *) echo "$(( $line ))" 2>/dev/null || echo "error" ;;
   esac
 done
@@ -62,8 +63,19 @@ Restart=always
 [Install]
 WantedBy=multi-user.target
 """
+# sshd makes its own host keys when nothing else did (an image booted with cloud-init=disabled,
+# as the readiness: probe test does); with cloud-init, its ssh module makes them first.
+SSH_KEYS_DROPIN = """[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+"""
+# The image has no `locales` package; cloud-init's locale module would fail on en_US.UTF-8.
+CLOUD_CFG = "locale: false\n"
 FILES = {"usr/local/bin/salvus-sage": (SAGE_SERVICE, 0o755),
-         "etc/systemd/system/salvus-sage.service": (SAGE_UNIT, 0o644)}
+         "etc/systemd/system/salvus-sage.service": (SAGE_UNIT, 0o644),
+         "etc/systemd/system/ssh.service.d/host-keys.conf": (SSH_KEYS_DROPIN, 0o644),
+         "etc/cloud/cloud.cfg.d/90-salvus-test.cfg": (CLOUD_CFG, 0o644)}
 BUILDER_VERSION = 1  # bump when the build steps below change what ends up in the image
 
 

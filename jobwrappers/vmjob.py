@@ -138,7 +138,7 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
 
 def prepare_machine(job: Job, registry: Registry) -> Machine:
     spec, role = job.spec, job.role
-    accel = choose_accel(spec.hypervisor.accel)
+    accel = choose_accel(spec.hypervisor.accel, spec.hypervisor.tcg)
     job.workdir = Path(tempfile.mkdtemp(prefix=f"salvus-{job.service_id}-", dir=job.env.scratch()))
     job.sockdir = (job.workdir if len(str(job.workdir)) <= MAX_SOCKET_DIR_LEN
                    else Path(tempfile.mkdtemp(prefix="salvus-sock-", dir="/tmp")))
@@ -190,8 +190,6 @@ def start_vm(job: Job, machine: Machine) -> None:
     job.endpoint = (host, machine.host_port)
 
 
-def boot_timeout(job: Job) -> float:
-    return job.role.boot_timeout if job.role.boot_timeout is not None else job.spec.hypervisor.boot_timeout
 
 
 # What each readiness mode waits for on the host channel, and what its absence suggests.
@@ -205,7 +203,7 @@ AWAITED = {
 def wait_until_ready(job: Job, machine: Machine) -> float:
     """The role's readiness signal, then the probe; returns when the guest said it was up, or the
     probe first answered for `readiness: probe` (monotonic)."""
-    timeout = boot_timeout(job)
+    timeout = job.spec.boot_timeout(job.role_name)
     deadline = time.monotonic() + timeout
     job.channel = HostChannel(machine.channel_path)
     mode = job.role.readiness
@@ -345,7 +343,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         if supervise(job, beat, registry):
             job.write_state("stopping")
             t0 = time.monotonic()
-            clean = job.runner.shutdown(spec.hypervisor.stop_timeout)
+            clean = job.runner.shutdown(spec.stop_timeout(job.role_name))
             log.info("guest %s in %.1f s", "shut down" if clean else "destroyed after stop_timeout",
                      time.monotonic() - t0)
             return 0

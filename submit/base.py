@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -112,7 +113,7 @@ class JobResources:
         r = spec.role(role)
         walltime = spec.scheduler.walltime
         return cls(cpus=r.vcpus, memory_mb=r.memory_mb + QEMU_OVERHEAD_MB, disk_mb=max(r.disk_mb, 1),
-                   grace_s=int(spec.hypervisor.stop_timeout) + CLEANUP_GRACE_S,
+                   grace_s=math.ceil(spec.stop_timeout(role)) + CLEANUP_GRACE_S,
                    walltime_s=parse_walltime(walltime) if walltime else None)
 
 

@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("roles", nargs="*", metavar="ROLE")
     p.add_argument("--all", action="store_true", help="every role in the spec")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait before killing (default: hypervisor.stop_timeout + 40)")
+                   help="seconds to wait before killing (default: the roles' stop_timeout + 40)")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("render", parents=[common], help="print a role's job description for a scheduler",

@@ -203,7 +203,7 @@ def stop_roles(spec: ClusterSpec, roles: list[str], wait: bool = True, timeout: 
     for role in roles:
         spec.role(role)
     backend = open_backend(spec)
-    timeout = timeout if timeout is not None else float(spec.hypervisor.stop_timeout) + 40
+    timeout = timeout if timeout is not None else max((spec.stop_timeout(r) for r in roles), default=spec.hypervisor.stop_timeout) + 40
     with scale_lock(spec):
         jobs = [j for j in backend.list() if j.role in roles]
         for job in jobs:

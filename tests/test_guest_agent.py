@@ -18,6 +18,7 @@ from cluster.spec import parse_spec
 from jobwrappers.agent import GuestReports, parse_host_key
 from jobwrappers.configdrive import AGENT, GuestConfig, user_data
 from jobwrappers.probe import MAX_LINE, HostChannel
+from submit.base import CLEANUP_GRACE_S, JobResources
 from tests.fixtures.demo_image import demo_spec_text
 
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOr5a3bPpvs0sh8Q7dS8f3bA6Z+vKkIY3m5x0V8xY0cC"
@@ -95,23 +96,44 @@ def test_host_channel_drops_an_over_long_line_and_keeps_the_next(tmp_path):
     server.close()
 
 
+@pytest.mark.parametrize("family, addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_agent_sees_a_listening_port_in_proc_net_tcp(family, addr):
+    """The agent's port check (shell builtins only) on this host's real /proc/net/tcp{,6}."""
+    with socket.socket(family) as srv:
+        srv.bind((addr, 0))
+        port = srv.getsockname()[1]
+        check = f". {shlex.quote(str(AGENT))}; listening {port:04X} && echo listens; echo done"
+        assert subprocess.run(["dash", "-c", check], capture_output=True, text=True).stdout == "done\n"
+        srv.listen(1)
+        assert subprocess.run(["dash", "-c", check], capture_output=True, text=True).stdout == "listens\ndone\n"
+
+
 def _role(extra: str, tmp_path):
     text = f"roles:\n  sage:\n    image: demo@1\n    port: 6000\n{extra}"
     return parse_spec(text, tmp_path / "cluster.yaml").roles["sage"]
 
 
 def test_readiness_boot_timeout_and_reload_are_role_settings(tmp_path):
-    role = _role("    readiness: cloud-init-final\n    boot_timeout: 400\n    reload: systemctl reload nginx\n", tmp_path)
-    assert (role.readiness, role.boot_timeout, role.reload) == ("cloud-init-final", 400, "systemctl reload nginx")
+    role = _role("    readiness: cloud-init-final\n    boot_timeout: 400\n    stop_timeout: 90\n"
+                 "    reload: systemctl reload nginx\n", tmp_path)
+    assert (role.readiness, role.boot_timeout, role.stop_timeout, role.reload) == (
+        "cloud-init-final", 400, 90, "systemctl reload nginx")
     default = _role("", tmp_path)
-    assert (default.readiness, default.boot_timeout, default.reload) == ("agent", None, None)
-    assert parse_spec("roles: {}\n", tmp_path / "c.yaml").hypervisor.boot_timeout == 300
+    assert (default.readiness, default.boot_timeout, default.stop_timeout, default.reload) == ("agent", None, None, None)
+    spec = parse_spec("roles:\n  hub: {image: demo@1, port: 8080}\n  sage: {image: demo@1, port: 6000, "
+                      "stop_timeout: 90.5, boot_timeout: 600}\n", tmp_path / "c.yaml")
+    assert (spec.boot_timeout("hub"), spec.stop_timeout("hub")) == (spec.hypervisor.boot_timeout, spec.hypervisor.stop_timeout)
+    assert (spec.boot_timeout("sage"), spec.stop_timeout("sage")) == (600, 90.5)
+    # The scheduler's SIGTERM -> SIGKILL grace covers the role's own stop window.
+    assert JobResources.of(spec, "sage").grace_s == 91 + CLEANUP_GRACE_S
+    assert JobResources.of(spec, "hub").grace_s == spec.hypervisor.stop_timeout + CLEANUP_GRACE_S
 
 
 @pytest.mark.parametrize("extra, field", [
     ("    readiness: ssh\n", "roles.sage.readiness"),
     ("    reload: \"a\\nb\"\n", "roles.sage.reload"),
     ("    boot_timeout: 0\n", "roles.sage.boot_timeout"),
+    ("    stop_timeout: -1\n", "roles.sage.stop_timeout"),
 ])
 def test_bad_role_readiness_settings_are_one_line(extra, field, tmp_path):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")) as e:

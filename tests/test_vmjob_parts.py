@@ -14,6 +14,7 @@ from cluster.registry.sqlite import SqliteRegistry
 from cluster.spec import DiskSpec
 from cluster.store import Store
 from cluster.yamlmodel import load_yaml
+from cluster.spec import TcgSpec
 from jobwrappers.accel import TCG, choose_accel, pvm_only
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from catalogue.imagefile import open_image
@@ -80,11 +81,19 @@ def test_config_drive_is_nocloud_with_keys_and_role_config(tmp_path):
 
 
 def test_accel_tcg_when_asked_and_detection_decides_auto(caplog):
-    assert choose_accel("tcg") is TCG
+    assert choose_accel("tcg") == TCG
     caplog.set_level("WARNING")
     auto = choose_accel("auto")
     warnings = [r for r in caplog.records if "TCG" in r.getMessage()]
-    assert (auto is TCG) == (len(warnings) == 1)
+    assert (auto == TCG) == (len(warnings) == 1)
+
+
+def test_tcg_cpu_model_and_translation_cache_come_from_the_spec():
+    accel = choose_accel("tcg", TcgSpec(cpu="qemu64", tb_size_mb=64))
+    assert accel.qemu_args == ("-accel", "tcg,tb-size=64", "-cpu", "qemu64")
+    assert accel.libvirt_cpu == "<cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>"
+    assert "<tb-cache unit='MiB'>64</tb-cache>" in accel.libvirt_features
+    assert choose_accel("tcg", TcgSpec()) == TCG
 
 
 def test_kvm_pvm_alone_counts_as_a_kvm_that_cannot_run_stock_guests(tmp_path):

@@ -1,0 +1,211 @@
+"""Real-guest benchmark: the Debian 12 cloud-init image (jobwrappers/debian_image.py) booted by hand
+and as a job, and the emulator settings it boots fastest under.
+
+1. Plain `qemu-system-x86_64` start -> sshd answers (its "SSH-" banner on the forwarded port 22),
+   next to `salvus-vmjob` start -> registered: same image, kernel, config drive contents, memory and
+   CPUs (role port 22, probe expect "SSH-"), sequential, medians of `--runs`. In the wrapper runs also
+   sshd answered (this script polls the forwarded port beside the wrapper) -> registered, the
+   wrapper's READY -> registered (from its log: the probe waits for sshd's first banner, which sshd
+   under TCG takes seconds to send), and SIGTERM -> "guest shut down in" (a clean ACPI power-off).
+2. `--tcg CPU/TB,...`: plain start -> sshd answers for each CPU model and translation-cache size
+   (one boot each per run) — what `hypervisor.tcg`'s defaults are chosen from. Skipped under KVM.
+Real VMs, so the figures move with the machine's load: run it on a quiet machine. Printed, not
+asserted; the last line is `key=value` pairs.
+
+    .venv/bin/python benchmarks/real_guest_bench.py [--runs 3] [--tcg max/16,qemu64/16,qemu64/64]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paramiko  # noqa: E402
+
+from catalogue.imagefile import open_image  # noqa: E402
+from cluster.registry import open_registry  # noqa: E402
+from cluster.spec import ClusterSpec, load_spec  # noqa: E402
+from jobwrappers import debian_image  # noqa: E402
+from jobwrappers.accel import Accel, choose_accel, tcg  # noqa: E402
+from jobwrappers.configdrive import GuestConfig, build_config_drive  # noqa: E402
+from jobwrappers.disks import create_overlay  # noqa: E402
+from jobwrappers.machine import Disk, Machine, free_port  # noqa: E402
+from jobwrappers.qemu_runner import QemuRunner  # noqa: E402
+
+WRAPPER = str(Path(sys.executable).parent / "salvus-vmjob")
+BOOT_TIMEOUT = 900.0
+STOP_TIMEOUT = 120
+
+
+def write_spec(work: Path, img: debian_image.DebianImage, ssh_key: str) -> ClusterSpec:
+    path = work / "cluster.yaml"
+    path.write_text(f"""\
+store: {work}/store
+registry: {{ttl: 30, heartbeat_interval: 2}}
+hypervisor: {{libvirt: never}}
+catalogue: {{insecure_allow_unsigned: true}}
+ssh_keys: ["{ssh_key}"]
+roles:
+  sage:
+    image: debian@12
+    image_path: {img.disk}
+    boot: {{kernel: {img.kernel}, initrd: {img.initrd}, cmdline: "{img.cmdline}"}}
+    vcpus: 2
+    memory_mb: 1024
+    port: 22
+    boot_timeout: {BOOT_TIMEOUT:.0f}
+    stop_timeout: {STOP_TIMEOUT}
+    probe: {{expect: "SSH-", timeout: 30}}
+""")
+    return load_spec(path)
+
+
+def sshd_answers(port: int, until: float) -> float | None:
+    """Polls 127.0.0.1:port until sshd sends its banner; the monotonic time it did, or None."""
+    while time.monotonic() < until:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.settimeout(30)
+                if s.recv(4).startswith(b"SSH-"):
+                    return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return None
+
+
+def plain_boot(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, accel: Accel, n: int) -> float:
+    """One plain QEMU boot of the image with the same config drive a job gets: start -> sshd answers."""
+    role = spec.roles["sage"]
+    d = Path(tempfile.mkdtemp(prefix=f"plain{n}-", dir=work))
+    base = open_image(img.disk, "qcow2", None)  # stays open while the guest runs: QEMU reads it
+    overlay = create_overlay(base, d / "root.qcow2")
+    cfg = GuestConfig(f"plain-{n}", "sage", f"plain-{n}", role.port, f"p{n}", ssh_keys=list(spec.ssh_keys))
+    drive = build_config_drive(d / "cidata.iso", cfg)
+    port = free_port()
+    m = Machine(name=f"plain-{n}", vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel,
+                disks=[Disk(overlay, "qcow2", backing=base), Disk(drive, "raw", readonly=True)],
+                guest_port=role.port, host_addr="127.0.0.1", host_port=port, channel_path=d / "ch.sock",
+                console_log=d / "console.log", workdir=d, kernel=img.kernel, initrd=img.initrd,
+                cmdline=role.boot.cmdline)
+    runner = QemuRunner(m)
+    t0 = time.monotonic()
+    runner.start()
+    try:
+        answered = sshd_answers(port, t0 + BOOT_TIMEOUT)
+    finally:
+        runner.destroy()
+    if answered is None:
+        raise SystemExit(f"plain boot {n}: sshd never answered; see {d / 'console.log'}")
+    return answered - t0
+
+
+def wrapper_boot(spec: ClusterSpec, sid: str, work: Path) -> dict[str, float]:
+    """Wrapper start -> registered, sshd answered -> registered, READY -> registered, SIGTERM -> off."""
+    err = work / f"{sid}.err"
+    t0 = time.monotonic()
+    with open(err, "w") as e:
+        proc = subprocess.Popen([WRAPPER, "--spec", spec.source, "--role", "sage", "--service-id", sid],
+                                stdout=subprocess.DEVNULL, stderr=e, env={**os.environ, "TMPDIR": str(work)})
+    answered: list[float | None] = []
+    try:
+        with open_registry(spec) as reg:
+            while not (port := _endpoint_port(err)):  # the wrapper prints its endpoint at start
+                if proc.poll() is not None or time.monotonic() - t0 > BOOT_TIMEOUT:
+                    raise SystemExit(f"wrapper failed: {err.read_text()}")
+                time.sleep(0.05)
+            # Beside the wrapper, as an operator would: poll the forwarded port for sshd's banner.
+            watcher = threading.Thread(target=lambda: answered.append(sshd_answers(port, t0 + BOOT_TIMEOUT)))
+            watcher.start()
+            while (svc := reg.get(sid)) is None:
+                if proc.poll() is not None or time.monotonic() - t0 > BOOT_TIMEOUT:
+                    raise SystemExit(f"wrapper failed: {err.read_text()}")
+                time.sleep(0.05)
+            registered = time.monotonic()
+            watcher.join()
+        assert svc.port == port
+    finally:
+        proc.terminate()
+        proc.wait(STOP_TIMEOUT + 60)
+    log = err.read_text()
+    ready = re.search(r"\(([\d.]+) s after READY\)", log)
+    stop = re.search(r"guest (shut down|destroyed after stop_timeout) in ([\d.]+) s", log)
+    return {"registered_s": registered - t0,
+            "ssh_to_registered_s": registered - answered[0] if answered and answered[0] else float("nan"),
+            "ready_to_registered_s": float(ready.group(1)) if ready else float("nan"),
+            "stop_s": float(stop.group(2)) if stop and stop.group(1) == "shut down" else float("nan")}
+
+
+def _endpoint_port(err: Path) -> int:
+    m = re.search(r"endpoint 127\.0\.0\.1:(\d+)", err.read_text())
+    return int(m.group(1)) if m else 0
+
+
+def _row(label: str, values: list[float], unit: str = "s", digits: int = 1) -> str:
+    return (f"{label:<38}{statistics.median(values):>9.{digits}f}{unit}   "
+            + " ".join(f"{v:.{digits}f}" for v in values))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="sequential boots per way (default 3)")
+    ap.add_argument("--tcg", default="", metavar="CPU/TB,...",
+                    help="also time plain boots under these TCG CPU models / cache MiB, e.g. max/16,qemu64/16")
+    args = ap.parse_args()
+    img = debian_image.build()
+    pub = _ed25519_pub()  # the config drive installs it, as a job's would; nothing logs in with it
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="real-guest-bench-") as tmp:
+        work = Path(tmp)
+        spec = write_spec(work, img, pub)
+        accel = choose_accel(spec.hypervisor.accel, spec.hypervisor.tcg)
+        plain, wrapped = [], []
+        for i in range(args.runs):
+            plain.append(plain_boot(work, img, spec, accel, i))
+            wrapped.append(wrapper_boot(spec, f"sage-b{i}", work))
+            print(f"run {i + 1}: plain {plain[-1]:.1f} s, wrapper {wrapped[-1]}", flush=True)
+        col = {k: [w[k] for w in wrapped] for k in wrapped[0]}
+        print(f"\n{accel.name}, {' '.join(accel.qemu_args)}; {args.runs} sequential boots per way")
+        print(f"{'':<38}{'median':>10}   runs")
+        print(_row("plain qemu start -> sshd answers", plain))
+        print(_row("salvus-vmjob start -> registered", col["registered_s"]))
+        print(_row("  sshd answered -> registered", col["ssh_to_registered_s"], digits=2))
+        print(_row("  READY -> registered (sshd's banner)", col["ready_to_registered_s"], digits=2))
+        print(_row("SIGTERM -> guest shut down (ACPI)", col["stop_s"]))
+        med = statistics.median
+        out.update(plain_ssh_s=med(plain), wrapper_registered_s=med(col["registered_s"]),
+                   ratio=med(col["registered_s"]) / med(plain), ssh_to_registered_s=med(col["ssh_to_registered_s"]),
+                   ready_to_registered_ms=med(col["ready_to_registered_s"]) * 1000, clean_stop_s=med(col["stop_s"]))
+        if args.tcg and accel.name == "tcg":
+            print("\nplain qemu start -> sshd answers, per TCG setting")
+            for n, setting in enumerate(args.tcg.split(",")):
+                cpu, _, tb = setting.partition("/")
+                times = [plain_boot(work, img, spec, tcg(cpu, int(tb or 16)), 100 + n * 10 + r) for r in range(args.runs)]
+                print(_row(f"  -cpu {cpu}, tb-size={tb or 16}", times), flush=True)
+                out[f"tcg_{cpu}_{tb or 16}_s"] = med(times)
+    print(" ".join(f"{k}={v:.0f}" if k.endswith("_ms") else f"{k}={v:.2f}" for k, v in out.items()))
+    return 0
+
+
+def _ed25519_pub() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    k = paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+    return f"{k.get_name()} {k.get_base64()} bench"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
