@@ -24,7 +24,7 @@ from cluster.errors import SpecError, TempFailure
 from cluster.registry import Service, open_registry
 from cluster.spec import ClusterSpec, load_spec, resolve_spec_path
 from cluster.store import Store
-from jobwrappers.demo_image import DEMO_NAME, DEMO_VERSION, build_demo_image, demo_image_paths
+from jobwrappers.demo_image import COMPRESSION_TYPES, DEMO_NAME, DEMO_VERSION, build_demo_image, demo_image_paths
 
 # salvus_jobs.py sits at the project root, in a checkout and in the editable install scripts/setup
 # makes, so the example is found beside it; one file, no packaged copy that could drift from it.
@@ -60,6 +60,8 @@ def add_demo_commands(sub: argparse._SubParsersAction, common: argparse.Argument
                                     "the spec is the bundled examples/cluster.yaml.",
                         epilog="example: salvus_jobs --spec examples/cluster.yaml image build-demo")
     p.add_argument("--out", type=Path, help="directory for the image files")
+    p.add_argument("--compress", choices=COMPRESSION_TYPES, help="write the qcow2 with compressed clusters "
+                   "(booted as it is; zstd: qcow2 compression_type=zstd)")
     p.set_defaults(func=cmd_build_demo)
 
     p = sub.add_parser("demo", parents=[common],
@@ -97,7 +99,7 @@ def demo_image_dir(spec: ClusterSpec) -> Path:
 
 def cmd_build_demo(args: argparse.Namespace) -> int:
     out = args.out or demo_image_dir(load_spec(demo_spec_path(args.spec)))
-    image = build_demo_image(out)
+    image = build_demo_image(out, compression=args.compress)
     for p in image.paths():
         print(p)
     return 0

@@ -136,7 +136,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     expires = now_utc() + args.image_expires if args.image_expires else None
     entry = add_image(CatalogueDir(_dir(args)), args.image, args.name, args.version, args.role, args.target,
                       args.url, expires)
-    print(f"added {entry.ref}: {entry.size} bytes {entry.format} sha256 {entry.sha256} "
+    print(f"added {entry.ref}: {entry.size} bytes {entry.format} (virtual size {entry.virtual_size} bytes) "
+          f"sha256 {entry.sha256} "
           f"info_hash {entry.info_hash} (unsigned until `catalogue sign`)")
     return 0
 
@@ -205,10 +206,11 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "expired" if signed_index.expired() else "unverified")  # type: ignore[union-attr]
         approved = ("yes" if approvals.is_approved(spec, e.name, e.version) else "no") if spec else "-"
         expires = format_time(e.expires) + (" (expired)" if e.expired() else "") if e.expires else "-"
-        rows.append([ref, str(e.size), e.format, ",".join(e.roles) or "*", endorsed, approved, expires])
+        virtual = "-" if e.virtual_size is None else str(e.virtual_size)  # "-": an entry from before schema 2
+        rows.append([ref, str(e.size), virtual, e.format, ",".join(e.roles) or "*", endorsed, approved, expires])
     for ref in sorted(set(revoked) - set(refs)):  # withdrawn: no entry left, only the revocation
-        rows.append([ref, "-", "-", "-", "revoked", "-", "-"])
-    print(format_table(["IMAGE", "SIZE", "FORMAT", "ROLES", "ENDORSED", "APPROVED", "EXPIRES"], rows))
+        rows.append([ref, "-", "-", "-", "-", "revoked", "-", "-"])
+    print(format_table(["IMAGE", "SIZE", "VIRTUAL", "FORMAT", "ROLES", "ENDORSED", "APPROVED", "EXPIRES"], rows))
     if signed_index:
         print(f"index version {signed_index.version}, expires {format_time(signed_index.expires)}"
               f"{' (EXPIRED)' if signed_index.expired() else ''}")

@@ -35,8 +35,8 @@ from cluster.yamlmodel import validate_document
 from cluster.files import read_limited
 from cluster.files import write_atomic
 from catalogue.hashcache import sha256_file
-from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, check_refs, new_signature_file, now_utc,
-                             parse_index, parse_signature_file, sign_index_bytes)
+from catalogue.index import (DEFAULT_MAX_INDEX_BYTES, Entry, Index, check_refs, check_virtual_size,
+                             new_signature_file, now_utc, parse_index, parse_signature_file, sign_index_bytes)
 from catalogue.keys import key_id
 from catalogue.qcow2 import check_image_header
 from catalogue.torrent import check_torrent, make_torrent
@@ -176,13 +176,14 @@ def _copy_hashing(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _checked_copy(dest: Path, fmt: str) -> int:
-    """The size of the copy in images/ after its header passes `catalogue.qcow2`'s rules (the bytes
-    hashed are the bytes checked: the source may change after the copy)."""
+def _checked_copy(dest: Path, fmt: str) -> tuple[int, int]:
+    """The file and virtual size of the copy in images/ after its header passes `catalogue.qcow2`'s
+    rules (the bytes hashed are the bytes checked: the source may change after the copy). The
+    virtual size is the strict reader's, never qemu-img's word about a file it was handed."""
     fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        check_image_header(fd, fmt, str(dest))
-        return os.fstat(fd).st_size
+        virtual_size = check_image_header(fd, fmt, str(dest))
+        return os.fstat(fd).st_size, virtual_size
     finally:
         os.close(fd)
 
@@ -220,7 +221,7 @@ def add_image(cat: CatalogueDir, image: Path, name: str, version: str, roles: li
     copied = old is None or not dest.exists()
     try:
         draft.sha256 = _copy_hashing(image, dest) if copied else old.sha256  # type: ignore[union-attr]
-        draft.size = _checked_copy(dest, fmt)
+        draft.size, draft.virtual_size = _checked_copy(dest, fmt)
         torrent, draft.info_hash = make_torrent(dest, draft.web_seeds[0])
         write_atomic(cat.torrent_file(draft), torrent)
         if old is not None:
@@ -314,7 +315,7 @@ def _entry_problems(cat: CatalogueDir, entry: Entry) -> list[str]:
         problems.append(f"{entry.ref}: {path}: sha256 does not match the index (tampered or corrupt)")
     else:
         try:
-            _checked_copy(path, entry.format)
+            check_virtual_size(entry, _checked_copy(path, entry.format)[1], str(path))
         except DataError as e:
             problems.append(f"{entry.ref}: {e}")
     try:

@@ -3,7 +3,7 @@
 ## index.yaml (written by `salvus_jobs catalogue sign`, read by every hypervisor)
 
 ```yaml
-schema: salvus-image-index/1
+schema: salvus-image-index/2        # 1 or 2 (see Versions below)
 version: 7                          # monotonic; a host refuses anything older than it accepted
 issued: '2026-11-23T05:00:00Z'      # UTC, always quoted ISO 8601 with a trailing Z
 expires: '2026-12-23T05:00:00Z'     # after this the index is stale (freeze attack) and refused
@@ -11,7 +11,10 @@ entries:
 - name: demo                        # NAME and VERSION become file names: [A-Za-z0-9][A-Za-z0-9_.+-]*
   version: '1'                      # always a string
   sha256: 9f86d081...               # 64 lowercase hex: sha256 of the image file's bytes
-  size: 104857600                   # bytes; a puller never reads more than this
+  size: 104857600                   # bytes of the file; a puller never reads more than this
+  virtual_size: 2147483648          # optional (schema 2): the disk the guest sees, from the strict
+                                    # header reader (catalogue.qcow2; raw: = size); a compressed
+                                    # qcow2 has virtual_size far above size
   format: qcow2                     # qcow2 | raw (as `qemu-img info` reported; no backing file)
   roles: [sage, hub]                # roles that may boot it; empty = any role
   info_hash: 5e1c0c2a...            # BitTorrent v2 info hash (sha256 of the info dict), 64 hex
@@ -26,6 +29,14 @@ revoked: [demo@0]                   # optional: NAME@VERSION the endorser withdr
 `web_seeds` are directory URLs: give them as they are to libtorrent (`add_url_seed`), which appends
 the file name; a URL naming the file itself fails (a one-file v2 torrent has a pad file, so
 libtorrent requests URL/NAME). The plain HTTP URL of the image is `Entry.http_urls`.
+
+## Versions
+
+The schema line names the format's version; a field added to an entry is optional (old entries read
+as its default) and raises the version. `render` writes the lowest version that holds its entries
+(`salvus-image-index/1` while no entry has a `virtual_size`), so an index with nothing new still
+reads on hosts that know only version 1; a host refuses a schema it does not know with one line,
+and a version-1 index carrying a version-2 field is refused like any unknown key.
 
 Parsing is strict: the size is checked before YAML is touched (endless data), YAML is read with
 the project's safe loader (`cluster.yamlmodel`: libyaml's safe loader, a key given twice refused),
@@ -68,7 +79,7 @@ from typing import Any, Iterable, Literal, Optional
 import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import TypeAdapter, model_validator
+from pydantic import StrictStr, TypeAdapter, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from cluster.errors import DataError, SpecError
@@ -76,7 +87,9 @@ from cluster.yamlmodel import STRICT, ImagePart, ImageRef, Name, NonNegativeInt,
 from cluster.yamlmodel import format_time, load_yaml, validate_document
 from catalogue.keys import key_id
 
-SCHEMA = "salvus-image-index/1"
+SCHEMA_V1 = "salvus-image-index/1"
+SCHEMA = "salvus-image-index/2"  # 2: entries' optional virtual_size
+SCHEMAS = (SCHEMA_V1, SCHEMA)
 SIG_HEADER = "# salvus-index-signature/1"
 DEFAULT_MAX_INDEX_BYTES = 16 << 20
 MAX_SIG_BYTES = 64 << 10
@@ -107,6 +120,7 @@ class Entry:
     created: UtcTime
     expires: Optional[UtcTime] = None
     targets: list[Target] = dataclasses.field(default_factory=list)
+    virtual_size: Optional[NonNegativeInt] = None  # schema 2; None: an entry written before it
 
     @property
     def ref(self) -> str:
@@ -133,10 +147,25 @@ class Entry:
         return self.expires is not None and (at or now_utc()) >= self.expires
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The entry as index.yaml lists it: virtual_size beside size, left out when unknown (so an
+        entry from before schema 2 renders as it was)."""
+        d: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k == "virtual_size":
+                continue
+            d[k] = v
+            if k == "size" and self.virtual_size is not None:
+                d["virtual_size"] = self.virtual_size
         d["created"] = format_time(self.created)
         d["expires"] = format_time(self.expires) if self.expires else None
         return d
+
+
+def check_virtual_size(entry: Entry, actual: int, source: str) -> None:
+    """DataError when the entry records a virtual size other than the header's `actual` one (an
+    entry without it, from before schema 2, passes)."""
+    if entry.virtual_size is not None and entry.virtual_size != actual:
+        raise DataError(f"{source}: virtual size {actual} bytes, the signed index says {entry.virtual_size}")
 
 
 def check_refs(entries: list[Entry], revoked: list[str]) -> None:
@@ -185,9 +214,13 @@ class Index:
         itself: no dict in between, as fast as the unchecked copy it replaced)."""
         return TypeAdapter(cls).validate_json(raw)
 
+    def needed_schema(self) -> str:
+        """The lowest schema that holds these entries (see Versions above)."""
+        return SCHEMA if any(e.virtual_size is not None for e in self.entries) else SCHEMA_V1
+
     def render(self) -> bytes:
         """The bytes `sign` writes and signs; never used to verify (verification uses the file)."""
-        doc: dict[str, Any] = {"schema": SCHEMA, "version": self.version,
+        doc: dict[str, Any] = {"schema": self.needed_schema(), "version": self.version,
                                "issued": format_time(self.issued), "expires": format_time(self.expires),
                                "entries": [e.to_yaml_dict() for e in self.entries]}
         if self.revoked:
@@ -201,7 +234,24 @@ class Index:
 class _IndexFile(Index):
     """index.yaml as written: the Index and its schema line."""
 
-    schema: Literal["salvus-image-index/1"]
+    schema: StrictStr
+
+    @field_validator("schema")
+    @classmethod
+    def _known_schema(cls, value: str) -> str:
+        if value not in SCHEMAS:
+            raise ValueError(f"{value!r} is not a version this salvus-jobs reads ({', '.join(SCHEMAS)}); "
+                             "an index from a newer endorser needs a newer salvus-jobs here")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_its_schema(self) -> "_IndexFile":
+        if self.schema == SCHEMA_V1:
+            for i, e in enumerate(self.entries):
+                if e.virtual_size is not None:
+                    raise ValueError(f"entries[{i}].virtual_size: unknown key in {SCHEMA_V1} "
+                                     f"(it came with {SCHEMA})")
+        return self
 
 
 def parse_index(raw: bytes, max_bytes: int = DEFAULT_MAX_INDEX_BYTES, source: str = "index.yaml") -> Index:

@@ -6,7 +6,11 @@ guest's disk, so an endorsed 1 MiB image could show the guest any host file (OSS
 `check_qcow2` refuses both, and any incompatible feature bit this module does not know (a future
 bit may mean another way to reach outside the file). Allowed are the bits a plain image carries:
 0 dirty, 1 corrupt (QEMU itself refuses to write a corrupt image), 3 compression type (zstd),
-4 extended L2. Layout: QEMU docs/interop/qcow2.txt.
+4 extended L2. The compression type byte (offset 104, present when a v3 header is at least 105
+bytes long) must be 0 zlib or 1 zstd and agree with bit 3, as QEMU requires; another type is a
+codec this project has not vetted and is refused. Compressed clusters themselves are ordinary
+image content: such an image is booted as it is, never decompressed first.
+Layout: QEMU docs/interop/qcow2.txt.
 
 Used at `catalogue add` (on the copy that is hashed), at imgdist install and before every boot.
 Reads only the header and its extensions through the given descriptor (pread: the caller's file
@@ -30,6 +34,9 @@ INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
 ALLOWED_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+
+COMPRESSION_TYPE_OFFSET = 104
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -60,12 +67,17 @@ class EncryptionRefused(Qcow2Refused):
     """An encrypted image (it could not boot unattended anyway)."""
 
 
+class UnknownCompressionRefused(Qcow2Refused):
+    """A compression type byte other than 0 (zlib) or 1 (zstd)."""
+
+
 @dataclass(frozen=True)
 class Qcow2Header:
     version: int
     virtual_size: int
     incompatible: int
     header_length: int
+    compression: str = "zlib"  # of the compressed clusters, if any: zlib | zstd
 
 
 def check_qcow2(fd: int, source: str) -> Qcow2Header:
@@ -98,8 +110,22 @@ def check_qcow2(fd: int, source: str) -> Qcow2Header:
     if unknown:
         raise UnknownFeatureRefused(f"{source}: qcow2 header sets unknown incompatible feature bits "
                                     f"{unknown:#x}; refused")
+    compression = _compression_type(head, header_length, incompatible, source)
     _check_extensions(head, header_length, source)
-    return Qcow2Header(version, virtual_size, incompatible, header_length)
+    return Qcow2Header(version, virtual_size, incompatible, header_length, compression)
+
+
+def _compression_type(head: bytes, header_length: int, incompatible: int, source: str) -> str:
+    """zlib or zstd; the byte and bit 3 must agree (QEMU refuses the image otherwise, so an image
+    that disagrees was made by something other than qemu-img)."""
+    kind = head[COMPRESSION_TYPE_OFFSET] if header_length > COMPRESSION_TYPE_OFFSET else 0
+    if kind not in COMPRESSION_TYPES:
+        raise UnknownCompressionRefused(f"{source}: qcow2 compression_type {kind} (header byte "
+                                        f"{COMPRESSION_TYPE_OFFSET}); expected 0 zlib or 1 zstd: refused")
+    if bool(kind) != bool(incompatible & INCOMPAT_COMPRESSION):
+        raise NotQcow2(f"{source}: qcow2 compression_type {kind} disagrees with the compression type "
+                       f"feature bit ({'set' if incompatible & INCOMPAT_COMPRESSION else 'clear'})")
+    return COMPRESSION_TYPES[kind]
 
 
 def _check_extensions(head: bytes, offset: int, source: str) -> None:

@@ -8,7 +8,8 @@ when these checks pass, in this order:
   3. approved    — the site's approvals list it and pin exactly the entry's sha256, size and
                    format (`catalogue.approvals`);
   4. file        — opened once (O_NOFOLLOW), StrictModes (only root or the store's owner can change
-     it: `catalogue.imagefile`), and a self-contained header for the entry's format (`catalogue.qcow2`);
+     it: `catalogue.imagefile`), and a self-contained header for the entry's format (`catalogue.qcow2`)
+     giving the entry's virtual size when it records one (compressed clusters are fine);
   5. hash        — the size and sha256 of that descriptor match the entry (cached per file stamp).
 `verified_image` returns the open file (QEMU gets its descriptor, never the path again), raises
 DataError (exit 65) naming the failed check and creates nothing on failure.
@@ -47,7 +48,7 @@ from catalogue import approvals, hashcache
 from catalogue.approvals import is_approved
 from cluster.files import locked, read_limited, write_atomic
 from catalogue.imagefile import OpenImage, open_image, suffix_format
-from catalogue.index import Entry, Index, format_time, now_utc, parse_index, verify_signatures
+from catalogue.index import Entry, Index, check_virtual_size, format_time, now_utc, parse_index, verify_signatures
 from catalogue.keys import load_trust_keys
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,11 @@ def _opened(spec: ClusterSpec, entry: Entry, where: Callable[[], Path], refuse: 
     try:
         image = open_image(where(), entry.format, store_owner(spec))
     except DataError as e:
+        raise refuse("file", str(e)) from None
+    try:
+        check_virtual_size(entry, image.virtual_size, str(image.path))
+    except DataError as e:
+        image.close()
         raise refuse("file", str(e)) from None
     try:
         check_image_bytes(spec, entry, image)

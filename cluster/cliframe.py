@@ -79,3 +79,15 @@ def format_age(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
+
+
+def format_size(n: int | None) -> str:
+    """Bytes as a person reads them in a table: 512 B, 1.4 MiB, 64 MiB, 2.0 GiB ("-": unknown)."""
+    if n is None:
+        return "-"
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    k = 0
+    while k + 1 < len(units) and n >= 1024 ** (k + 1):
+        k += 1
+    value = n / 1024 ** k
+    return f"{value:.1f} {units[k]}" if k and value < 9.95 else f"{value:.0f} {units[k]}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cluster.errors import DataError, TempFailure
 from catalogue import hashcache
-from catalogue.index import Entry
+from catalogue.index import Entry, check_virtual_size
 from catalogue.qcow2 import check_image_header
 from cluster.files import allocated_bytes, free_bytes, fsync_dir
 from cluster.store import Store
@@ -39,7 +39,8 @@ def check_space(store: Store, file_name: str, size: int, reserve: int) -> None:
 def install(store: Store, entry: Entry, hash_cache: Path | None = None) -> Path:
     """Moves images/partial/FILE into images/base/ read-only once its bytes match the signed entry
     and its header passes `catalogue.qcow2`'s rules for the entry's format (no backing file, no
-    external data file, no unknown incompatible feature), both read from one descriptor.
+    external data file, no unknown incompatible feature) and gives the entry's virtual size, all
+    read from one descriptor. A compressed qcow2 is installed as it is.
 
     Raises DataError (and leaves the partial file for a recheck) when they don't. With `hash_cache`
     (the wrapper's pre-boot cache) the digest just computed is remembered for the installed file,
@@ -59,7 +60,7 @@ def install(store: Store, entry: Entry, hash_cache: Path | None = None) -> Path:
             written.result()
         if digest != entry.sha256:
             raise DataError(f"{src}: sha256 {digest} does not match the signed index ({entry.sha256})")
-        check_image_header(fd, entry.format, str(src))
+        check_virtual_size(entry, check_image_header(fd, entry.format, str(src)), str(src))
         os.fchmod(fd, 0o444)
         os.fsync(fd)  # the mode; the data are already on disk
         store.base.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,8 @@ def test_endorser_flow_add_sign_verify_list_revoke(signed_catalogue, cli, tmp_pa
     r = cli("catalogue", "list", "--dir", d, "--trust", str(sc.pub_path), "--spec", str(sc.spec_path))
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:] if "@" in line.split()[0]}
-    assert rows["demo@1"][4:6] == ["yes", "no"] and rows["hub-img@2.0"][3:5] == ["hub", "yes"]
+    assert rows["demo@1"][5:7] == ["yes", "no"] and rows["hub-img@2.0"][4:6] == ["hub", "yes"]
+    assert rows["hub-img@2.0"][1:4] == [str(hub.size), str(4 << 20), "qcow2"]  # virtual: from the header
 
     r = cli("catalogue", "revoke", "--dir", d, "demo@1")
     assert r.returncode == 0 and "revoked demo@1" in r.stdout

@@ -109,5 +109,5 @@ def test_imgdist_list_and_its_flag_spelling_print_the_same(imgdist_lab):
     assert by_flag.returncode == by_command.returncode == 0, by_flag.stderr + by_command.stderr
     assert by_flag.stdout == by_command.stdout
     lines = by_command.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "SIZE", "STATE", "ENDORSED", "APPROVED", "VMS"]
+    assert lines[0].split() == ["NAME", "VERSION", "SIZE", "VIRTUAL", "STATE", "ENDORSED", "APPROVED", "VMS"]
     assert {line.split()[0] for line in lines[1:]} == {"sage", "hub"}

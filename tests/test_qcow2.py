@@ -18,19 +18,11 @@ from catalogue.hashcache import sha256_file
 from cluster.errors import DataError
 from cluster.store import Store
 from imagedist.install import install
-from tests.fixtures.catalogue import make_qcow2, tree_snapshot
+from tests.fixtures.catalogue import header_of, make_qcow2, tree_snapshot
 
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
-def header_of(path: Path) -> qcow2.Qcow2Header:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return qcow2.check_qcow2(fd, str(path))
-    finally:
-        os.close(fd)
 
 
 def set_incompatible_bits(path: Path, bits: int) -> None:

@@ -10,7 +10,7 @@ from cluster.spec import load_spec, split_image_ref
 from cluster.yamlmodel import is_name, is_service_id, load_yaml
 from catalogue import approvals, trust
 from catalogue.endorse import CatalogueDir, add_image
-from catalogue.index import Index, new_signature_file, parse_index, sign_index_bytes
+from catalogue.index import SCHEMA, Index, new_signature_file, parse_index, sign_index_bytes
 from jobwrappers.jobenv import check_service_id
 from tests.fixtures.catalogue import tree_snapshot
 
@@ -228,10 +228,13 @@ def test_index_times_must_be_quoted_utc(signed_catalogue):
 
 def test_index_without_its_schema_line_refused(signed_catalogue):
     raw = signed_catalogue.signed()[0]
-    one_line(refused(DataError, parse_index, raw.replace(b"schema: salvus-image-index/1\n", b"")),
+    line = f"schema: {SCHEMA}\n".encode()
+    assert line in raw
+    one_line(refused(DataError, parse_index, raw.replace(line, b"")),
              "index.yaml: schema: required field is missing")
-    one_line(refused(DataError, parse_index, raw.replace(b"salvus-image-index/1", b"salvus-image-index/2")),
-             "index.yaml: schema: input should be 'salvus-image-index/1'")
+    one_line(refused(DataError, parse_index, raw.replace(line, b"schema: salvus-image-index/3\n")),
+             "index.yaml: schema: 'salvus-image-index/3' is not a version this salvus-jobs reads",
+             "needs a newer salvus-jobs")
 
 
 def test_draft_entry_listed_twice_refused(signed_catalogue):
