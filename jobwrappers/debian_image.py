@@ -70,12 +70,30 @@ ExecStartPre=
 ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 """
+# With cloud-init disabled (the readiness: probe test) nothing would configure the NIC: a site's
+# image without cloud-init has its own network configuration, this one asks DHCP once.
+FALLBACK_NET_UNIT = """[Unit]
+Description=salvus test image: DHCP on the first NIC when cloud-init is disabled
+ConditionKernelCommandLine=cloud-init=disabled
+Wants=network.target
+Before=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'for i in /sys/class/net/en*; do exec /sbin/dhclient -1 "$${i##*/}"; done'
+
+[Install]
+WantedBy=multi-user.target
+"""
 # The image has no `locales` package; cloud-init's locale module would fail on en_US.UTF-8.
 CLOUD_CFG = "locale: false\n"
 FILES = {"usr/local/bin/salvus-sage": (SAGE_SERVICE, 0o755),
          "etc/systemd/system/salvus-sage.service": (SAGE_UNIT, 0o644),
          "etc/systemd/system/ssh.service.d/host-keys.conf": (SSH_KEYS_DROPIN, 0o644),
-         "etc/cloud/cloud.cfg.d/90-salvus-test.cfg": (CLOUD_CFG, 0o644)}
+         "etc/cloud/cloud.cfg.d/90-salvus-test.cfg": (CLOUD_CFG, 0o644),
+         "etc/systemd/system/salvus-fallback-net.service": (FALLBACK_NET_UNIT, 0o644)}
+UNITS = ("salvus-sage.service", "salvus-fallback-net.service")  # enabled in multi-user.target
 BUILDER_VERSION = 1  # bump when the build steps below change what ends up in the image
 
 
@@ -133,9 +151,10 @@ def _fill_rootfs(root: Path, debs: Path) -> None:
         path.chmod(mode)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "salvus-sage.service"
-    if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/salvus-sage.service")
+    for unit in UNITS:
+        link = wants / unit
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{unit}")
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()  # every VM makes its own (cloud-init's ssh module)
     (root / "etc/machine-id").write_text("")  # systemd makes one per boot of an empty file
