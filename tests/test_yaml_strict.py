@@ -140,10 +140,55 @@ def test_alias_bomb_refused_before_it_expands(tmp_path, parser):
     ("[" * 33 + "]" * 33, "line 1, column 33: nested deeper than 32 levels"),
     ("a:\n" + "".join("  " * i + "- \n" for i in range(1, 40)), "line 33, column 65: nested deeper than 32 levels"),
     ("[" * 100_000 + "]" * 100_000, "line 1, column 1001"),  # libyaml's own limit, before ours
+    ("- " * 20_000 + "x", "line 1, column 65: nested deeper than 32 levels"),
+    ("{a: " * 20_000, "line 1, column 129: nested deeper than 32 levels"),
 ])
 def test_anchors_aliases_and_deep_nesting_are_one_line(text, where):
     one_line(refused(SpecError, load_yaml, text, "t.yaml", SpecError), f"t.yaml: malformed YAML at {where}")
     assert load_yaml("[" * 32 + "]" * 32, "t.yaml", SpecError) is not None
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a: 2026-13-01\n", "line 1, column 4: '2026-13-01' is not a valid timestamp (month must be in 1..12)"),
+    ("a: " + "9" * 5000 + "\n", "line 1, column 4: '999"),
+])
+def test_unquoted_values_python_cannot_build_are_one_line(text, expected):
+    """PyYAML lets a ValueError from int() or date() through: a traceback, not a refusal."""
+    one_line(refused(DataError, load_yaml, text, "t.yaml", DataError), f"t.yaml: malformed YAML at {expected}")
+
+
+PLAIN_DOCS = [
+    "", "a", "- 1\n- [2, {b: c}]\n- {}\n- []\n",
+    "a: [1, 2.5, .nan, .inf, 0x1F, 0o17, 1_000, true, yes, No, ~, null, '', \"x\", '1', 2026-01-01]\n",
+    "s: !!str 123\ni: !!int '7'\nf: !!float '1'\nb: !!binary aGVsbG8=\nx: ! 123\n",
+    "%TAG !e! tag:yaml.org,2002:\n---\na: !e!int '5'\n", "a: |\n  x\nb: >\n  p\n  q\nc:\nd: 'x'\n...\n",
+    "'a': 1\nb: 1\n", "1: a\n'1': b\n",
+]
+UNUSUAL_DOCS = ["<<: {a: 1}\nb: 2\n", "=: 1\n", "a: !!set {x, y}\n", "a: !!omap [x: 1]\n", "? [a]\n: 1\n",
+                "a: !!map {b: 1}\n", "1: a\n0x1: b\n", "a: 1\n---\nb: 2\n", "a: &x 1\n", "[" * 33 + "]" * 33,
+                ".nan: 1\n.nan: 2\n"]  # one cached NaN twice: a repeat here, two keys there
+
+
+def test_events_path_builds_what_the_composer_builds(signed_catalogue):
+    """load_yaml builds plain documents straight from the parser's events and leaves the rest (and
+    every refusal) to the strict composer and constructor: where it builds, it builds the same."""
+    import yaml
+
+    from cluster.yamlmodel import UniqueKeyLoader, _Unusual
+
+    def typed(v):
+        if isinstance(v, dict):
+            return [(typed(k), typed(x)) for k, x in v.items()]
+        return [typed(x) for x in v] if isinstance(v, list) else (type(v), repr(v))
+
+    index = signed_catalogue.signed()[0].decode()
+    for text in [index, *PLAIN_DOCS]:
+        loader = UniqueKeyLoader(text)
+        assert typed(loader.plain_data()) == typed(yaml.load(text, Loader=UniqueKeyLoader)), text  # noqa: S506
+    for text in UNUSUAL_DOCS:
+        with pytest.raises(_Unusual):
+            UniqueKeyLoader(text).plain_data()
+    assert load_yaml(UNUSUAL_DOCS[0], "t.yaml", DataError) == {"a": 1, "b": 2}
 
 
 # --- full matches ---------------------------------------------------------------------------------
