@@ -12,7 +12,7 @@ and as a job, and the emulator settings it boots fastest under.
 Real VMs, so the figures move with the machine's load: run it on a quiet machine. Printed, not
 asserted; the last line is `key=value` pairs.
 
-    .venv/bin/python benchmarks/real_guest_bench.py [--runs 3] [--tcg max/16,qemu64/16,qemu64/64]
+    .venv/bin/python benchmarks/real_guest_bench.py [--runs 3] [--tcg max/16,qemu64/16,qemu64/64 [--tcg-runs 1]]
 """
 from __future__ import annotations
 
@@ -162,6 +162,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="sequential boots per way (default 3)")
     ap.add_argument("--tcg", default="", metavar="CPU/TB,...",
                     help="also time plain boots under these TCG CPU models / cache MiB, e.g. max/16,qemu64/16")
+    ap.add_argument("--tcg-runs", type=int, default=1, help="boots per --tcg setting (default 1)")
     args = ap.parse_args()
     img = debian_image.build()
     pub = _ed25519_pub()  # the config drive installs it, as a job's would; nothing logs in with it
@@ -191,7 +192,7 @@ def main() -> int:
             print("\nplain qemu start -> sshd answers, per TCG setting")
             for n, setting in enumerate(args.tcg.split(",")):
                 cpu, _, tb = setting.partition("/")
-                times = [plain_boot(work, img, spec, tcg(cpu, int(tb or 16)), 100 + n * 10 + r) for r in range(args.runs)]
+                times = [plain_boot(work, img, spec, tcg(cpu, int(tb or 16)), 100 + n * 10 + r) for r in range(args.tcg_runs)]
                 print(_row(f"  -cpu {cpu}, tb-size={tb or 16}", times), flush=True)
                 out[f"tcg_{cpu}_{tb or 16}_s"] = med(times)
     print(" ".join(f"{k}={v:.0f}" if k.endswith("_ms") else f"{k}={v:.2f}" for k, v in out.items()))

@@ -337,8 +337,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         except Exception as e:  # any backend failure: the scheduler retries the job later
             beat = None
             raise TempFailure(f"cannot register {service_id}: {e}") from None
-        log.info("registered %s at %s:%d (%.3f s after READY)", service_id, *job.endpoint,
-                 time.monotonic() - ready_at)
+        signal_word = {"probe": "the probe's first answer", "cloud-init-final": CLOUD_INIT_FINAL}.get(
+            role.readiness, "READY")
+        log.info("registered %s at %s:%d (%.3f s after %s)", service_id, *job.endpoint,
+                 time.monotonic() - ready_at, signal_word)
         job.write_state("running")
         if supervise(job, beat, registry):
             job.write_state("stopping")

@@ -154,6 +154,7 @@ def test_readiness_probe_registers_the_demo_guest(tmp_path, demo_image, run_wrap
     run = run_wrapper(_demo_sage_with("readiness: probe", tmp_path, demo_image), "sage", "sage-probe")
     svc = run.registered(timeout=150)
     assert svc.role == "sage" and "guest says" not in run.output()  # READY was not what it waited for
+    assert "s after the probe's first answer)" in run.output()
     assert run.terminate() == 0
 
 
