@@ -117,7 +117,7 @@ def wrapper_boot(spec: ClusterSpec, sid: str, work: Path) -> dict[str, float]:
     t0 = time.monotonic()
     with open(err, "w") as e:
         proc = subprocess.Popen([WRAPPER, "--spec", spec.source, "--role", "sage", "--service-id", sid],
-                                stdout=subprocess.DEVNULL, stderr=e, env={**os.environ, "TMPDIR": str(work)})
+                                stdout=e, stderr=e, env={**os.environ, "TMPDIR": str(work)})
     answered: list[float | None] = []
     try:
         with open_registry(spec) as reg:
@@ -138,6 +138,8 @@ def wrapper_boot(spec: ClusterSpec, sid: str, work: Path) -> dict[str, float]:
     finally:
         proc.terminate()
         proc.wait(STOP_TIMEOUT + 60)
+        if proc.returncode:
+            print(err.read_text(), file=sys.stderr)
     log = err.read_text()
     ready = re.search(r"\(([\d.]+) s after READY\)", log)
     stop = re.search(r"guest (shut down|destroyed after stop_timeout) in ([\d.]+) s", log)

@@ -341,8 +341,9 @@ class HypervisorSpec:
     # "auto": libvirt when a daemon answers, else plain QEMU; "never": plain QEMU; else a URI.
     libvirt: StrictStr = "auto"
     domain_template: Optional[StrictStr] = None  # site override of the libvirt domain XML
-    # Fits a real cloud-init guest under TCG (the agent's READY at ~100-150 s); roles may override.
-    boot_timeout: Seconds = 300
+    # Fits a real cloud-init guest under TCG: registered at ~245 s alone on a 2-core host, ~360 s
+    # two at once (README "Your own images"); roles may override.
+    boot_timeout: Seconds = 600
     # SIGTERM -> the guest powered off by ACPI, else destroyed. The wrapper asks the scheduler for
     # this plus its clean-up as the SIGTERM -> SIGKILL grace; roles may override.
     stop_timeout: Seconds = 20
