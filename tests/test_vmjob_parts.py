@@ -146,3 +146,23 @@ def test_heartbeat_reregisters_an_expired_row(tmp_path):
     beat.next_due = 0
     beat.beat_if_due()  # a closed connection fails like an unreachable backend: logged, retried
     assert beat.failures == 1 and 0 < beat.seconds_until_due() < 2.0
+
+
+def test_guest_upstreams_forward_only_valid_endpoints(tmp_path):
+    """A registry row whose host holds a newline would start a new command line on the guest's
+    channel: such rows are never sent (the registry's read checks catch them too; this guards
+    the channel itself)."""
+    from types import SimpleNamespace
+    from jobwrappers.vmjob import guest_upstreams
+
+    class Unchecked(SqliteRegistry):  # a registry that hands back rows as stored
+        def lookup(self, role: str) -> list[Service]:
+            return [Service.from_row(r) for r in self._db.execute(
+                "SELECT role, service_id, host, port FROM services WHERE role = ?", (role,))]
+
+    reg = Unchecked(tmp_path / "reg.sqlite")
+    reg.register(Service(role="sage", service_id="sage-ok", host="10.0.0.5", port=6000))
+    reg.register(Service(role="sage", service_id="sage-bad", host="10.0.0.6\nRELOAD", port=6000))
+    job = SimpleNamespace(role=SimpleNamespace(upstreams=["sage"], network="bridge"), here=frozenset())
+    assert guest_upstreams(job, reg) == ["10.0.0.5:6000"]
+    reg.close()
