@@ -166,3 +166,35 @@ def test_guest_upstreams_forward_only_valid_endpoints(tmp_path):
     job = SimpleNamespace(role=SimpleNamespace(upstreams=["sage"], network="bridge"), here=frozenset())
     assert guest_upstreams(job, reg) == ["10.0.0.5:6000"]
     reg.close()
+
+
+def test_host_channel_bounds_a_line_trickled_in_small_chunks(tmp_path):
+    """An over-long line sent a few bytes at a time is dropped and never buffered beyond the cap;
+    the line after it is read whole."""
+    import socket
+    import threading
+    import time
+    from jobwrappers.probe import MAX_LINE, HostChannel
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "ch.sock"))
+    server.listen(1)
+    ch = HostChannel(tmp_path / "ch.sock")
+    ch.connect(time.monotonic() + 5, lambda: True)
+    peer, _ = server.accept()
+    biggest = []
+
+    def guest() -> None:
+        for _ in range(MAX_LINE * 2 // 512):
+            peer.sendall(b"Y" * 512)
+        peer.sendall(b"\nREADY sage s1\n")
+
+    t = threading.Thread(target=guest)
+    t.start()
+    while True:
+        line = ch.read_line(time.monotonic() + 10, lambda: biggest.append(len(ch._buf)) or True)
+        if line.startswith("READY"):
+            break
+    t.join()
+    assert line == "READY sage s1" and max(biggest) <= MAX_LINE + 4096
+    peer.close(), server.close()
