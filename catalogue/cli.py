@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cluster.cliframe import format_table
 from cluster.errors import DataError, SpecError
-from cluster.spec import ClusterSpec, load_spec, split_image_ref
+from cluster.spec import MAX_INDEX_LIFETIME_DAYS, ClusterSpec, load_spec, split_image_ref
 from catalogue import approvals, trust
 from catalogue.endorse import CatalogueDir, add_image, cosign_index, revoke, sign_index, verify_catalogue
 from catalogue.fetch import fetch_signed_index
@@ -30,7 +30,11 @@ def parse_duration(text: str) -> timedelta:
     m = _DURATION_RE.fullmatch(text)
     if not m or int(m.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h, 90m, got {text!r}")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    # The cap keeps timedelta from overflowing and an index from outliving every site's limit.
+    if seconds > MAX_INDEX_LIFETIME_DAYS * 86400:
+        raise argparse.ArgumentTypeError(f"at most {MAX_INDEX_LIFETIME_DAYS}d, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def positive_int(text: str) -> int:
@@ -266,8 +270,8 @@ def cmd_accept(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from catalogue.serve import base_url, make_server
     host, _, port = args.bind.rpartition(":")
-    if not host or not port.isdigit():
-        raise SpecError(f"--bind: expected HOST:PORT, got {args.bind!r}")
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise SpecError(f"--bind: expected HOST:PORT with PORT 0-65535, got {args.bind!r}")
     root = _dir(args)
     if not (root / "index.yaml").exists():
         raise SpecError(f"{root}: no index.yaml to serve (run `catalogue sign` first)")

@@ -28,7 +28,12 @@ _ROUTES = (
     (re.compile(rf"/torrents/({_FILE_PART}\.torrent)"), "torrents", "application/x-bittorrent"),
     (re.compile(rf"/images/({_FILE_PART})"), "images", "application/octet-stream"),
 )
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_MAX_DIGITS = 20  # 2**64 has 20 digits
+_BEYOND = str(1 << 64)
+# A GET/HEAD body is meaningless here; up to this much is read and dropped so the next request on
+# the keep-alive connection parses, more (or a chunked body) closes the connection.
+MAX_IGNORED_BODY = 64 << 10
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -39,17 +44,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
     if not m or (not m.group(1) and not m.group(2)):
         return None  # multi-range or malformed: ignore Range, send everything
-    first_s, last_s = m.groups()
+    # More digits than any file size has: int() of thousands of digits is refused (ValueError) and
+    # slow, so such a position is read as "beyond the end" without converting it.
+    first_s, last_s = (g if len(g) <= _MAX_DIGITS else _BEYOND for g in m.groups())
     if not first_s:  # suffix range: the last N bytes
         n = int(last_s)
         if n == 0 or size == 0:
             return "unsatisfiable"
         return max(0, size - n), size - 1
     first = int(first_s)
-    last = min(int(last_s), size - 1) if last_s else size - 1
-    if first >= size or (last_s and int(last_s) < first):
+    if last_s and int(last_s) < first:
+        return None  # RFC 9110 14.1.1: an invalid range; the header is ignored, not refused
+    if first >= size:
         return "unsatisfiable"
-    return first, last
+    return first, min(int(last_s), size - 1) if last_s else size - 1
 
 
 class OriginHandler(BaseHTTPRequestHandler):
@@ -65,8 +73,26 @@ class OriginHandler(BaseHTTPRequestHandler):
         for pattern, sub, ctype in _ROUTES:
             m = pattern.fullmatch(path)
             if m:
-                return self.root / sub / m.group(1), ctype
+                path = self.root / sub / m.group(1)
+                # A symlink may point within the catalogue (root is resolved), never out of it
+                # (a link to /etc/passwd would be served).
+                if not path.resolve().is_relative_to(self.root / sub):
+                    log.warning("refusing %s: a symlink out of %s", path, self.root / sub)
+                    return None
+                return path, ctype
         return None
+
+    def _drop_body(self) -> None:
+        """Reads and drops a request body, or closes the connection after this answer when it is
+        chunked, unreadable or large (else its bytes would be parsed as the next request)."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+        elif length is not None:
+            if re.fullmatch(r"[0-9]{1,7}", length.strip()) and int(length) <= MAX_IGNORED_BODY:
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True
 
     def _error(self, status: HTTPStatus, extra: dict[str, str] | None = None) -> None:
         body = f"{status.value} {status.phrase}\n".encode()
@@ -83,6 +109,7 @@ class OriginHandler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self._drop_body()
         found = self._resolve()
         if found is None:
             return self._error(HTTPStatus.NOT_FOUND)

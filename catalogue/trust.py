@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +88,15 @@ def check_signed_index(index_bytes: bytes, sig_bytes: bytes, keys: list[Ed25519P
         raise DataError(f"{source}: version {index.version} expired at {format_time(index.expires)} "
                         "(stale index: the endorser must re-sign)")
     return index
+
+
+def check_lifetime(index: Index, max_days: int, source: str) -> None:
+    """DataError when the endorser made the index valid for longer than the site allows
+    (catalogue.max_index_lifetime_days): a leaked old index must not stay replayable for years."""
+    if index.expires - index.issued > timedelta(days=max_days):
+        raise DataError(f"{source}: version {index.version} is valid from {format_time(index.issued)} to "
+                        f"{format_time(index.expires)}, longer than catalogue.max_index_lifetime_days "
+                        f"({max_days}): refused")
 
 
 def _pointer_path(spec: ClusterSpec) -> Path:
@@ -223,6 +233,7 @@ def accept_index(spec: ClusterSpec, index_bytes: bytes, sig_bytes: bytes) -> Ind
     and pins the approvals it is the first to list."""
     cat = spec.catalogue
     index = check_signed_index(index_bytes, sig_bytes, trust_keys(spec), cat.trust.threshold, cat.max_index_bytes)
+    check_lifetime(index, cat.max_index_lifetime_days, "index.yaml")
     digest = hashlib.sha256(index_bytes).hexdigest()
     # Checked before taking the lock as well, so a refused index leaves the state untouched.
     if _refuse_rollback(spec, index, digest):
@@ -334,6 +345,10 @@ def _fresh_index(spec: ClusterSpec, refuse: _Refusal) -> Index:
     if index.expired():
         raise refuse("index fresh", f"{source}: version {index.version} expired at {format_time(index.expires)} "
                                     "(stale index: the endorser must re-sign, then accept it)")
+    try:  # checked at boot too: the spec's limit may have been lowered since the accept
+        check_lifetime(index, spec.catalogue.max_index_lifetime_days, source)
+    except DataError as e:
+        raise refuse("index fresh", str(e)) from None
     return index
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Any, Callable, Sequence
 
 from cluster.errors import SalvusError
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s"
@@ -63,8 +65,16 @@ def run_command(prog: str, func: Callable[[], int | None]) -> int:
         return EXIT_INTERRUPTED
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1) as `\\xNN`: cells come from the registry and
+    the scheduler, which any writer fills, and `\\x1b]0;...` would retitle the operator's terminal."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart, no trailing blanks, no final newline."""
+    """Left-aligned columns two spaces apart, no trailing blanks, no final newline; control
+    characters escaped (`printable`)."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 

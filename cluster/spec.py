@@ -11,6 +11,7 @@ import binascii
 import dataclasses
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -32,7 +33,16 @@ DEFAULT_SPEC_NAME = "cluster.yaml"
 MAX_SPEC_BYTES = 1 << 20
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
-Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0)]
+# A timeout or interval: finite (`.inf` would make sleep() and deadlines overflow) and at most a
+# year, far beyond any real wait, so every deadline computed from it is an ordinary float.
+MAX_SECONDS = 365 * 86400
+Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+# Services per role, in the spec and on `scale`'s command line: far beyond any site, small enough
+# that a typo (an extra digit run) is refused instead of submitting millions of jobs.
+MAX_ROLE_COUNT = 10_000
+RoleCount = Annotated[StrictInt, Field(ge=0, le=MAX_ROLE_COUNT)]
+# The longest validity an endorser may give a signed index (catalogue sign --expires).
+MAX_INDEX_LIFETIME_DAYS = 3650
 # Slurm's time forms (sbatch --time): MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _WALLTIME_RE = re.compile(r"(?:(?P<days>[0-9]{1,5})-)?(?P<clock>[0-9]{1,7}(?::[0-9]{1,2}){0,2})")
 WALLTIME_WHAT = "a Slurm time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 7-00:00:00)"
@@ -139,7 +149,7 @@ class RoleSpec:
     vcpus: PositiveInt = 1
     memory_mb: Annotated[StrictInt, Field(ge=96)] = 160
     disk_mb: NonNegativeInt = 2048  # scratch the job asks the scheduler for (overlay growth)
-    count: NonNegativeInt = 0  # desired number of running services
+    count: RoleCount = 0  # desired number of running services
     network: Literal["user", "bridge"] = "user"
     bridge: Optional[StrictStr] = None
     # An explicit image file instead of the store (demo, development). Trust checks still apply
@@ -371,6 +381,9 @@ class CatalogueSpec:
     url: Optional[StrictStr] = None  # the origin serving index.yaml, its signature and images
     trust: TrustSpec = dataclasses.field(default_factory=TrustSpec)
     max_index_bytes: PositiveInt = 16 << 20
+    # An index valid for longer than this (expires - issued) is refused: a stolen old index must
+    # not stay replayable for decades.
+    max_index_lifetime_days: Annotated[StrictInt, Field(ge=1, le=MAX_INDEX_LIFETIME_DAYS)] = 400
     # Skip the trust checks (development only; the wrapper logs a warning at every boot).
     insecure_allow_unsigned: StrictBool = False
 
@@ -455,10 +468,15 @@ def resolve_spec_path(arg: str | None) -> Path:
 def load_spec(arg: str | Path | None = None) -> ClusterSpec:
     path = resolve_spec_path(str(arg) if arg else None)
     try:
-        raw = path.read_bytes() if path.stat().st_size <= MAX_SPEC_BYTES else None
+        # O_NONBLOCK: a FIFO with no writer opens at once instead of hanging, and is refused below
+        # with /dev/zero and directories; only a regular file's size is known before reading.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SpecError(f"{path}: cannot read spec: not a regular file")
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec: {e.strerror or e}") from None
-    if raw is None:
+    if len(raw) > MAX_SPEC_BYTES:
         raise SpecError(f"{path}: spec larger than {MAX_SPEC_BYTES} bytes")
     return parse_spec(raw, path)
 

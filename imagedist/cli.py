@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cluster.cliframe import common_options, parse, run_command, setup_logging
 from cluster.errors import SpecError
-from cluster.spec import ClusterSpec, load_spec
+from cluster.spec import MAX_SECONDS, ClusterSpec, load_spec
 from cluster.store import Store
 from imagedist.store import store_lock
 
@@ -22,6 +22,17 @@ log = logging.getLogger("imgdist")
 FLAG_ALIASES = {"--sync": "sync", "--daemon": "daemon", "--list": "list", "--gc": "gc", "--enable": "enable",
                 "--disable": "disable", "--list_unknown_files": "unknown-files", "--classad": "classad",
                 "--slurm-features": "slurm-features", "--origin": "origin"}
+
+
+def interval_seconds(text: str) -> float:
+    """--interval: finite, above zero and at most the spec's own cap (-5 looped with no pause)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_SECONDS:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {MAX_SECONDS}, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             "imgdist --spec cluster.yaml sync")
     c = command("daemon", cmd_daemon, "a pass every --interval seconds; seeds in between",
                 "imgdist --spec cluster.yaml daemon --interval 60")
-    c.add_argument("--interval", type=float, default=None, help="seconds between passes (default: imgdist.interval)")
+    c.add_argument("--interval", type=interval_seconds, default=None, help="seconds between passes (default: imgdist.interval)")
     command("list", cmd_list, "one row per image: state, endorsed, approved, VMs", "imgdist --spec cluster.yaml list")
     c = command("gc", cmd_gc, "remove unwanted images (never one a running VM uses)",
                 "imgdist --spec cluster.yaml gc --keep 2")

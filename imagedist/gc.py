@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,9 @@ def collect(spec: ClusterSpec, store: Store, index, keep: int, partials: bool) -
         now = time.time()
         for f in sorted(store.partial.iterdir()):
             stem = f.name.rsplit(".", 1)[0]
-            explained = index is None or f.name in wanted
-            if explained and now - f.stat().st_mtime < STALE_PARTIAL_SECONDS:
+            st = f.lstat()  # never follow: a (dangling) symlink here is no download of ours
+            explained = stat.S_ISREG(st.st_mode) and (index is None or f.name in wanted)
+            if explained and now - st.st_mtime < STALE_PARTIAL_SECONDS:
                 continue
             _remove(f, result)
             _remove(store.resume_file(stem), result)

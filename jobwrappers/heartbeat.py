@@ -35,8 +35,9 @@ class Heartbeater:
         if now < self.next_due:
             return
         try:
-            if not self.registry.heartbeat(self.service.service_id):
-                log.warning("registry had no live row for %s; registering again", self.service.service_id)
+            if not self.registry.heartbeat(self.service.service_id, owner=self.service):
+                log.warning("registry had no live row of ours for %s (expired, or registered by another "
+                            "writer); registering again", self.service.service_id)
                 self.registry.register(self.service)
         except Exception as e:  # any backend failure: the VM keeps running, the beat is retried
             self.failures += 1

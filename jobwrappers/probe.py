@@ -22,6 +22,7 @@ class HostChannel:
         self.path = path
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._scanned = 0  # self._buf[:_scanned] holds no newline
         self._skipping = False
 
     def connect(self, deadline: float, keep_going: Callable[[], bool]) -> None:
@@ -40,13 +41,17 @@ class HostChannel:
     def _take_line(self) -> str | None:
         """The next complete line in the buffer; an over-long one is dropped, never buffered whole."""
         while True:
-            if b"\n" in self._buf:
-                line, _, self._buf = self._buf.partition(b"\n")
+            # Only bytes not yet searched are scanned: a guest trickling a long line in small
+            # chunks must not make each chunk rescan the whole buffer.
+            end = self._buf.find(b"\n", self._scanned)
+            if end >= 0:
+                line, self._buf, self._scanned = self._buf[:end], self._buf[end + 1:], 0
                 if len(line) <= MAX_LINE:
                     return line.decode(errors="replace").strip()
                 continue
+            self._scanned = len(self._buf)
             if len(self._buf) > MAX_LINE:
-                self._buf = b""
+                self._buf, self._scanned = b"", 0
                 self._skipping = True
             return None
 

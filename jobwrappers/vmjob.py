@@ -28,6 +28,7 @@ from cluster.cliframe import SPEC_HELP, add_verbose, run_command, setup_logging
 from cluster.errors import SpecError, TempFailure
 from cluster.files import STATE_MODE, open_append
 from cluster.registry import Registry, Service, open_registry
+from cluster.registry.base import valid_endpoint
 from cluster import jobstatus
 from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
@@ -129,6 +130,10 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
     out = []
     for upstream_role in job.role.upstreams:
         for svc in registry.lookup(upstream_role):
+            if not valid_endpoint(svc.host, svc.port):  # the channel is line-based: no '\n' may pass
+                log.warning("upstream %r has an invalid endpoint %r:%r: not sent to the guest",
+                            svc.service_id, svc.host, svc.port)
+                continue
             host = svc.host
             if job.role.network == "user" and host in job.here:
                 host = GUEST_HOST_ADDR

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from cluster.cliframe import format_age, format_table
+from cluster.cliframe import format_age, format_table, printable
 from cluster.spec import load_spec
 from submit import open_backend
 
@@ -49,7 +49,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     plan, submitted = scale(spec, parse_desired(spec, args.counts), dry_run=args.dry_run)
     for line in plan.describe():
-        print(line)
+        print(printable(line))  # hold reasons come from the scheduler, any user's text
     if args.dry_run:
         print("(dry run: nothing changed)")
     elif plan.noop:

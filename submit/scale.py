@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from cluster import jobstatus
 from cluster.errors import RegistryUnavailable, SpecError, TempFailure
 from cluster.files import STATE_MODE, locked, write_atomic_text
 from cluster.registry import Service, open_registry
-from cluster.spec import ClusterSpec
+from cluster.spec import MAX_ROLE_COUNT, ClusterSpec
 from cluster.store import Store
 from submit import open_backend
 from submit.base import ACTIVE_STATES, Backend, Job
@@ -111,9 +112,14 @@ def parse_desired(spec: ClusterSpec, items: list[str]) -> dict[str, int]:
     desired: dict[str, int] = {}
     for item in items:
         role, sep, n = item.partition("=")
-        if not sep or not n.strip().isdigit():
+        # ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
+        if not sep or not re.fullmatch(r"[0-9]{1,9}", n.strip()):
             raise SpecError(f"scale: expected ROLE=N with N a whole number, got {item!r}")
         spec.role(role)
+        if role in desired:
+            raise SpecError(f"scale: {role} given twice ({role}={desired[role]} and {item}): give each role once")
+        if int(n) > MAX_ROLE_COUNT:
+            raise SpecError(f"scale: {item}: at most {MAX_ROLE_COUNT} services per role")
         desired[role] = int(n)
     return desired
 

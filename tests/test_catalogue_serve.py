@@ -161,3 +161,53 @@ def test_origin_takes_a_whole_sites_simultaneous_syncs(signed_catalogue):
         if serving.is_alive():
             server.shutdown()
         server.server_close()
+
+
+def test_serve_ignores_an_inverted_range_and_refuses_a_huge_one(signed_catalogue, origin):
+    image = (signed_catalogue.cat.root / "images" / "demo-1.qcow2").read_bytes()
+    url = origin + "images/demo-1.qcow2"
+    status, _, body = get(url, {"Range": "bytes=5-3"})  # RFC 9110: invalid, so ignored
+    assert status == 200 and body == image
+    status, h, _ = get(url, {"Range": "bytes=" + "9" * 5000 + "-"})
+    assert status == 416 and h["content-range"] == f"bytes */{len(image)}"
+    status, _, body = get(url, {"Range": "bytes=10-" + "9" * 5000})  # past the end: up to the end
+    assert status == 206 and body == image[10:]
+    status, _, body = get(url, {"Range": "bytes=-" + "9" * 5000})  # a suffix longer than the file
+    assert status == 206 and body == image
+
+
+def test_serve_follows_no_symlink_out_of_the_catalogue(signed_catalogue, origin, tmp_path):
+    images = signed_catalogue.cat.root / "images"
+    (tmp_path / "outside").write_bytes(b"root:x:0:0")
+    (images / "passwd.qcow2").symlink_to(tmp_path / "outside")
+    (images / "alias.qcow2").symlink_to(images / "demo-1.qcow2")  # within images/: still served
+    assert get(origin + "images/passwd.qcow2")[0] == 404
+    status, _, body = get(origin + "images/alias.qcow2")
+    assert status == 200 and body == (images / "demo-1.qcow2").read_bytes()
+
+
+def exchange(origin: str, request: bytes) -> bytes:
+    """Everything the origin sends for raw `request` bytes until it closes (or 5 s of silence)."""
+    import socket
+    u = urllib.parse.urlsplit(origin)
+    with socket.create_connection((u.hostname, u.port), timeout=5) as s:
+        s.sendall(request)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except socket.timeout:
+            pass
+    return out
+
+
+def test_serve_reads_a_get_body_or_closes_the_connection(origin):
+    get_sig = b"GET /index.yaml.sig HTTP/1.1\r\nHost: x\r\n"
+    # A small body is read and dropped: the next request on the connection is answered, not the body.
+    out = exchange(origin, get_sig + b"Content-Length: 22\r\n\r\nGET /etc/passwd HTTP/1" + get_sig
+                   + b"Connection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and b"400" not in out, out[:300]
+    # A large or chunked body: one answer, then the connection closes (never parsed as requests).
+    for body_header in (b"Content-Length: 99999999\r\n", b"Transfer-Encoding: chunked\r\n"):
+        out = exchange(origin, get_sig + body_header + b"\r\nGET /index.yaml HTTP/1.1\r\n\r\n")
+        assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200 OK"), out[:300]

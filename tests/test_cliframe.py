@@ -111,3 +111,9 @@ def test_imgdist_list_and_its_flag_spelling_print_the_same(imgdist_lab):
     lines = by_command.stdout.splitlines()
     assert lines[0].split() == ["NAME", "VERSION", "SIZE", "VIRTUAL", "STATE", "ENDORSED", "APPROVED", "VMS"]
     assert {line.split()[0] for line in lines[1:]} == {"sage", "hub"}
+
+
+def test_format_table_escapes_control_characters_from_registry_rows():
+    out = cliframe.format_table(["HOST"], [["\x1b]0;owned\x07"], ["a\nb\x9b"]])
+    assert out.splitlines() == ["HOST", "\\x1b]0;owned\\x07", "a\\x0ab\\x9b"]
+    assert not any(c in out for c in "\x1b\x07\x9b")

@@ -7,6 +7,8 @@ import signal
 import time
 
 
+import pytest
+
 from cluster.registry import Service, open_registry
 from tests import registry_workers
 
@@ -90,3 +92,26 @@ def test_writer_sigkilled_mid_run_leaves_registry_readable(registry_spec_factory
         reg.register(svc("after-crash"))  # still writable
         assert reg.get("after-crash") is not None
     assert set(committed) <= live
+
+
+def test_heartbeat_of_a_taken_over_id_fails_so_the_owner_registers_again(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        mine = svc("sage-a")
+        reg.register(mine)
+        assert reg.heartbeat("sage-a", owner=mine) is True
+        reg.register(Service(role="sage", service_id="sage-a", host="127.0.0.1", port=6666, job_id="999"))  # a takeover
+        assert reg.heartbeat("sage-a", owner=mine) is False  # the hijacked row is not kept alive
+        reg.register(mine)  # what the wrapper's Heartbeat does on False
+        got = reg.get("sage-a")
+        assert (got.job_id, got.port) == ("42", 6000) and reg.heartbeat("sage-a", owner=mine) is True
+
+
+@pytest.mark.parametrize("host, port", [("evil\nSTOP", 6000), ("\x1b]0;owned\x07", 6000), ("", 6000),
+                                        ("-oProxyCommand=x", 6000), ("127.0.0.1", 0), ("127.0.0.1", 70000)])
+def test_rows_with_an_invalid_endpoint_are_not_read(registry_spec_factory, host, port):
+    with open_registry(registry_spec_factory()) as reg:
+        reg.register(svc("sage-ok"))
+        reg.register(Service(role="sage", service_id="sage-bad", host=host, port=port))
+        assert [s.service_id for s in reg.lookup("sage")] == ["sage-ok"]
+        assert [s.service_id for s in reg.all()] == ["sage-ok"]
+        assert reg.get("sage-bad") is None

@@ -146,3 +146,55 @@ def test_heartbeat_reregisters_an_expired_row(tmp_path):
     beat.next_due = 0
     beat.beat_if_due()  # a closed connection fails like an unreachable backend: logged, retried
     assert beat.failures == 1 and 0 < beat.seconds_until_due() < 2.0
+
+
+def test_guest_upstreams_forward_only_valid_endpoints(tmp_path):
+    """A registry row whose host holds a newline would start a new command line on the guest's
+    channel: such rows are never sent (the registry's read checks catch them too; this guards
+    the channel itself)."""
+    from types import SimpleNamespace
+    from jobwrappers.vmjob import guest_upstreams
+
+    class Unchecked(SqliteRegistry):  # a registry that hands back rows as stored
+        def lookup(self, role: str) -> list[Service]:
+            return [Service.from_row(r) for r in self._db.execute(
+                "SELECT role, service_id, host, port FROM services WHERE role = ?", (role,))]
+
+    reg = Unchecked(tmp_path / "reg.sqlite")
+    reg.register(Service(role="sage", service_id="sage-ok", host="10.0.0.5", port=6000))
+    reg.register(Service(role="sage", service_id="sage-bad", host="10.0.0.6\nRELOAD", port=6000))
+    job = SimpleNamespace(role=SimpleNamespace(upstreams=["sage"], network="bridge"), here=frozenset())
+    assert guest_upstreams(job, reg) == ["10.0.0.5:6000"]
+    reg.close()
+
+
+def test_host_channel_bounds_a_line_trickled_in_small_chunks(tmp_path):
+    """An over-long line sent a few bytes at a time is dropped and never buffered beyond the cap;
+    the line after it is read whole."""
+    import socket
+    import threading
+    import time
+    from jobwrappers.probe import MAX_LINE, HostChannel
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "ch.sock"))
+    server.listen(1)
+    ch = HostChannel(tmp_path / "ch.sock")
+    ch.connect(time.monotonic() + 5, lambda: True)
+    peer, _ = server.accept()
+    biggest = []
+
+    def guest() -> None:
+        for _ in range(MAX_LINE * 2 // 512):
+            peer.sendall(b"Y" * 512)
+        peer.sendall(b"\nREADY sage s1\n")
+
+    t = threading.Thread(target=guest)
+    t.start()
+    while True:
+        line = ch.read_line(time.monotonic() + 10, lambda: biggest.append(len(ch._buf)) or True)
+        if line.startswith("READY"):
+            break
+    t.join()
+    assert line == "READY sage s1" and max(biggest) <= MAX_LINE + 4096
+    peer.close(), server.close()

@@ -11,8 +11,38 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
+import re
 import time
 from dataclasses import dataclass
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+# Any registry writer can store any string: a row's endpoint is used (printed, handed to guests,
+# connected to) only when it is a plain host name or IP literal and a real port. A newline in a
+# host would start a new command line on a guest's channel; an escape sequence retitles terminals.
+_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}")
+
+
+def valid_endpoint(host: object, port: object) -> bool:
+    return (isinstance(host, str) and _HOST_RE.fullmatch(host) is not None
+            and type(port) is int and 1 <= port <= 65535)
+
+
+def same_owner(row: "Service", owner: "Service | None") -> bool:
+    return owner is None or (row.job_id, row.host, row.port) == (owner.job_id, owner.host, owner.port)
+
+
+def valid_services(services: Iterable["Service"]) -> list["Service"]:
+    """The rows whose endpoint passes `valid_endpoint`; the others are logged and left out."""
+    out = []
+    for s in services:
+        if valid_endpoint(s.host, s.port):
+            out.append(s)
+        else:
+            log.warning("registry row %r has an invalid endpoint %r:%r: ignored", s.service_id, s.host, s.port)
+    return out
 
 
 @dataclass
@@ -73,8 +103,11 @@ class Registry(abc.ABC):
     def register(self, service: Service) -> None: ...
 
     @abc.abstractmethod
-    def heartbeat(self, service_id: str) -> bool:
-        """Refresh the TTL. False when the service is unknown or already expired (re-register)."""
+    def heartbeat(self, service_id: str, owner: Service | None = None) -> bool:
+        """Refresh the TTL. False when the service is unknown or already expired (re-register).
+        With `owner` (the wrapper's own row) also False, nothing refreshed, when the row's job id,
+        host or port differ: another writer registered the id, and re-registering takes it back
+        instead of keeping the hijacked row alive."""
 
     @abc.abstractmethod
     def deregister(self, service_id: str) -> None: ...

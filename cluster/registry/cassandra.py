@@ -63,7 +63,7 @@ from cassandra.query import BatchStatement, BatchType, tuple_factory
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError, SpecError
-from cluster.registry.base import SCHEMA_VERSION, Registry, Service
+from cluster.registry.base import SCHEMA_VERSION, Registry, Service, same_owner, valid_services
 from cluster.spec import CassandraSpec, CassandraTlsSpec
 
 log = logging.getLogger(__name__)
@@ -471,6 +471,10 @@ class CassandraRegistry(Registry):
         row = self._session.execute(self._stmt["select_by_id"], (service_id,)).one()
         return Service.from_row(row) if row else None
 
+    def _valid_row(self, service_id: str) -> Service | None:
+        found = valid_services([s for s in [self._row(service_id)] if s is not None])
+        return found[0] if found else None
+
     def _both_tables(self, *statements: tuple[str, tuple]) -> None:
         """One UNLOGGED batch for the row in both tables: one request instead of two. Not LOGGED: were one half lost, the
         next heartbeat rewrites both and TTL removes strays, so the batchlog's cost buys nothing."""
@@ -493,9 +497,11 @@ class CassandraRegistry(Registry):
         self._upsert(service)
 
     @_translate
-    def heartbeat(self, service_id: str) -> bool:
+    def heartbeat(self, service_id: str, owner: Service | None = None) -> bool:
         current = self._row(service_id)
-        if current is None:
+        # Compared on the row read, not as a lightweight transaction (4 round trips): a takeover
+        # landing between the read and the upsert is overwritten by it, or caught by the next beat.
+        if current is None or not same_owner(current, owner):
             return False
         current.last_heartbeat = time.time()
         self._upsert(current)
@@ -512,16 +518,17 @@ class CassandraRegistry(Registry):
     @_translate
     def lookup(self, role: str) -> list[Service]:
         rows = self._session.execute(self._stmt["select_by_role"], (role,))
-        return sorted((Service.from_row(r) for r in rows), key=lambda s: (s.started, s.service_id))
+        return sorted(valid_services(Service.from_row(r) for r in rows), key=lambda s: (s.started, s.service_id))
 
     @_translate
     def all(self) -> list[Service]:
         rows = self._session.execute(self._stmt["select_all"])
-        return sorted((Service.from_row(r) for r in rows), key=lambda s: (s.role, s.started, s.service_id))
+        return sorted(valid_services(Service.from_row(r) for r in rows),
+                      key=lambda s: (s.role, s.started, s.service_id))
 
     @_translate
     def get(self, service_id: str) -> Service | None:
-        return self._row(service_id)
+        return self._valid_row(service_id)
 
     def close(self) -> None:
         self._cluster.shutdown()

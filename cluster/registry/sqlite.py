@@ -22,7 +22,7 @@ from typing import Iterator
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable
 from cluster.files import PRIVATE_MODE
-from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default
+from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default, valid_services
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
             "started", "last_heartbeat", "host_keys")
@@ -113,12 +113,15 @@ class SqliteRegistry(Registry):
             db.execute(f"INSERT OR REPLACE INTO services ({', '.join(_COLUMNS)}, expires_at) "
                        f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})", row)
 
-    def heartbeat(self, service_id: str) -> bool:
+    def heartbeat(self, service_id: str, owner: Service | None = None) -> bool:
         now = time.time()
+        # Compare-and-set in one UPDATE: the row is refreshed only while it is still the owner's.
+        mine = " AND job_id = ? AND host = ? AND port = ?" if owner else ""
         with self._write() as db:
             cur = db.execute("UPDATE services SET last_heartbeat = ?, expires_at = ? "
-                             "WHERE service_id = ? AND expires_at > ?",
-                             (now, now + self.ttl, service_id, now))
+                             "WHERE service_id = ? AND expires_at > ?" + mine,
+                             (now, now + self.ttl, service_id, now,
+                              *((owner.job_id, owner.host, owner.port) if owner else ())))
             return cur.rowcount == 1
 
     def deregister(self, service_id: str) -> None:
@@ -128,7 +131,7 @@ class SqliteRegistry(Registry):
     def _select(self, where: str, args: tuple) -> list[Service]:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
         # _COLUMNS is in Service's field order, so rows map positionally (cheaper for big lookups).
-        return [Service.from_row(r) for r in rows]
+        return valid_services(Service.from_row(r) for r in rows)
 
     def lookup(self, role: str) -> list[Service]:
         return self._select("role = ? AND expires_at > ? ORDER BY started", (role, time.time()))
