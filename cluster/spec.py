@@ -341,8 +341,10 @@ class TcgSpec:
 
     # A QEMU CPU model (`qemu-system-x86_64 -cpu help`); "max" is every feature TCG emulates.
     cpu: QemuCpuModel = "max"
-    # The translation cache per VM (QEMU's default is 1 GiB per VM under TCG, a few VMs per host).
-    tb_size_mb: Annotated[StrictInt, Field(ge=1, le=2048)] = 16
+    # The translation cache per VM. QEMU's default (1 GiB per VM) caps a host at a few VMs; 16 MiB
+    # thrashes on a real userland (the Debian guest reached sshd in 297 s, 129 s with 32, 121 s
+    # with 64: README "Benchmarks"). The demo guest doesn't mind either way.
+    tb_size_mb: Annotated[StrictInt, Field(ge=1, le=2048)] = 64
 
 
 @dataclass(config=STRICT)

@@ -45,7 +45,7 @@ class Accel:
 KVM = Accel("kvm", ("-accel", "kvm", "-cpu", "host"), "kvm", "<cpu mode='host-passthrough'/>")
 
 
-def tcg(cpu: str = "max", tb_size_mb: int = 16) -> Accel:
+def tcg(cpu: str = "max", tb_size_mb: int = 64) -> Accel:
     """TCG with `hypervisor.tcg`'s CPU model and translation cache (validated by the spec)."""
     libvirt_cpu = ("<cpu mode='maximum'/>" if cpu == "max" else
                    f"<cpu mode='custom' match='exact'><model fallback='forbid'>{escape(cpu)}</model></cpu>")
@@ -97,7 +97,8 @@ def _probe_runs(qemu: str, timeout: float) -> bool:
 def choose_accel(requested: str, settings: TcgSpec | None = None) -> Accel:
     """`hypervisor.accel`: "kvm" and "tcg" are taken as given (kvm checked); "auto" detects.
     Under TCG, `settings` (hypervisor.tcg) choose the CPU model and translation cache."""
-    emulated = tcg(settings.cpu, settings.tb_size_mb) if settings else TCG
+    settings = settings or TcgSpec()
+    emulated = tcg(settings.cpu, settings.tb_size_mb)
     if requested == "tcg":
         return emulated
     problem = kvm_problem()
