@@ -194,7 +194,10 @@ def test_boot_files_are_catalogue_entries_when_the_catalogue_is_on(signed_catalo
     assert list(files) == ["kernel"] and files["kernel"].format == "raw"
     files["kernel"].close()
     installed = sc.store / "images" / "base" / "demo-kernel-1.raw"
-    installed.write_bytes(b"\x7fELF other kernel")
+    installed.write_bytes(b"\x7fELF other kernel")  # another size: refused before its bytes are hashed
+    with pytest.raises(DataError, match="file check failed: .* virtual size 17 bytes, the signed index says 4100"):
+        trust.verified_boot_files(spec, "sage")
+    installed.write_bytes(b"\x7fELF" + os.urandom(4096))  # the signed size, other bytes
     with pytest.raises(DataError, match="hash check failed"):
         trust.verified_boot_files(spec, "sage")
 
