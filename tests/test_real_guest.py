@@ -53,7 +53,7 @@ roles:
     image: debian@12
     image_path: {img.disk}
     boot: {{{boot}, cmdline: "{img.cmdline}"}}
-    vcpus: 2
+    vcpus: 1  # one vCPU thread per VM: with 2 here (3 threads on 2 cores) one CI boot hung in the kernel
     memory_mb: 1024
     port: 22
     boot_timeout: {BOOT_TIMEOUT_S}
