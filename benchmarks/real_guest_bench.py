@@ -9,10 +9,15 @@ and as a job, and the emulator settings it boots fastest under.
    under TCG takes seconds to send), and SIGTERM -> "guest shut down in" (a clean ACPI power-off).
 2. `--tcg CPU/TB,...`: plain start -> sshd answers for each CPU model and translation-cache size
    (one boot each per run) — what `hypervisor.tcg`'s defaults are chosen from. Skipped under KVM.
+3. `--firmware`: plain start -> sshd answers for the same kernel, initrd and root filesystem booted
+   four ways: direct kernel boot of the compressed base (as in 1), the same with an uncompressed copy
+   of the base, and the whole disk (`img.whole_disk`) by SeaBIOS + syslinux and by OVMF + systemd-boot.
+   `--runs 0 --firmware` runs only these.
 Real VMs, so the figures move with the machine's load: run it on a quiet machine. Printed, not
 asserted; the last line is `key=value` pairs.
 
     .venv/bin/python benchmarks/real_guest_bench.py [--runs 3] [--tcg max/16,qemu64/16,qemu64/64 [--tcg-runs 1]]
+        [--firmware [--firmware-runs 1]]
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from jobwrappers import debian_image  # noqa: E402
 from jobwrappers.accel import Accel, choose_accel, tcg  # noqa: E402
 from jobwrappers.configdrive import GuestConfig, build_config_drive  # noqa: E402
 from jobwrappers.disks import create_overlay  # noqa: E402
+from jobwrappers.firmware import prepare_firmware  # noqa: E402
 from jobwrappers.machine import Disk, Machine, free_port  # noqa: E402
 from jobwrappers.qemu_runner import QemuRunner  # noqa: E402
 
@@ -67,7 +73,15 @@ roles:
     boot_timeout: {BOOT_TIMEOUT:.0f}
     stop_timeout: {STOP_TIMEOUT}
     probe: {{expect: "SSH-", timeout: 30}}
-""")
+""" + "".join(f"""\
+  {role}:
+    image: debian-disk@12
+    image_path: {img.whole_disk}
+    firmware: {fw}
+    vcpus: 2
+    memory_mb: 1024
+    port: 22
+""" for role, fw in (("legacy", "bios"), ("uefi", "uefi"))))
     return load_spec(path)
 
 
@@ -85,11 +99,13 @@ def sshd_answers(port: int, until: float) -> float | None:
     return None
 
 
-def plain_boot(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, accel: Accel, n: int) -> float:
-    """One plain QEMU boot of the image with the same config drive a job gets: start -> sshd answers."""
-    role = spec.roles["sage"]
+def plain_boot(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, accel: Accel, n: int,
+               role_name: str = "sage", disk: Path | None = None) -> float:
+    """One plain QEMU boot of the role's image (or `disk`) with the same config drive a job gets,
+    by direct boot or the role's firmware: start -> sshd answers."""
+    role = spec.roles[role_name]
     d = Path(tempfile.mkdtemp(prefix=f"plain{n}-", dir=work))
-    base = open_image(img.disk, "qcow2", None)  # stays open while the guest runs: QEMU reads it
+    base = open_image(disk or Path(role.image_path), "qcow2", None)  # open while the guest runs: QEMU reads it
     overlay = create_overlay(base, d / "root.qcow2")
     cfg = GuestConfig(f"plain-{n}", "sage", f"plain-{n}", role.port, f"p{n}", ssh_keys=list(spec.ssh_keys))
     drive = build_config_drive(d / "cidata.iso", cfg)
@@ -97,8 +113,8 @@ def plain_boot(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, acc
     m = Machine(name=f"plain-{n}", vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel,
                 disks=[Disk(overlay, "qcow2", backing=base), Disk(drive, "raw", readonly=True)],
                 guest_port=role.port, host_addr="127.0.0.1", host_port=port, channel_path=d / "ch.sock",
-                console_log=d / "console.log", workdir=d, kernel=img.kernel, initrd=img.initrd,
-                cmdline=role.boot.cmdline)
+                console_log=d / "console.log", workdir=d, firmware=prepare_firmware(spec, role_name, d),
+                **({"kernel": img.kernel, "initrd": img.initrd, "cmdline": role.boot.cmdline} if role.boot else {}))
     runner = QemuRunner(m)
     t0 = time.monotonic()
     runner.start()
@@ -165,6 +181,9 @@ def main() -> int:
     ap.add_argument("--tcg", default="", metavar="CPU/TB,...",
                     help="also time plain boots under these TCG CPU models / cache MiB, e.g. max/16,qemu64/16")
     ap.add_argument("--tcg-runs", type=int, default=1, help="boots per --tcg setting (default 1)")
+    ap.add_argument("--firmware", action="store_true",
+                    help="also time direct boot (compressed, uncompressed base) against BIOS and UEFI firmware boot")
+    ap.add_argument("--firmware-runs", type=int, default=1, help="boots per --firmware way (default 1)")
     args = ap.parse_args()
     img = debian_image.build()
     pub = _ed25519_pub()  # the config drive installs it, as a job's would; nothing logs in with it
@@ -173,23 +192,11 @@ def main() -> int:
         work = Path(tmp)
         spec = write_spec(work, img, pub)
         accel = choose_accel(spec.hypervisor.accel, spec.hypervisor.tcg)
-        plain, wrapped = [], []
-        for i in range(args.runs):
-            plain.append(plain_boot(work, img, spec, accel, i))
-            wrapped.append(wrapper_boot(spec, f"sage-b{i}", work))
-            print(f"run {i + 1}: plain {plain[-1]:.1f} s, wrapper {wrapped[-1]}", flush=True)
-        col = {k: [w[k] for w in wrapped] for k in wrapped[0]}
-        print(f"\n{accel.name}, {' '.join(accel.qemu_args)}; {args.runs} sequential boots per way")
-        print(f"{'':<38}{'median':>10}   runs")
-        print(_row("plain qemu start -> sshd answers", plain))
-        print(_row("salvus-vmjob start -> registered", col["registered_s"]))
-        print(_row("  sshd answered -> registered", col["ssh_to_registered_s"], digits=2))
-        print(_row("  READY -> registered (sshd's banner)", col["ready_to_registered_s"], digits=2))
-        print(_row("SIGTERM -> guest shut down (ACPI)", col["stop_s"]))
         med = statistics.median
-        out.update(plain_ssh_s=med(plain), wrapper_registered_s=med(col["registered_s"]),
-                   ratio=med(col["registered_s"]) / med(plain), ssh_to_registered_s=med(col["ssh_to_registered_s"]),
-                   ready_to_registered_ms=med(col["ready_to_registered_s"]) * 1000, clean_stop_s=med(col["stop_s"]))
+        if args.runs > 0:
+            out.update(wrapper_runs(work, img, spec, accel, args.runs))
+        if args.firmware:
+            out.update(firmware_runs(work, img, spec, accel, args.firmware_runs))
         if args.tcg and accel.name == "tcg":
             print("\nplain qemu start -> sshd answers, per TCG setting")
             for n, setting in enumerate(args.tcg.split(",")):
@@ -199,6 +206,50 @@ def main() -> int:
                 out[f"tcg_{cpu}_{tb or 16}_s"] = med(times)
     print(" ".join(f"{k}={v:.0f}" if k.endswith("_ms") else f"{k}={v:.2f}" for k, v in out.items()))
     return 0
+
+
+def wrapper_runs(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, accel: Accel,
+                 runs: int) -> dict[str, float]:
+    """Part 1: plain start -> sshd answers beside wrapper start -> registered, `runs` of each."""
+    plain, wrapped = [], []
+    for i in range(runs):
+        plain.append(plain_boot(work, img, spec, accel, i))
+        wrapped.append(wrapper_boot(spec, f"sage-b{i}", work))
+        print(f"run {i + 1}: plain {plain[-1]:.1f} s, wrapper {wrapped[-1]}", flush=True)
+    col = {k: [w[k] for w in wrapped] for k in wrapped[0]}
+    print(f"\n{accel.name}, {' '.join(accel.qemu_args)}; {runs} sequential boots per way")
+    print(f"{'':<38}{'median':>10}   runs")
+    print(_row("plain qemu start -> sshd answers", plain))
+    print(_row("salvus-vmjob start -> registered", col["registered_s"]))
+    print(_row("  sshd answered -> registered", col["ssh_to_registered_s"], digits=2))
+    print(_row("  READY -> registered (sshd's banner)", col["ready_to_registered_s"], digits=2))
+    print(_row("SIGTERM -> guest shut down (ACPI)", col["stop_s"]))
+    med = statistics.median
+    return dict(plain_ssh_s=med(plain), wrapper_registered_s=med(col["registered_s"]),
+                ratio=med(col["registered_s"]) / med(plain), ssh_to_registered_s=med(col["ssh_to_registered_s"]),
+                ready_to_registered_ms=med(col["ready_to_registered_s"]) * 1000, clean_stop_s=med(col["stop_s"]))
+
+
+def firmware_runs(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, accel: Accel,
+                  runs: int) -> dict[str, float]:
+    """Part 3: the same kernel and root filesystem by direct boot (compressed and uncompressed base)
+    and by BIOS and UEFI firmware from the whole disk, one after another, `runs` each."""
+    raw_base = work / "debian12-uncompressed.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(img.disk), str(raw_base)], check=True)
+    ways = {"direct_s": ("sage", None), "direct_uncompressed_s": ("sage", raw_base),
+            "bios_s": ("legacy", None), "uefi_s": ("uefi", None)}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for r in range(runs):
+        for n, (key, (role, disk)) in enumerate(ways.items()):
+            times[key].append(plain_boot(work, img, spec, accel, 200 + r * 10 + n, role, disk))
+            print(f"firmware run {r + 1}: {key} {times[key][-1]:.1f} s", flush=True)
+    sizes = {p.name: p.stat().st_size >> 20 for p in (img.disk, raw_base, img.whole_disk)}
+    print(f"\nplain qemu start -> sshd answers, same kernel and root filesystem; files {sizes} MiB")
+    print(_row("  direct kernel boot (compressed base)", times["direct_s"]))
+    print(_row("  direct kernel boot (uncompressed base)", times["direct_uncompressed_s"]))
+    print(_row("  SeaBIOS -> syslinux -> kernel", times["bios_s"]))
+    print(_row("  OVMF -> systemd-boot -> kernel", times["uefi_s"]))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _ed25519_pub() -> str:

@@ -108,6 +108,9 @@ SshPublicKey = Annotated[StrictStr, AfterValidator(check_ssh_public_key)]
 KeyspaceName = full_match(r"[a-z][a-z0-9_]{0,47}", "a keyspace name ([a-z][a-z0-9_]*, at most 48 characters)")
 
 
+MIN_UEFI_MEMORY_MB = 192
+
+
 @dataclass(config=STRICT)
 class DiskSpec:
     """A persistent disk kept under `persistent/SERVICE_ID/NAME.qcow2`; it survives the job."""
@@ -156,6 +159,9 @@ class RoleSpec:
     # when the catalogue section is configured.
     image_path: Optional[StrictStr] = None
     boot: Optional[BootSpec] = None
+    # Without `boot:` the image boots its own bootloader and kernel: SeaBIOS, or OVMF with `uefi`
+    # (README "Firmware boot and direct boot").
+    firmware: Literal["bios", "uefi"] = "bios"
     persistent: list[DiskSpec] = dataclasses.field(default_factory=list)
     # Role-specific settings passed to the guest through the config drive.
     config: dict[StrictStr, Any] = dataclasses.field(default_factory=dict)
@@ -179,6 +185,12 @@ class RoleSpec:
     def _bridge_named(self) -> "RoleSpec":
         if self.network == "bridge" and not self.bridge:
             raise ValueError("network 'bridge' needs 'bridge: BRIDGE_NAME'")
+        if self.boot is not None and self.firmware == "uefi":
+            raise ValueError("firmware 'uefi' applies to images booted by firmware: remove 'boot:' "
+                             "(direct kernel boot starts the kernel without firmware) or the firmware")
+        if self.firmware == "uefi" and self.memory_mb < MIN_UEFI_MEMORY_MB:
+            raise ValueError(f"firmware 'uefi' needs memory_mb >= {MIN_UEFI_MEMORY_MB} (OVMF itself "
+                             f"takes memory: with 128 it crashed loading the bootloader)")
         return self
 
     @property
@@ -348,6 +360,15 @@ class TcgSpec:
 
 
 @dataclass(config=STRICT)
+class OvmfSpec:
+    """UEFI firmware for `firmware: uefi` (Debian's `ovmf`): the code is shared read-only, the
+    variable store is a template each VM gets its own copy of, in the job's scratch."""
+
+    code: StrictStr = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    vars: StrictStr = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
+@dataclass(config=STRICT)
 class HypervisorSpec:
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     # "auto": libvirt when a daemon answers, else plain QEMU; "never": plain QEMU; else a URI.
@@ -360,6 +381,7 @@ class HypervisorSpec:
     # this plus its clean-up as the SIGTERM -> SIGKILL grace; roles may override.
     stop_timeout: Seconds = 20
     tcg: TcgSpec = dataclasses.field(default_factory=TcgSpec)
+    ovmf: OvmfSpec = dataclasses.field(default_factory=OvmfSpec)
     # Address recorded in the registry for forwarded ports; default this host's name.
     advertise_host: Optional[StrictStr] = None
     # The site's hypervisors (informational for one machine; used for placement and imgdist).
@@ -526,6 +548,8 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
             tls.ca_file = _abs(base, tls.ca_file) or tls.ca_file
             tls.cert_file, tls.key_file = _abs(base, tls.cert_file), _abs(base, tls.key_file)
     spec.hypervisor.domain_template = _abs(base, spec.hypervisor.domain_template)
+    ovmf = spec.hypervisor.ovmf
+    ovmf.code, ovmf.vars = _abs(base, ovmf.code) or ovmf.code, _abs(base, ovmf.vars) or ovmf.vars
     spec.scheduler.log_dir = _abs(base, spec.scheduler.log_dir)
     if spec.scheduler.login:
         # This machine's files, unlike the paths the login node sees (store, log_dir, wrapper).

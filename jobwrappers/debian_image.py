@@ -5,11 +5,13 @@ made here because no cloud image can be downloaded.
     python -m jobwrappers.debian_image [--cache DIR]      # prints the three paths
 
 `debootstrap` fills a directory, `mkfs.ext4 -d` turns it into a filesystem without a loop device or
-mount, and `qemu-img convert -c` makes the compressed qcow2. The result is cached under
+mount, and `qemu-img convert -c` makes the compressed qcow2; the same filesystem is also laid out
+as a whole disk with its own bootloaders (jobwrappers/wholedisk.py) for firmware boot. The result is cached under
 `/var/cache/salvus/images/debian12-KEY/`, KEY being the hash of the recipe below, so a changed
 recipe builds a new image and an unchanged one is built once per machine. No SSH host keys are
 baked in (cloud-init makes each VM its own). The kernel and initrd are copied out beside the disk
-for direct kernel boot (`boot: {kernel, initrd}`); root is `/dev/vda`.
+for direct kernel boot (`boot: {kernel, initrd}`; root is `/dev/vda`); the whole disk boots them
+from its ESP (root is partition 2, found by PARTUUID).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from cluster.errors import SpecError, TempFailure
 from cluster.files import locked
+from jobwrappers.wholedisk import BootEntry, build_whole_disk
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ PACKAGES = ("systemd-sysv", "udev", "kmod", "dbus", "cloud-init", "python3-cffi-
 ROOT_SIZE = "2G"
 SAGE_PORT = 6000
 CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1"
+# The whole disk (firmware boot) finds its root as a site's image does, by partition UUID, whatever
+# the disk's name; every VM of the image shares it, as with any cloud image.
+ROOT_PARTUUID = "5a1705e5-0000-4000-8000-000000000002"
+WHOLE_DISK_CMDLINE = f"console=ttyS0 root=PARTUUID={ROOT_PARTUUID} rw rootfstype=ext4 panic=-1"
 
 # The image's role service: one integer expression per line, like the demo guest's sage. Only
 # digits, operators, parentheses and spaces reach the shell's arithmetic.
@@ -94,28 +101,38 @@ FILES = {"usr/local/bin/salvus-sage": (SAGE_SERVICE, 0o755),
          "etc/cloud/cloud.cfg.d/90-salvus-test.cfg": (CLOUD_CFG, 0o644),
          "etc/systemd/system/salvus-fallback-net.service": (FALLBACK_NET_UNIT, 0o644)}
 UNITS = ("salvus-sage.service", "salvus-fallback-net.service")  # enabled in multi-user.target
-BUILDER_VERSION = 1  # bump when the build steps below change what ends up in the image
+BUILDER_VERSION = 2  # bump when the build steps below change what ends up in the image
 
 
 @dataclass(frozen=True)
 class DebianImage:
-    disk: Path  # compressed qcow2, ext4 root filesystem (no partition table)
+    disk: Path  # compressed qcow2, ext4 root filesystem (no partition table): direct kernel boot
     kernel: Path
     initrd: Path
+    # The same root filesystem, kernel and initrd as a whole disk (GPT, ESP with syslinux and
+    # systemd-boot; jobwrappers/wholedisk.py), compressed qcow2: booted by BIOS or UEFI firmware.
+    whole_disk: Path
+    release_file: Path  # the kernel's `uname -r`
     cmdline: str = CMDLINE
 
     def exists(self) -> bool:
-        return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+        return all(p.is_file() for p in (self.disk, self.kernel, self.initrd, self.whole_disk, self.release_file))
+
+    @property
+    def kernel_release(self) -> str:
+        return self.release_file.read_text().strip()
 
 
 def recipe_key() -> str:
-    recipe = {"suite": SUITE, "packages": PACKAGES, "files": FILES, "size": ROOT_SIZE, "builder": BUILDER_VERSION}
+    recipe = {"suite": SUITE, "packages": PACKAGES, "files": FILES, "size": ROOT_SIZE, "builder": BUILDER_VERSION,
+              "whole_disk_cmdline": WHOLE_DISK_CMDLINE}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def image_paths(cache: Path = DEFAULT_CACHE) -> DebianImage:
     d = cache / f"debian12-{recipe_key()}"
-    return DebianImage(d / "debian12.qcow2", d / "vmlinuz", d / "initrd.img")
+    return DebianImage(d / "debian12.qcow2", d / "vmlinuz", d / "initrd.img", d / "debian12-disk.qcow2",
+                       d / "kernel.release")
 
 
 def host_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")) -> str:
@@ -158,7 +175,8 @@ def _fill_rootfs(root: Path, debs: Path) -> None:
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()  # every VM makes its own (cloud-init's ssh module)
     (root / "etc/machine-id").write_text("")  # systemd makes one per boot of an empty file
-    (root / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
+    # By label: the same filesystem is /dev/vda (direct boot) and /dev/vda2 (the whole disk).
+    (root / "etc/fstab").write_text("LABEL=root / ext4 rw,errors=remount-ro 0 1\n")
     shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
 
@@ -188,7 +206,14 @@ def build(cache: Path = DEFAULT_CACHE) -> DebianImage:
             _run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], "qemu-img convert")
             shutil.copyfile(kernels[-1], work / "vmlinuz")
             shutil.copyfile(initrds[-1], work / "initrd.img")
-            for f in ("vmlinuz", "initrd.img", "debian12.qcow2"):  # the disk last: it marks completion
+            (work / "kernel.release").write_text(kernels[-1].name.removeprefix("vmlinuz-") + "\n")
+            whole = build_whole_disk(raw, BootEntry(work / "vmlinuz", work / "initrd.img", WHOLE_DISK_CMDLINE),
+                                     work / "disk.raw", root_partuuid=ROOT_PARTUUID)
+            _run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(whole),
+                  str(work / "debian12-disk.qcow2")], "qemu-img convert")
+            whole.unlink()
+            # The direct-boot disk last: exists() then sees every file.
+            for f in ("vmlinuz", "initrd.img", "kernel.release", "debian12-disk.qcow2", "debian12.qcow2"):
                 os.chmod(work / f, 0o444)
                 os.replace(work / f, img.disk.parent / f)
     log.info("built %s (%d MiB)", img.disk, img.disk.stat().st_size >> 20)
@@ -202,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     img = build(args.cache)
-    print(f"disk={img.disk}\nkernel={img.kernel}\ninitrd={img.initrd}\ncmdline={img.cmdline}")
+    print(f"disk={img.disk}\nkernel={img.kernel}\ninitrd={img.initrd}\ncmdline={img.cmdline}\n"
+          f"whole_disk={img.whole_disk}\nkernel_release={img.kernel_release}")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from catalogue.qcow2 import COMPRESSION_TYPES as QCOW2_COMPRESSION
 from cluster.errors import DataError, SpecError
+from jobwrappers.wholedisk import BootEntry, build_whole_disk
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ GUEST_MODULES = ("crc32c_generic", "virtio_pci", "virtio_blk", "virtio_net", "vi
                  "ext4", "isofs", "evdev", "button")
 XZ_MAGIC = b"\xfd7zXZ\x00"
 COMPRESSION_TYPES = tuple(QCOW2_COMPRESSION.values())  # the ones the header rules accept
+# The demo init reads only root=DEVICE (no PARTUUID): the root is the second partition of vda.
+# Not quiet: the firmware tests read the kernel's own lines (version, EFI) on the console.
+WHOLE_DISK_CMDLINE = "console=ttyS0 root=/dev/vda2 rw panic=-1"
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,28 @@ def build_demo_image(out_dir: Path, name: str = DEMO_NAME, version: str = DEMO_V
             src.chmod(0o444)
             os.replace(src, dst)
     return target
+
+
+def build_demo_whole_disk(image: DemoImage, dest: Path) -> Path:
+    """The demo guest as a whole disk booted by firmware (jobwrappers/wholedisk.py): the demo root as
+    partition 2, and on the ESP this machine's Debian kernel as a bzImage (bootloaders start a
+    bzImage, not the bare vmlinux direct boot uses) with the demo initramfs built for it."""
+    vmlinuz, _ = find_kernel()
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=dest.parent) as tmp:
+        work = Path(tmp)
+        root = work / "root.ext4"
+        _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", image.disk, root)
+        raw = build_whole_disk(root, BootEntry(vmlinuz, image.initrd, WHOLE_DISK_CMDLINE), work / "disk.raw")
+        built = work / dest.name
+        _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, built)
+        built.chmod(0o444)
+        os.replace(built, dest)
+    return dest
+
+
+def kernel_release(vmlinuz: Path) -> str:
+    """`uname -r` of a Debian kernel file, from its name (vmlinuz-RELEASE)."""
+    return vmlinuz.name.removeprefix("vmlinuz-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,14 @@ def xml_text(value: object) -> str:
 
 
 def _boot_xml(m: Machine) -> str:
+    """<os> children: the kernel for direct boot; OVMF's flash and this VM's own variable store for
+    UEFI; nothing for SeaBIOS (libvirt's default). The boot device is the root disk's <boot order>."""
     if not m.kernel:
-        return "    <boot dev='hd'/>"
+        fw = m.firmware
+        if fw.kind != "uefi":
+            return ""
+        return (f"    <loader readonly='yes' type='pflash' secure='no'>{xml_text(fw.code)}</loader>\n"
+                f"    <nvram>{xml_text(fw.vars)}</nvram>")
     lines = [f"    <kernel>{xml_text(m.kernel)}</kernel>"]
     if m.initrd:
         lines.append(f"    <initrd>{xml_text(m.initrd)}</initrd>")
@@ -72,6 +78,7 @@ def _disks_xml(m: Machine) -> str:
                    f"      <source file={quoteattr(str(d.path))}/>\n"
                    + _backing_xml(i, d)
                    + f"      <target dev='{dev}' bus='virtio'/>\n"
+                   + ("      <boot order='1'/>\n" if i == 0 and not m.kernel else "")
                    + (f"      <serial>{xml_text(d.serial)}</serial>\n" if d.serial else "")
                    + ("      <readonly/>\n" if d.readonly else "")
                    + "    </disk>")

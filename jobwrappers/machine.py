@@ -11,6 +11,7 @@ from typing import Optional
 
 from catalogue.imagefile import OpenImage
 from jobwrappers.accel import Accel
+from jobwrappers.firmware import DIRECT, Firmware
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Machine:
     kernel: Optional[Path] = None  # private copies of the verified bytes (QEMU reads -kernel by name)
     initrd: Optional[Path] = None
     cmdline: str = ""
+    # Without a kernel: what starts the root disk's own bootloader (the root disk is the boot device).
+    firmware: Firmware = DIRECT
 
 
 class VmRunner(abc.ABC):

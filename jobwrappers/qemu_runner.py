@@ -35,7 +35,7 @@ def opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def _blockdevs(i: int, d: Disk) -> tuple[list[str], list[int]]:
+def _blockdevs(i: int, d: Disk, bootindex: int | None = None) -> tuple[list[str], list[int]]:
     """-blockdev JSON (no option-string parsing at all) for disk i, and the descriptors QEMU needs.
     A disk with a verified `backing` gets it as its backing node, opened from /dev/fdset/N (the
     descriptor that was checked and hashed), read-only, in the signed entry's format, and with no
@@ -56,16 +56,29 @@ def _blockdevs(i: int, d: Disk) -> tuple[list[str], list[int]]:
     elif d.format == "qcow2":
         node["backing"] = None  # persistent disks are ours and have none; never follow one
     argv += ["-blockdev", json.dumps(node)]
-    dev = f"virtio-blk-pci,drive=disk{i}" + (f",serial={opt(d.serial)}" if d.serial else "")
+    dev = (f"virtio-blk-pci,drive=disk{i}" + (f",serial={opt(d.serial)}" if d.serial else "")
+           + (f",bootindex={bootindex}" if bootindex is not None else ""))
     return argv + ["-device", dev], fds
+
+
+def _firmware_args(m: Machine) -> tuple[str, list[str]]:
+    """The -machine value and the pflash block nodes for UEFI (JSON, like the disks); nothing for
+    SeaBIOS, which QEMU loads by default."""
+    fw = m.firmware
+    if fw.kind != "uefi":
+        return "pc", []
+    nodes = [{"driver": "file", "node-name": "ovmf-code", "filename": str(fw.code), "read-only": True},
+             {"driver": "file", "node-name": "ovmf-vars", "filename": str(fw.vars), "read-only": False}]
+    return "pc,pflash0=ovmf-code,pflash1=ovmf-vars", [a for n in nodes for a in ("-blockdev", json.dumps(n))]
 
 
 def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], list[int]]:
     """The command line and the descriptors the child must inherit. Every path reaches QEMU either
     as JSON (-blockdev) or with commas doubled (`opt`)."""
     hostfwd = f"tcp:{m.host_addr}:{m.host_port}-:{m.guest_port}"
+    machine, flash = _firmware_args(m)
     argv = [qemu, "-name", f"guest={opt(m.name)},process=salvus-{opt(m.name)}", *m.accel.qemu_args,
-            "-machine", "pc", "-m", str(m.memory_mb), "-smp", str(m.vcpus),
+            "-machine", machine, *flash, "-m", str(m.memory_mb), "-smp", str(m.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-qmp", f"unix:{opt(qmp_path)},server=on,wait=off",
             "-chardev", f"file,id=console,path={opt(m.console_log)}", "-serial", "chardev:console",
@@ -80,7 +93,8 @@ def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], 
             argv += ["-initrd", str(m.initrd)]
     fds: list[int] = []
     for i, d in enumerate(m.disks):
-        more, disk_fds = _blockdevs(i, d)
+        # Firmware boots the root disk, never the config drive or a persistent disk.
+        more, disk_fds = _blockdevs(i, d, bootindex=0 if i == 0 and not m.kernel else None)
         argv += more
         fds += disk_fds
     return argv, fds

@@ -37,6 +37,7 @@ from jobwrappers.accel import choose_accel
 from jobwrappers.agent import CLOUD_INIT_FINAL, GuestReports
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
+from jobwrappers.firmware import prepare_firmware
 from jobwrappers.heartbeat import Heartbeater
 from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job_from_env
 from jobwrappers.machine import Disk, Machine, VmRunner, free_port
@@ -174,7 +175,8 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
         name=job.service_id, vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel, disks=disks,
         guest_port=role.port, host_addr=host_addr, host_port=free_port(host_addr),
         channel_path=job.sockdir / "channel.sock", console_log=job.console_log, workdir=job.workdir,
-        kernel=boot.get("kernel"), initrd=boot.get("initrd"), cmdline=role.boot.cmdline if role.boot else "")
+        kernel=boot.get("kernel"), initrd=boot.get("initrd"), cmdline=role.boot.cmdline if role.boot else "",
+        firmware=prepare_firmware(spec, job.role_name, job.workdir))
 
 
 def start_vm(job: Job, machine: Machine) -> None:
@@ -325,6 +327,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         start_vm(job, machine)
         job.write_state("booting")
         print(f"salvus-vmjob: {service_id}: {job.runner.kind} VM under {machine.accel.name}, "
+              f"{'direct kernel boot' if machine.kernel else machine.firmware.kind + ' firmware boot'}, "
               f"endpoint {job.endpoint[0]}:{job.endpoint[1]}, console log {job.console_log}", flush=True)
         try:
             ready_at = wait_until_ready(job, machine)

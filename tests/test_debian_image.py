@@ -52,3 +52,25 @@ def test_recipe_change_gives_a_new_cache_key(monkeypatch):
     key = debian_image.recipe_key()
     monkeypatch.setattr(debian_image, "PACKAGES", debian_image.PACKAGES + ("curl",))
     assert debian_image.recipe_key() != key
+
+
+def test_whole_disk_is_the_same_system_on_a_gpt_with_its_own_bootloaders(image, tmp_path):
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image.whole_disk)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["actual-size"] < info["virtual-size"] // 4
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image.whole_disk), str(raw)], check=True)
+    parts = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]["partitions"]
+    esp, root = parts
+    assert "LegacyBIOSBootable" in esp["attrs"] and root["uuid"].lower() == debian_image.ROOT_PARTUUID
+    entry = subprocess.run(["mtype", "-i", f"{raw}@@{esp['start'] * 512}", "::/loader/entries/salvus.conf"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"options {debian_image.WHOLE_DISK_CMDLINE}\n" in entry
+    assert image.kernel_release.startswith("6.") and image.kernel.name == "vmlinuz"
+    rootfs = tmp_path / "root.ext4"
+    with open(raw, "rb") as f, open(rootfs, "wb") as out:
+        f.seek(root["start"] * 512)
+        out.write(f.read(root["size"] * 512))
+    # fstab by label: the same filesystem is /dev/vda (direct boot) and /dev/vda2 (this disk).
+    assert _debugfs(rootfs, "cat /etc/fstab").startswith("LABEL=root / ext4 ")

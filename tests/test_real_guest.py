@@ -11,17 +11,15 @@ The hub's one forwarded port serves the probe, the host-key check and an SSH log
 sage service (port 6000) is asked through that login."""
 from __future__ import annotations
 
-import io
 import socket
 import time
 
 import paramiko
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cluster.registry import Service, open_registry
 from jobwrappers import debian_image
+from tests.guest_ssh import new_key, spec_line, ssh_run
 from tests.polling import wait_for
 
 # ~2-3 min on an idle 2-core host; three times that while other suites share the cores.
@@ -37,9 +35,7 @@ RELOAD_MARK = "/run/salvus-reloaded"
 def guests(tmp_path_factory, run_wrapper_module):
     img = debian_image.build()
     tmp = tmp_path_factory.mktemp("real-guest")
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+    key = new_key()
     boot = f"kernel: {img.kernel}, initrd: {img.initrd}"
     spec = tmp / "cluster.yaml"
     spec.write_text(f"""\
@@ -47,7 +43,7 @@ store: {tmp / 'store'}
 registry: {{ttl: 30, heartbeat_interval: {HEARTBEAT_S}}}
 hypervisor: {{libvirt: never}}
 catalogue: {{insecure_allow_unsigned: true}}
-ssh_keys: ["{key.get_name()} {key.get_base64()} test@salvus"]
+ssh_keys: ["{spec_line(key)}"]
 roles:
   hub:
     image: debian@12
@@ -92,16 +88,6 @@ def sage(guests):
     return guests["sage"], svc
 
 
-def _ssh(svc: Service, key: paramiko.PKey, command: str) -> str:
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    client.connect(svc.host, svc.port, username="debian", pkey=key, timeout=30, banner_timeout=60,
-                   auth_timeout=60, allow_agent=False, look_for_keys=False)
-    try:
-        _, out, _ = client.exec_command(command, timeout=120)
-        return out.read().decode()
-    finally:
-        client.close()
 
 
 def _presented_host_key(svc: Service) -> str:
@@ -138,7 +124,7 @@ def test_recorded_host_keys_are_the_ones_sshd_presents(hub):
 
 def test_ssh_login_with_the_spec_key_and_the_sage_service_answers(hub):
     _, svc, key = hub
-    out = _ssh(svc, key, "hostname; printf '6*7\\n' | socat -t 30 - TCP:127.0.0.1:6000")
+    out = ssh_run(svc, key, "hostname; printf '6*7\\n' | socat -t 30 - TCP:127.0.0.1:6000")
     assert out.split() == ["hub-real-1", "42"]
 
 
@@ -165,7 +151,7 @@ def test_upstreams_update_reaches_the_guest_and_runs_reload(hub, sage):
         lines = [line for line in run.output().splitlines() if "upstreams now " in line]
         return sorted(lines[-1].partition("upstreams now ")[2].split()) if lines else []
     wait_for(lambda: sent() == want, 10 * HEARTBEAT_S + 30, "the wrapper sending both sage endpoints")
-    files = _ssh(svc, key, f"cat /etc/salvus/upstreams; echo ==; sudo cat {RELOAD_MARK}")
+    files = ssh_run(svc, key, f"cat /etc/salvus/upstreams; echo ==; sudo cat {RELOAD_MARK}")
     upstreams, _, reloaded = files.partition("==\n")
     assert sorted(upstreams.split()) == want and sorted(reloaded.split()) == want
 
