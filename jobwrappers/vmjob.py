@@ -320,7 +320,11 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     job = Job(spec, args.role, role, service_id, env, image, boot_files, stop, here=local_names(spec))
     beat: Heartbeater | None = None
     try:
-        machine = prepare_machine(job, registry)
+        try:
+            machine = prepare_machine(job, registry)
+        except OSError as e:  # scratch or store full or unwritable: a host's trouble, another may do
+            raise TempFailure(f"{service_id}: cannot prepare the VM's files in {e.filename or job.workdir}: "
+                              f"{e.strerror or e}") from None
         job.write_state("booting")  # visible to `status` at once; again below with the endpoint
         start_vm(job, machine)
         job.write_state("booting")
@@ -339,7 +343,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         job.reports.keys_changed = False
         try:
             beat.start()
-        except Exception as e:  # any backend failure: the scheduler retries the job later
+        except SpecError:  # a registry no retry mends (damaged, or refusing the configuration): 78
+            beat = None
+            raise
+        except Exception as e:  # any other backend failure: the scheduler retries the job later
             beat = None
             raise TempFailure(f"cannot register {service_id}: {e}") from None
         signal_word = {"probe": "the probe's first answer", "cloud-init-final": CLOUD_INIT_FINAL}.get(
