@@ -364,6 +364,9 @@ class HypervisorSpec:
     advertise_host: Optional[StrictStr] = None
     # The site's hypervisors (informational for one machine; used for placement and imgdist).
     hosts: list[SingleLine] = dataclasses.field(default_factory=list)
+    # A guest's console log past this is cut, its last MiBs kept in LOG.1 (jobwrappers/consolelog.py):
+    # a chatty guest must not fill the file system of the store.
+    console_log_max_mb: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 16
 
 
 @dataclass(config=STRICT)

@@ -36,6 +36,7 @@ from cluster.store import Store
 from jobwrappers.accel import choose_accel
 from jobwrappers.agent import CLOUD_INIT_FINAL, GuestReports
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
+from jobwrappers.consolelog import ConsoleLogCap
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.heartbeat import Heartbeater
 from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job_from_env
@@ -72,6 +73,7 @@ class Job:
     channel: HostChannel | None = None
     endpoint: tuple[str, int] | None = None
     console_log: Path | None = None
+    console_cap: ConsoleLogCap | None = None
     started: float = field(default_factory=time.time)
     sent_upstreams: list[str] | None = None
     upstreams_checked: float = 0.0
@@ -93,6 +95,8 @@ class Job:
         if self.runner:
             self.runner.destroy()
             self.runner.close()
+        if self.console_cap:
+            self.console_cap.stop()
         for d in (self.workdir, self.sockdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -164,10 +168,14 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
     job.console_log.parent.mkdir(parents=True, exist_ok=True)
+    # Earlier jobs of a stable service id appended to the same log: cut it before this boot's header.
+    job.console_cap = ConsoleLogCap(job.console_log, spec.hypervisor.console_log_max_mb << 20)
+    job.console_cap.check()
     # A guest's console may print secrets (keys, tokens): an operator group may read it, no one else.
     with open_append(job.console_log, STATE_MODE) as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n".encode())
+    job.console_cap.start()
     advertise = spec.hypervisor.advertise_host
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
     return Machine(

@@ -241,3 +241,8 @@ def test_a_spec_over_1_mib_is_refused_unread(tmp_path):
     (tmp_path / "big.yaml").write_bytes(b"#" * (1 << 20) + b"\n")
     refused(run("--spec", "big.yaml", "status", cwd=tmp_path), 78, "big.yaml: spec larger than the limit of 1048576")
 
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "2000000"])
+def test_a_console_log_cap_out_of_range_is_refused(spec_file, value):
+    spec_file.write_text(spec_file.read_text().replace("boot_timeout: 180", f"console_log_max_mb: {value}"))
+    refused(run("--spec", str(spec_file), "status", cwd=spec_file.parent), 78, "hypervisor.console_log_max_mb")
