@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cluster.errors import DataError, SalvusError, SpecError
+from cluster.errors import EXIT_CONFIG, DataError, SalvusError, SpecError
 from cluster.files import read_limited
 
 PASSPHRASE_ENV = "SALVUS_KEY_PASSPHRASE"
@@ -25,9 +25,10 @@ MIN_PASSPHRASE = 8
 
 
 class KeyFileError(SalvusError):
-    """A key file is unreadable, of the wrong kind, or its passphrase is wrong (exit 77, EX_NOPERM)."""
+    """A key file is unreadable, of the wrong kind, already there for keygen, or its passphrase is
+    missing or wrong: the command line or its environment needs fixing (exit 78, like a spec error)."""
 
-    exit_code = os.EX_NOPERM
+    exit_code = EXIT_CONFIG
 
 
 def key_id(key: Ed25519PublicKey) -> str:

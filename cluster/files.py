@@ -44,25 +44,37 @@ def write_atomic_text(path: Path, text: str, mode: int = 0o644) -> None:
     write_atomic(path, text.encode(), mode)
 
 
-def read_limited(path: Path, max_bytes: int, owners: frozenset[int] | None = None) -> bytes:
-    """The file's bytes, refusing (DataError) before reading more than `max_bytes` of it. With
-    `owners` (trust state) the file must be a plain file reached without a symlink, owned by one
-    of `owners` and writable by nobody else (checked on the open descriptor)."""
+def read_limited(path: Path, max_bytes: int, owners: frozenset[int] | None = None, what: str = "") -> bytes:
+    """The file's bytes, refusing (DataError) before reading more than `max_bytes` of it, and
+    refusing anything but a regular file (a FIFO, /dev/zero, a directory). With `owners` (trust
+    state) the file must be a plain file reached without a symlink, owned by one of `owners` and
+    writable by nobody else (checked on the open descriptor). `what` names the file in messages
+    ("spec": "cannot read spec: ...", "spec larger than ...")."""
+    noun = f" {what}" if what else ""
     try:
-        fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if owners is not None else 0))
+        # O_NONBLOCK: a FIFO with no writer opens at once instead of hanging, and is refused
+        # below; only a regular file's size is known before reading.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if owners is not None else 0))
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP and owners is not None:
             raise DataError(f"{path}: is a symlink; trust state must be a plain file") from None
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
+        raise DataError(f"{path}: cannot read{noun}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
         if owners is not None:
-            check_owned(path, os.fstat(fd), owners)
+            check_owned(path, st, owners)
+        if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory with a traceback
+            raise DataError(f"{path}: cannot read{noun}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:
-            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+            raise DataError(f"{path}: cannot read{noun}: {e.strerror or e}") from None
     if len(data) > max_bytes:
-        raise DataError(f"{path}: larger than the limit of {max_bytes} bytes; refused unread")
+        raise DataError(f"{path}:{noun} larger than the limit of {max_bytes} bytes; refused unread")
     return data
 
 
@@ -167,6 +179,16 @@ PRIVATE_MODE = 0o600
 def open_append(path: Path, mode: int) -> BinaryIO:
     """`path` opened for appending (a log), created with `mode` when it is new."""
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode), "ab")
+
+
+# What a full file system (or quota) looks like in a tool's stderr: the C library's own words.
+_NO_SPACE = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def out_of_space(detail: str) -> bool:
+    """True when a tool's error text says its file system or quota is full: a host's trouble
+    (exit 75, retry elsewhere), not the image's or the spec's."""
+    return any(words in detail for words in _NO_SPACE)
 
 
 def free_bytes(path: Path) -> int:

@@ -11,7 +11,6 @@ import binascii
 import dataclasses
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -21,7 +20,8 @@ from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, 
 from pydantic import field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from cluster.errors import SpecError
+from cluster.errors import DataError, SpecError
+from cluster.files import read_limited
 from cluster.store import DEFAULT_STORE, Store
 from cluster.yamlmodel import STRICT, ImageRef, Name, NonNegativeInt, PositiveInt, SchedulerWord, SingleLine
 from cluster.yamlmodel import full_match, is_name, is_single_line
@@ -386,6 +386,9 @@ class HypervisorSpec:
     advertise_host: Optional[StrictStr] = None
     # The site's hypervisors (informational for one machine; used for placement and imgdist).
     hosts: list[SingleLine] = dataclasses.field(default_factory=list)
+    # A guest's console log past this is cut, its last MiBs kept in LOG.1 (jobwrappers/consolelog.py):
+    # a chatty guest must not fill the file system of the store.
+    console_log_max_mb: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 16
 
 
 @dataclass(config=STRICT)
@@ -492,16 +495,9 @@ def resolve_spec_path(arg: str | None) -> Path:
 def load_spec(arg: str | Path | None = None) -> ClusterSpec:
     path = resolve_spec_path(str(arg) if arg else None)
     try:
-        # O_NONBLOCK: a FIFO with no writer opens at once instead of hanging, and is refused below
-        # with /dev/zero and directories; only a regular file's size is known before reading.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise SpecError(f"{path}: cannot read spec: not a regular file")
-            raw = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read spec: {e.strerror or e}") from None
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(f"{path}: spec larger than {MAX_SPEC_BYTES} bytes")
+        raw = read_limited(path, MAX_SPEC_BYTES, what="spec")
+    except DataError as e:
+        raise SpecError(str(e)) from None
     return parse_spec(raw, path)
 
 

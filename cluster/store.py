@@ -9,7 +9,7 @@ images/partial/NAME-VERSION.FMT     imgdist downloads in progress: never booted 
 images/torrents/KEY.torrent|.resume imgdist metainfo (for seeding) and resume data
 persistent/SERVICE_ID/DISK.qcow2    disks that outlive jobs (never deleted by salvus-jobs)
 logs/                               job stdout/stderr (unless scheduler.log_dir says otherwise)
-logs/console/SERVICE_ID.log         each VM's serial console
+logs/console/SERVICE_ID.log         each VM's serial console; .log.1 its older part past the cap
 
 trust/ (what this host believes; only `catalogue accept`, `approve` and imgdist write it):
 trust/catalogue/                    the accepted signed index: index-V-SHA.yaml, .sig, .json (parsed),

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from cluster.errors import SpecError
+from cluster.errors import SpecError, TempFailure
+from cluster.files import out_of_space
 from cluster.yamlmodel import is_single_line
 
 LABEL = "cidata"
@@ -135,5 +136,6 @@ def build_config_drive(dest: Path, cfg: GuestConfig) -> Path:
         except OSError as e:
             raise SpecError(f"cannot run genisoimage: {e.strerror} (install genisoimage: scripts/setup)") from None
     if proc.returncode != 0:
-        raise SpecError(f"genisoimage: {proc.stderr.strip()}")
+        detail = proc.stderr.strip()
+        raise (TempFailure if out_of_space(detail) else SpecError)(f"genisoimage: {detail}")
     return dest

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 from catalogue.imagefile import OpenImage
-from cluster.errors import DataError, SpecError
-from cluster.files import PRIVATE_MODE
+from cluster.errors import DataError, SpecError, TempFailure
+from cluster.files import PRIVATE_MODE, out_of_space
 from cluster.spec import DiskSpec
 from cluster.store import Store
 
@@ -21,7 +21,10 @@ def _qemu_img(*args: str) -> None:
     except OSError as e:
         raise SpecError(f"cannot run qemu-img: {e.strerror} (install qemu-utils: scripts/setup)") from None
     if proc.returncode != 0:
-        raise DataError(f"qemu-img {args[0]}: {proc.stderr.strip()}")
+        detail = proc.stderr.strip()
+        if out_of_space(detail):  # a full scratch or store: another host (or later) may have room
+            raise TempFailure(f"qemu-img {args[0]}: {detail}")
+        raise DataError(f"qemu-img {args[0]}: {detail}")
 
 
 def create_overlay(base: OpenImage, overlay: Path) -> Path:

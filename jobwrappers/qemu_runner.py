@@ -81,7 +81,9 @@ def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], 
             "-machine", machine, *flash, "-m", str(m.memory_mb), "-smp", str(m.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-qmp", f"unix:{opt(qmp_path)},server=on,wait=off",
-            "-chardev", f"file,id=console,path={opt(m.console_log)}", "-serial", "chardev:console",
+            # append=on: keep the wrapper's header and earlier boots (QEMU truncates otherwise), and
+            # let consolelog.py cut the file in place under QEMU's O_APPEND descriptor.
+            "-chardev", f"file,id=console,path={opt(m.console_log)},append=on", "-serial", "chardev:console",
             "-netdev", f"user,id=net0,hostfwd={opt(hostfwd)}", "-device", "virtio-net-pci,netdev=net0",
             "-chardev", f"socket,id=channel0,path={opt(m.channel_path)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",

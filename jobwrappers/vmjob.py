@@ -36,6 +36,7 @@ from cluster.store import Store
 from jobwrappers.accel import choose_accel
 from jobwrappers.agent import CLOUD_INIT_FINAL, GuestReports
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
+from jobwrappers.consolelog import ConsoleLogCap
 from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.firmware import prepare_firmware
 from jobwrappers.heartbeat import Heartbeater
@@ -73,6 +74,7 @@ class Job:
     channel: HostChannel | None = None
     endpoint: tuple[str, int] | None = None
     console_log: Path | None = None
+    console_cap: ConsoleLogCap | None = None
     started: float = field(default_factory=time.time)
     sent_upstreams: list[str] | None = None
     upstreams_checked: float = 0.0
@@ -94,6 +96,8 @@ class Job:
         if self.runner:
             self.runner.destroy()
             self.runner.close()
+        if self.console_cap:
+            self.console_cap.stop()
         for d in (self.workdir, self.sockdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -165,10 +169,14 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
     job.console_log.parent.mkdir(parents=True, exist_ok=True)
+    # Earlier jobs of a stable service id appended to the same log: cut it before this boot's header.
+    job.console_cap = ConsoleLogCap(job.console_log, spec.hypervisor.console_log_max_mb << 20)
+    job.console_cap.check()
     # A guest's console may print secrets (keys, tokens): an operator group may read it, no one else.
     with open_append(job.console_log, STATE_MODE) as f:
         f.write(f"\n=== salvus-vmjob job {job.env.job_id} pid {os.getpid()} booting "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ===\n".encode())
+    job.console_cap.start()
     advertise = spec.hypervisor.advertise_host
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
     return Machine(
@@ -322,7 +330,11 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     job = Job(spec, args.role, role, service_id, env, image, boot_files, stop, here=local_names(spec))
     beat: Heartbeater | None = None
     try:
-        machine = prepare_machine(job, registry)
+        try:
+            machine = prepare_machine(job, registry)
+        except OSError as e:  # scratch or store full or unwritable: a host's trouble, another may do
+            raise TempFailure(f"{service_id}: cannot prepare the VM's files in {e.filename or job.workdir}: "
+                              f"{e.strerror or e}") from None
         job.write_state("booting")  # visible to `status` at once; again below with the endpoint
         start_vm(job, machine)
         job.write_state("booting")
@@ -342,7 +354,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         job.reports.keys_changed = False
         try:
             beat.start()
-        except Exception as e:  # any backend failure: the scheduler retries the job later
+        except SpecError:  # a registry no retry mends (damaged, or refusing the configuration): 78
+            beat = None
+            raise
+        except Exception as e:  # any other backend failure: the scheduler retries the job later
             beat = None
             raise TempFailure(f"cannot register {service_id}: {e}") from None
         signal_word = {"probe": "the probe's first answer", "cloud-init-final": CLOUD_INIT_FINAL}.get(

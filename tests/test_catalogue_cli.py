@@ -38,7 +38,7 @@ def test_keygen_without_passphrase_source_refused(tmp_path, cli):
     r = subprocess.run([str(Path(sys.executable).parent / "salvus_jobs"), "catalogue", "keygen", "--out",
                         str(tmp_path / "k")], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
                        timeout=60)
-    assert r.returncode == 77 and "no passphrase: set $SALVUS_KEY_PASSPHRASE" in r.stderr
+    assert r.returncode == 78 and "no passphrase: set $SALVUS_KEY_PASSPHRASE" in r.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -47,7 +47,7 @@ def test_sign_with_wrong_passphrase_refused_and_writes_nothing(signed_catalogue,
     before = tree_snapshot(sc.cat.root)
     r = cli("catalogue", "sign", "--dir", str(sc.cat.root), "--key", str(sc.key_path),
             env={"SALVUS_KEY_PASSPHRASE": "not the passphrase"})
-    assert r.returncode == 77, r.stderr
+    assert r.returncode == 78, r.stderr
     assert r.stderr.strip().endswith("wrong passphrase, or not an encrypted PEM private key")
     assert "not the passphrase" not in r.stderr + r.stdout
     assert tree_snapshot(sc.cat.root) == before

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.errors import RegistryMisconfigured, RegistryUnavailable
+from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError
 from cluster.files import PRIVATE_MODE
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default, valid_services
 
@@ -46,6 +46,9 @@ CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
 CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
 """
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
+# SQLite's primary result codes for a file that is no database, or a damaged one: no retry mends
+# it, so it is a configuration error (78) rather than an outage (75).
+_DAMAGED = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 
 
 def _create_private(path: Path) -> None:
@@ -71,8 +74,25 @@ class SqliteRegistry(Registry):
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             with self._write() as db:
                 self._ensure_schema(db)
-        except (sqlite3.Error, OSError) as e:
+        except sqlite3.Error as e:
+            raise self._failure(e) from None
+        except OSError as e:
             raise RegistryUnavailable(f"registry {self.path}: {e}") from None
+
+    def _failure(self, e: sqlite3.Error) -> SalvusError:
+        if (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _DAMAGED:
+            return RegistryMisconfigured(
+                f"registry {self.path}: {e}: not a registry or damaged; move it aside (its rows are soft "
+                "state: running wrappers register again at their next heartbeat)")
+        return RegistryUnavailable(f"registry {self.path}: {e}")
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """sqlite3 errors of one operation as the registry's own: damaged (78) or unavailable (75)."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._failure(e) from None
 
     def _ensure_schema(self, db: sqlite3.Connection) -> None:
         """Creates the table, or brings one an older version wrote up to SCHEMA_VERSION in place."""
@@ -107,7 +127,7 @@ class SqliteRegistry(Registry):
         now = time.time()
         service.last_heartbeat = now
         row = tuple(getattr(service, c) for c in _COLUMNS) + (now + self.ttl,)
-        with self._write() as db:
+        with self._errors(), self._write() as db:
             # Rows that expired long ago are removed by whoever writes next; no reaper process.
             db.execute("DELETE FROM services WHERE expires_at < ?", (now - self.ttl,))
             db.execute(f"INSERT OR REPLACE INTO services ({', '.join(_COLUMNS)}, expires_at) "
@@ -117,7 +137,7 @@ class SqliteRegistry(Registry):
         now = time.time()
         # Compare-and-set in one UPDATE: the row is refreshed only while it is still the owner's.
         mine = " AND job_id = ? AND host = ? AND port = ?" if owner else ""
-        with self._write() as db:
+        with self._errors(), self._write() as db:
             cur = db.execute("UPDATE services SET last_heartbeat = ?, expires_at = ? "
                              "WHERE service_id = ? AND expires_at > ?" + mine,
                              (now, now + self.ttl, service_id, now,
@@ -125,13 +145,14 @@ class SqliteRegistry(Registry):
             return cur.rowcount == 1
 
     def deregister(self, service_id: str) -> None:
-        with self._write() as db:
+        with self._errors(), self._write() as db:
             db.execute("DELETE FROM services WHERE service_id = ?", (service_id,))
 
     def _select(self, where: str, args: tuple) -> list[Service]:
-        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
-        # _COLUMNS is in Service's field order, so rows map positionally (cheaper for big lookups).
-        return valid_services(Service.from_row(r) for r in rows)
+        with self._errors():
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM services WHERE {where}", args)
+            # _COLUMNS is in Service's field order, so rows map positionally (cheaper for big lookups).
+            return valid_services(Service.from_row(r) for r in rows)
 
     def lookup(self, role: str) -> list[Service]:
         return self._select("role = ? AND expires_at > ? ORDER BY started", (role, time.time()))
