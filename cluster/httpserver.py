@@ -37,30 +37,42 @@ class ServerLimits:
     max_per_client: int = 64
 
 
+@dataclass
+class _Due:
+    at: float  # time.monotonic()
+    what: str
+    client: str
+    seconds: float
+    quiet: bool  # an idle keep-alive connection: its end is routine, logged at debug only
+
+
 class _Watchdog:
     """Deadlines per connection; shuts a connection down once its deadline passes."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._due: dict[socket.socket, tuple[float, str, str, float]] = {}
+        self._due: dict[socket.socket, _Due] = {}
         self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")  # when the thread wakes by itself: no notify for later deadlines
         self._closed = False
 
-    def set(self, sock: socket.socket, seconds: float, what: str, client: str) -> None:
+    def set(self, sock: socket.socket, seconds: float, what: str, client: str, quiet: bool = False) -> None:
         with self._cond:
             if self._closed:
                 return
-            self._due[sock] = (time.monotonic() + seconds, what, client, seconds)
+            due = self._due[sock] = _Due(time.monotonic() + seconds, what, client, seconds, quiet)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if due.at < self._wake_at:
+                self._cond.notify()
 
     def extend(self, sock: socket.socket, seconds: float) -> None:
         with self._cond:
-            if sock in self._due:
-                at, what, client, total = self._due[sock]
-                self._due[sock] = (at + seconds, what, client, total + seconds)
+            due = self._due.get(sock)
+            if due is not None:
+                due.at += seconds
+                due.seconds += seconds
 
     def drop(self, sock: socket.socket) -> None:
         with self._cond:
@@ -75,18 +87,19 @@ class _Watchdog:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                for sock, (at, what, client, total) in list(self._due.items()):
-                    if at <= now:
+                for sock, due in list(self._due.items()):
+                    if due.at <= now:
                         del self._due[sock]
-                        log.info("closing the connection from %s: %s not done within %.1f s", client, what, total)
+                        log.log(logging.DEBUG if due.quiet else logging.INFO, "closing the connection from "
+                                "%s: %s not done within %.1f s", due.client, due.what, due.seconds)
                         try:
                             # Wakes the handler's blocked recv/send; its thread then ends. The
                             # socket object, not its number, so a reused descriptor is never hit.
                             sock.shutdown(socket.SHUT_RDWR)
                         except OSError:
                             pass  # already closed by its handler
-                nxt = min((at for at, *_ in self._due.values()), default=None)
-                self._cond.wait(None if nxt is None else max(nxt - now, 0.01))
+                self._wake_at = min((due.at for due in self._due.values()), default=float("inf"))
+                self._cond.wait(None if self._wake_at == float("inf") else max(self._wake_at - now, 0.01))
 
 
 class GuardedHandler(BaseHTTPRequestHandler):
@@ -103,7 +116,7 @@ class GuardedHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
         # The answer is out: the next request on this keep-alive connection has header_timeout.
         self.server.watchdog.set(self.connection, self.server.limits.header_timeout,
-                                 "the request line and headers", self.client_address[0])
+                                 "the next request on a kept-alive connection", self.client_address[0], quiet=True)
 
     def parse_request(self) -> bool:
         ok = super().parse_request()  # reads the headers
