@@ -157,7 +157,7 @@ class Tracker:
     def __init__(self, bind: str, port: int, table: PeerTable, origin_port: int,
                  limits: ServerLimits | None = None):
         self.table = table
-        # The origin's HTTP server's timeouts and connection bounds (slowloris).
+        # cluster.httpserver: the deadlines and connection bounds `catalogue serve` has (slowloris).
         self.server = SiteHTTPServer((bind, port), make_handler(table, origin_port), limits)
         self.thread = threading.Thread(target=self.server.serve_forever, name="tracker", daemon=True)
 
