@@ -118,6 +118,7 @@ def test_connections_past_the_bounds_get_503_and_room_comes_back(served):
         with connect(r.port) as s:  # a 4th from the same address: past max_per_client
             assert s.recv(64).startswith(b"HTTP/1.1 503 ")
         assert status_of(r.port, r.path, source="127.0.0.2") == 200  # another address has room
+        wait_for(lambda: r.server.active_connections == 3, 10, "that answered connection's end", interval=0.05)
         held.append(connect(r.port, source="127.0.0.2"))
         wait_for(lambda: r.server.active_connections == 4, 10, "r.server.active_connections == 4", interval=0.05)
         with connect(r.port, source="127.0.0.3") as s:  # past max_connections
