@@ -110,6 +110,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = action("serve", cmd_serve, "HTTP origin for index, signature, torrents and images (Range requests)",
                "example: catalogue serve --dir cat --bind 0.0.0.0:8765")
     p.add_argument("--bind", default="127.0.0.1:8765", help="HOST:PORT (port 0 picks a free one)")
+    p = action("nginx-conf", cmd_nginx_conf, "print an nginx server block serving the catalogue (the "
+               "production origin: Range, keep-alive, timeouts)",
+               "example: catalogue nginx-conf --dir /srv/catalogue --listen 8765 > /etc/nginx/conf.d/salvus-catalogue.conf")
+    p.add_argument("--listen", default="8765", help="PORT or HOST:PORT (default 8765)")
 
 
 def _dir(args: argparse.Namespace) -> Path:
@@ -264,6 +268,15 @@ def cmd_accept(args: argparse.Namespace) -> int:
     state = "already accepted" if index.version == before else f"accepted (was {before or 'none'})"
     print(f"index version {index.version} from {source}: {state}; {len(index.entries)} entries, "
           f"expires {format_time(index.expires)}")
+    return 0
+
+
+def cmd_nginx_conf(args: argparse.Namespace) -> int:
+    from catalogue.nginx import site_config
+    root = _dir(args).resolve()
+    if not (root / "index.yaml").exists():
+        raise SpecError(f"{root}: no index.yaml to serve (run `catalogue sign` first)")
+    print(site_config(root, args.listen), end="")
     return 0
 
 

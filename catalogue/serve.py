@@ -6,6 +6,10 @@ once per piece. It also serves any file under the directory, where the origin sh
 the four kinds of path above. So this handler maps those paths itself and implements the single
 byte range form web seeds and resuming HTTP clients use (`bytes=A-B`, `bytes=A-`, `bytes=-N`);
 a multi-range request is answered with the whole file (200), which RFC 9110 permits.
+
+Timeouts and connection bounds are cluster.httpserver's (shared with the tracker). This server is
+for one machine and the tests; a site's production origin is nginx serving the same directory
+(contrib/nginx/salvus-catalogue.conf, README "The origin in production").
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import re
 import threading
 import urllib.parse
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+
+from cluster.httpserver import GuardedHandler, ServerLimits, SiteHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return first, min(int(last_s), size - 1) if last_s else size - 1
 
 
-class OriginHandler(BaseHTTPRequestHandler):
+class OriginHandler(GuardedHandler):
     server_version = "salvus-catalogue"
     protocol_version = "HTTP/1.1"  # keep-alive: a web seed issues many range requests
     root: Path  # set on the subclass made by make_server
@@ -137,34 +143,25 @@ class OriginHandler(BaseHTTPRequestHandler):
                 self.send_header("Cache-Control", "no-cache")
             self.end_headers()
             if self.command == "GET" and length:
+                self.allow_body(length)
                 try:
                     self.connection.sendfile(f, first, length)
-                except (BrokenPipeError, ConnectionResetError):
-                    log.debug("client %s went away", self.address_string())
+                except OSError as e:  # gone, or cut off by the server's deadlines (cluster.httpserver)
+                    self.close_connection = True
+                    log.debug("client %s: answer not completed: %s", self.address_string(), e)
 
 
-class SiteHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server for requests from every hypervisor of a site at once.
-
-    socketserver listens with a backlog of 5: when a site's hypervisors sync together (a reload,
-    daemons started together, the same --interval), the SYNs past the sixth were dropped and those
-    hosts retried 1 s, 3 s later; on the benchmark LAN two of eight started their pull 1.2 and 2.3 s
-    late. The kernel caps the backlog at net.core.somaxconn.
-    """
-
-    request_queue_size = 1024
-    daemon_threads = True
-
-
-def make_server(directory: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def make_server(directory: Path, host: str = "127.0.0.1", port: int = 0,
+                limits: ServerLimits | None = None) -> SiteHTTPServer:
     """A bound, not yet serving, origin for `directory` (port 0 picks a free port)."""
     handler = type("BoundOriginHandler", (OriginHandler,), {"root": directory.resolve()})
-    return SiteHTTPServer((host, port), handler)
+    return SiteHTTPServer((host, port), handler, limits)
 
 
-def serve_in_thread(directory: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+def serve_in_thread(directory: Path, host: str = "127.0.0.1", port: int = 0,
+                    limits: ServerLimits | None = None) -> tuple[SiteHTTPServer, str]:
     """An origin running in a background thread and its base URL; `server.shutdown()` stops it."""
-    server = make_server(directory, host, port)
+    server = make_server(directory, host, port, limits)
     threading.Thread(target=server.serve_forever, name="catalogue-origin", daemon=True).start()
     return server, base_url(server)
 

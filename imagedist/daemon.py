@@ -47,6 +47,12 @@ def run_daemon(spec: ClusterSpec, interval: float) -> int:
                 except SalvusError as e:
                     log.error("sync pass failed: %s", e)
                     _keep_seeding_last_index(agent, spec)
+                except Exception as e:  # one bad pass must not end the seeding
+                    # A bug, or a failure no check turned into a SalvusError (whatever an origin
+                    # sends must not be able to stop this host serving its peers).
+                    log.error("sync pass failed unexpectedly: %s: %s", type(e).__name__, e)
+                    log.debug("the failed pass", exc_info=True)
+                    _keep_seeding_last_index(agent, spec)
                 _seed_until(agent, time.monotonic() + interval, stop, wake)
                 if wake.is_set():
                     log.info("SIGHUP: starting a pass now")
@@ -64,7 +70,7 @@ def _keep_seeding_last_index(agent: Agent, spec: ClusterSpec) -> None:
         index = _accepted_index(spec)
         if index is not None and is_enabled(agent.store):
             agent.seed_installed(select_entries(spec, index).wanted)
-    except SalvusError as e:
+    except Exception as e:  # as for a pass: keep the daemon up
         log.error("cannot seed from the last accepted index: %s", e)
 
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 
-from catalogue.serve import SiteHTTPServer
+from cluster.httpserver import ServerLimits, SiteHTTPServer
 from imagedist.steering import Stripe, parse_stripe
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,11 @@ def make_handler(table: PeerTable, origin_port: int) -> type[BaseHTTPRequestHand
 
 
 class Tracker:
-    def __init__(self, bind: str, port: int, table: PeerTable, origin_port: int):
+    def __init__(self, bind: str, port: int, table: PeerTable, origin_port: int,
+                 limits: ServerLimits | None = None):
         self.table = table
-        self.server = SiteHTTPServer((bind, port), make_handler(table, origin_port))
+        # cluster.httpserver: the deadlines and connection bounds `catalogue serve` has (slowloris).
+        self.server = SiteHTTPServer((bind, port), make_handler(table, origin_port), limits)
         self.thread = threading.Thread(target=self.server.serve_forever, name="tracker", daemon=True)
 
     @property
