@@ -216,6 +216,47 @@ class LoginSpec:
     connect_timeout: Seconds = 15
 
 
+HypervisorName = full_match(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}", "a host name or address (letters, digits, "
+                            "'_', '.', ':', '-'; not starting with '-' or '.')")
+IpAddress = full_match(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:.]{2,45}", "an IPv4 or IPv6 address")
+
+
+def _ip_address(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))  # the canonical form, as peers' addresses are compared
+    except ValueError:
+        raise ValueError(f"expected an IPv4 or IPv6 address, got {v!r}") from None
+
+
+@dataclass(config=STRICT)
+class HostSpec:
+    """One hypervisor of the site: the one place per-host facts live (README "Image distribution").
+    In `hypervisor.hosts` a bare name stands for `{name: NAME}`."""
+
+    name: HypervisorName  # what the host calls itself: hypervisor.advertise_host, else its hostname
+    # The address it reaches the origin from; the origin derives the host's stripe from it (and,
+    # with imgdist.tracker_hosts_only, admits only listed addresses). Default: the name when it is one.
+    address: Optional[Annotated[IpAddress, AfterValidator(_ip_address)]] = None
+
+    @property
+    def ip(self) -> str | None:
+        """`address`, else the name when it is an address, else None (the origin can't place it)."""
+        if self.address is not None:
+            return self.address
+        try:
+            return str(ipaddress.ip_address(self.name))
+        except ValueError:
+            return None
+
+
+def _host_entry(v: Any) -> Any:
+    if isinstance(v, str):
+        return {"name": v}
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a host name or a mapping {{name, address}}, got {type(v).__name__}")
+    return v
+
+
 # Backends that run client commands through `submit/runner.py`, so a login node can run them.
 LOGIN_BACKENDS = ("slurm", "pbs")
 
@@ -346,47 +387,6 @@ class TcgSpec:
     # thrashes on a real userland (the Debian guest reached sshd in 297 s, 129 s with 32, 121 s
     # with 64: README "Benchmarks"). The demo guest doesn't mind either way.
     tb_size_mb: Annotated[StrictInt, Field(ge=1, le=2048)] = 64
-
-
-HypervisorName = full_match(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}", "a host name or address (letters, digits, "
-                            "'_', '.', ':', '-'; not starting with '-' or '.')")
-IpAddress = full_match(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:.]{2,45}", "an IPv4 or IPv6 address")
-
-
-def _ip_address(v: str) -> str:
-    try:
-        return str(ipaddress.ip_address(v))  # the canonical form, as peers' addresses are compared
-    except ValueError:
-        raise ValueError(f"expected an IPv4 or IPv6 address, got {v!r}") from None
-
-
-@dataclass(config=STRICT)
-class HostSpec:
-    """One hypervisor of the site: the one place per-host facts live (README "Image distribution").
-    In `hypervisor.hosts` a bare name stands for `{name: NAME}`."""
-
-    name: HypervisorName  # what the host calls itself: hypervisor.advertise_host, else its hostname
-    # The address it reaches the origin from; the origin derives the host's stripe from it (and,
-    # with imgdist.tracker_hosts_only, admits only listed addresses). Default: the name when it is one.
-    address: Optional[Annotated[IpAddress, AfterValidator(_ip_address)]] = None
-
-    @property
-    def ip(self) -> str | None:
-        """`address`, else the name when it is an address, else None (the origin can't place it)."""
-        if self.address is not None:
-            return self.address
-        try:
-            return str(ipaddress.ip_address(self.name))
-        except ValueError:
-            return None
-
-
-def _host_entry(v: Any) -> Any:
-    if isinstance(v, str):
-        return {"name": v}
-    if not isinstance(v, dict):
-        raise ValueError(f"expected a host name or a mapping {{name, address}}, got {type(v).__name__}")
-    return v
 
 
 @dataclass(config=STRICT)
