@@ -222,6 +222,18 @@ class Origin:
         self.table.on_announce = self.pacer.add_host
         self.tracker = Tracker(bind, tracker_port, self.table, cfg.listen_port)
         self.handles: dict[str, lt.torrent_handle] = {}
+        if cfg.tracker_hosts_only:
+            self._admit_only(sorted(self.table.site.stripes))
+
+    def _admit_only(self, ips: list[str]) -> None:
+        """Strangers may not announce, nor connect to the seeder directly (the info hashes are in
+        the public index). The origin never pulls, so its Swarm never bans and resets this filter."""
+        f = lt.ip_filter()
+        f.add_rule("0.0.0.0", "255.255.255.255", 1)
+        f.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+        for ip in ips:
+            f.add_rule(ip, ip, 0)
+        self.swarm.session.set_ip_filter(f)
 
     def rescan(self) -> None:
         current = catalogue_torrents(self.directory)

@@ -71,6 +71,9 @@ def test_origin_places_and_paces_40_hosts_and_drops_those_that_left(tmp_path):
         refused = announce(port, "127.0.0.99", 7099)
         assert b"not one of the site's hosts" in refused[b"failure reason"]
         assert origin.pacer.class_of("127.0.0.99") is None
+        # Nor may it connect to the seeder: libtorrent's ip filter blocks all but the listed hosts.
+        blocked = origin.swarm.session.get_ip_filter()
+        assert blocked.access("127.0.0.99") == 1 and all(blocked.access(ip) == 0 for ip in ips)
 
         assert origin.table.stripes_by_ip() == {ip: steering.Stripe(i, 40) for i, ip in enumerate(ips)}
         classes = {ip: origin.pacer.class_of(ip) for ip in ips}

@@ -202,7 +202,7 @@ def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
     assert daemon.wait(timeout=30) == 0
 
 
-def _origin_in_this_process(imgdist_lab, rate: int, extra: str = ""):
+def _origin_in_this_process(imgdist_lab, rate: int, extra: str = "", hosts_only: bool = False):
     """The origin on 127.0.0.1 in a thread of the test, so its pacer and counters can be read;
     returns it, the event that stops it and its thread."""
     import threading
@@ -212,8 +212,9 @@ def _origin_in_this_process(imgdist_lab, rate: int, extra: str = ""):
 
     imgdist_lab.tracker_port, imgdist_lab.origin_bt_port = free_port(), free_port()
     ospec = imgdist_lab.root / "origin.yaml"
-    ospec.write_text(imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
-                                           upload_rate=rate, extra=extra))
+    text = imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
+                                 upload_rate=rate, extra=extra)
+    ospec.write_text(text.replace("imgdist: {", "imgdist: {tracker_hosts_only: true, ") if hosts_only else text)
     origin = Origin(load_spec(ospec), imgdist_lab.cat_dir, imgdist_lab.tracker_port, bind="127.0.0.1")
     stop = threading.Event()
     runner = threading.Thread(target=origin.run, args=(stop.is_set,), daemon=True)
@@ -276,8 +277,8 @@ def test_origin_sends_each_piece_about_once_to_steered_hosts(imgdist_lab):
     # The origin knows the site's hosts too: it places them by address (and admits only them).
     listed = ", ".join(f"{{name: q{i}, address: '{ip}'}}" for i, ip in enumerate(ips))
     origin, stop, runner = _origin_in_this_process(
-        imgdist_lab, 4 * MiB, f"hypervisor: {{hosts: [{listed}]}}\n")
-    origin.table.site.only = True
+        imgdist_lab, 4 * MiB, f"hypervisor: {{hosts: [{listed}]}}\n", hosts_only=True)
+    assert origin.table.site.only
     assert origin.table.stripes_by_ip() == {ip: Stripe(i, 3) for i, ip in enumerate(ips)}
     hosts = [imgdist_lab.host(f"q{i}", approve=("sage@1.0",), listen_ip=ip,
                               extra=f"hypervisor: {{advertise_host: '{ip}', hosts: {ips}}}\n")
