@@ -139,11 +139,6 @@ class Pacer:
         with self._lock:
             return dict(self._limits)
 
-    def class_limits(self) -> dict[int, int]:
-        """Peer class -> the upload limit (bytes/s) libtorrent has for it now."""
-        with self._lock:
-            return dict(self._class_limits)
-
     def update(self, handles: list[lt.torrent_handle]) -> None:
         if self.rate <= 0:
             return
@@ -261,7 +256,10 @@ class Origin:
                     self.rescan()
                     next_scan = now + RESCAN_SECONDS
                 if now >= next_pace:
-                    self.pacer.update(self.swarm.session.get_torrents())
+                    try:
+                        self.pacer.update(self.swarm.session.get_torrents())
+                    except (RuntimeError, OverflowError, ValueError) as e:  # keep seeding, unpaced
+                        log.warning("origin: pacing update failed: %s", e)
                     next_pace = now + PACE_SECONDS
                 self.swarm.pump(0.25)
         finally:

@@ -59,13 +59,15 @@ class SiteHosts:
 
 class _Swarm:
     """One torrent's peers: a list (a random sample costs the sample, not the swarm) and the same
-    endpoints in order of their last announce (pruning pops only the stale front)."""
+    endpoints in order of their last announce (pruning pops only the stale front). A peer's
+    claimed stripe lives and goes with its entry, so the table never holds more than its peers."""
 
     def __init__(self) -> None:
         self.seen: OrderedDict[Endpoint, float] = OrderedDict()
         self.eps: list[Endpoint] = []
         self.pos: dict[Endpoint, int] = {}
         self.ports: dict[str, OrderedDict[int, None]] = {}
+        self.claims: dict[Endpoint, Stripe] = {}
 
     def __len__(self) -> int:
         return len(self.eps)
@@ -96,6 +98,7 @@ class _Swarm:
         del ports[ep[1]]
         if not ports:
             del self.ports[ep[0]]
+        self.claims.pop(ep, None)
 
     def prune(self, now: float) -> None:
         while self.seen:
@@ -120,13 +123,6 @@ class PeerTable:
     # pacer gives a new host its peer class before the host can connect, and sees it is alive.
     on_announce: Callable[[str], None] | None = None
     site: SiteHosts = field(default_factory=SiteHosts)
-    # Stripes hosts named in their announces (`stripe=i/n`), by address because libtorrent
-    # announces and handshakes under different peer ids. Used only when `site` knows no address:
-    # a host could claim any stripe (the pacer caps what a claim can win).
-    claimed: dict[Endpoint, Stripe] = field(default_factory=dict)
-    # Endpoint -> its last announce of any torrent, oldest first: a claimed stripe counts while its
-    # host announces, so a host that died no longer draws a share of the origin's rate.
-    last: OrderedDict[Endpoint, float] = field(default_factory=OrderedDict)
     rng: random.Random = field(default_factory=random.Random)
 
     def refusal(self, ip: str) -> str | None:
@@ -136,13 +132,17 @@ class PeerTable:
         return None
 
     def note_stripe(self, ep: Endpoint, stripe: Stripe | None) -> None:
+        """The stripe a host named in its announce (`stripe=i/n`), kept by address because
+        libtorrent announces and handshakes under different peer ids. Used only when `site` knows
+        no address: a host could claim any stripe (the pacer caps what a claim can win)."""
         if self.site.stripes:
             return  # the origin places listed hosts itself and takes no host's word
         with self.lock:
-            if stripe is None:
-                self.claimed.pop(ep, None)
-            else:
-                self.claimed[ep] = stripe
+            for swarm in self.peers.values():
+                if stripe is None:
+                    swarm.claims.pop(ep, None)
+                elif ep in swarm.seen:
+                    swarm.claims[ep] = stripe
 
     def stripes_by_ip(self, now: float | None = None) -> dict[str, Stripe | None]:
         """IP -> the stripe of the host there; None when hosts sharing the IP (one machine, as in
@@ -152,11 +152,11 @@ class PeerTable:
         now = time.time() if now is None else now
         seen: dict[str, set[Stripe]] = {}
         with self.lock:
-            for ep, stripe in list(self.claimed.items()):
-                if now - self.last.get(ep, 0.0) > PEER_TTL:
-                    del self.claimed[ep]
-                else:
-                    seen.setdefault(ep[0], set()).add(stripe)
+            # A claim counts while its host announces: one that died draws no share of the origin.
+            for swarm in self.peers.values():
+                for ep, stripe in swarm.claims.items():
+                    if now - swarm.seen[ep] <= PEER_TTL:
+                        seen.setdefault(ep[0], set()).add(stripe)
         return {ip: next(iter(found)) if len(found) == 1 else None for ip, found in seen.items()}
 
     def stripe_of(self, ip: str, now: float | None = None) -> Stripe | None:
@@ -173,14 +173,10 @@ class PeerTable:
                 return None
             swarm = self.peers.setdefault(ih, _Swarm())
             swarm.prune(now)
-            while self.last and now - next(iter(self.last.values())) > PEER_TTL:
-                self.claimed.pop(self.last.popitem(last=False)[0], None)
             if stopped:
                 swarm.drop(ep)
             else:
                 swarm.touch(ep, now)
-                self.last[ep] = now
-                self.last.move_to_end(ep)
             others = swarm.sample(MAX_PEERS, ep, self.rng)
         if not stopped and self.on_announce:
             try:

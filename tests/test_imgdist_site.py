@@ -136,9 +136,12 @@ def test_200_fake_announces_from_one_ip_do_not_keep_real_hosts_out_of_peer_lists
     real = [f"127.0.0.{2 + i}" for i in range(10)]
     try:
         for i in range(200):
-            peers_of(announce(tracker.port, "127.0.0.250", 20000 + i))
+            peers_of(announce(tracker.port, "127.0.0.250", 20000 + i, "&stripe=0/1"))
         for i, ip in enumerate(real):
             peers_of(announce(tracker.port, ip, 7000 + i))
+        # What the table holds of that machine is bounded too, its claimed stripes included.
+        assert len(table.peers[IH]) == len(real) + MAX_PORTS_PER_IP
+        assert len(table.peers[IH].claims) == MAX_PORTS_PER_IP
         for i, ip in enumerate(real):
             got = peers_of(announce(tracker.port, ip, 7000 + i))
             assert {(r, 7000 + j) for j, r in enumerate(real) if j != i} <= set(got), got
