@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
@@ -227,6 +228,47 @@ class LoginSpec:
     connect_timeout: Seconds = 15
 
 
+HypervisorName = full_match(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}", "a host name or address (letters, digits, "
+                            "'_', '.', ':', '-'; not starting with '-' or '.')")
+IpAddress = full_match(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:.]{2,45}", "an IPv4 or IPv6 address")
+
+
+def _ip_address(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))  # the canonical form, as peers' addresses are compared
+    except ValueError:
+        raise ValueError(f"expected an IPv4 or IPv6 address, got {v!r}") from None
+
+
+@dataclass(config=STRICT)
+class HostSpec:
+    """One hypervisor of the site: the one place per-host facts live (README "Image distribution").
+    In `hypervisor.hosts` a bare name stands for `{name: NAME}`."""
+
+    name: HypervisorName  # what the host calls itself: hypervisor.advertise_host, else its hostname
+    # The address it reaches the origin from; the origin derives the host's stripe from it (and,
+    # with imgdist.tracker_hosts_only, admits only listed addresses). Default: the name when it is one.
+    address: Optional[Annotated[IpAddress, AfterValidator(_ip_address)]] = None
+
+    @property
+    def ip(self) -> str | None:
+        """`address`, else the name when it is an address, else None (the origin can't place it)."""
+        if self.address is not None:
+            return self.address
+        try:
+            return str(ipaddress.ip_address(self.name))
+        except ValueError:
+            return None
+
+
+def _host_entry(v: Any) -> Any:
+    if isinstance(v, str):
+        return {"name": v}
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a host name or a mapping {{name, address}}, got {type(v).__name__}")
+    return v
+
+
 # Backends that run client commands through `submit/runner.py`, so a login node can run them.
 LOGIN_BACKENDS = ("slurm", "pbs")
 
@@ -384,11 +426,27 @@ class HypervisorSpec:
     ovmf: OvmfSpec = dataclasses.field(default_factory=OvmfSpec)
     # Address recorded in the registry for forwarded ports; default this host's name.
     advertise_host: Optional[StrictStr] = None
-    # The site's hypervisors (informational for one machine; used for placement and imgdist).
-    hosts: list[SingleLine] = dataclasses.field(default_factory=list)
     # A guest's console log past this is cut, its last MiBs kept in LOG.1 (jobwrappers/consolelog.py):
     # a chatty guest must not fill the file system of the store.
     console_log_max_mb: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 16
+    # The site's hypervisors, each a name or {name, address}: imgdist's stripes and the tracker's
+    # allowlist come from here (README "Image distribution").
+    hosts: list[Annotated[HostSpec, BeforeValidator(_host_entry)]] = dataclasses.field(default_factory=list)
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_names(cls, v: list[HostSpec]) -> list[HostSpec]:
+        seen: dict[str, int] = {}
+        for i, h in enumerate(v):
+            if h.name in seen:
+                raise ValueError(f"{h.name!r} is listed twice (entries {seen[h.name]} and {i}); "
+                                 "a host's position in the list is its stripe")
+            seen[h.name] = i
+        return v
+
+    @property
+    def host_names(self) -> list[str]:
+        return [h.name for h in self.hosts]
 
 
 @dataclass(config=STRICT)
@@ -430,6 +488,8 @@ class ImgdistSpec:
     listen_ip: StrictStr = "0.0.0.0"
     # Bytes kept free on the store's file system besides the image being pulled.
     reserve_mb: NonNegativeInt = 64
+    # Origin only: the tracker answers only addresses of hypervisor.hosts (every entry needs one).
+    tracker_hosts_only: StrictBool = False
 
 
 @dataclass(config=STRICT)
@@ -454,6 +514,17 @@ class ClusterSpec:
             if not is_name(name):
                 raise ValueError(f"role name {name!r}: expected [a-z][a-z0-9_-]*")
         return v
+
+    @model_validator(mode="after")
+    def _hosts_have_addresses(self) -> "ClusterSpec":
+        if self.imgdist.tracker_hosts_only:
+            if not self.hypervisor.hosts:
+                raise ValueError("imgdist.tracker_hosts_only needs hypervisor.hosts (with addresses)")
+            for i, h in enumerate(self.hypervisor.hosts):
+                if h.ip is None:
+                    raise ValueError(f"hypervisor.hosts[{i}] ({h.name}) has no address: with "
+                                     "imgdist.tracker_hosts_only the tracker would refuse it (add 'address')")
+        return self
 
     def role(self, name: str) -> RoleSpec:
         try:

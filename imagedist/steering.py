@@ -10,10 +10,11 @@ most pieces several times. The fixes, combined here (figures in the README's ben
   the host owning that slice is fetching at the same time: sent twice);
 - gating: once its slice is complete a host stops taking pieces from the origin (unless the
   swarm goes idle, see swarm.GATE_IDLE_SECONDS);
-- pacing (origin side, imagedist.origin): one peer class per host, because plain TCP shares the
-  origin link very unevenly. The origin rate is split in proportion to what each host still lacks
-  of its own slice (hosts tell the tracker their stripe): with an even split a host whose downlink
-  is crowded by its peers falls behind, and the whole swarm then waits for its slice.
+- pacing (origin side, imagedist.origin): one peer class per host (up to 28, then shared), because
+  plain TCP shares the origin link very unevenly. The origin rate is split in proportion to what
+  each host still lacks of its own slice (the origin knows listed hosts' stripes by address; others
+  tell the tracker theirs): with an even split a host whose downlink is crowded by its peers falls
+  behind, and the whole swarm then waits for its slice.
 """
 from __future__ import annotations
 
@@ -87,6 +88,18 @@ def parse_stripe(text: str) -> Stripe | None:
 
 def missing_in_stripe(have: list[bool], stripe: Stripe) -> int:
     return sum(1 for i in stripe.pieces(len(have)) if not have[i])
+
+
+def cap_wants(rows: list[tuple[str, int | None]], num_pieces: int) -> list[tuple[str, int | None]]:
+    """Caps what each interested host lacks at an even share of the torrent's pieces among them.
+
+    An honest host's stripe is never larger (the site has at least as many hosts as are
+    interested), so a host that claims a larger stripe (`stripe=0/1`) wins at most a fair share.
+    """
+    if not rows or num_pieces <= 0:
+        return rows
+    cap = -(-num_pieces // len(rows))
+    return [(ip, None if w is None else min(w, cap)) for ip, w in rows]
 
 
 def pacing_limits(origin_rate: int, wants: list[tuple[str, int | None]]) -> dict[str, int]:

@@ -149,7 +149,7 @@ class Agent:
     # -- one pass ------------------------------------------------------------------------------
     def _request(self, entry, meta: bytes) -> PullRequest:
         key = image_key(entry.name, entry.version)
-        stripe = steering.stripe_for(host_name(self.spec), self.spec.hypervisor.hosts)
+        stripe = steering.stripe_for(host_name(self.spec), self.spec.hypervisor.host_names)
         trackers = self._trackers()
         if stripe is not None:
             # libtorrent appends its own parameters after ours ("&info_hash=...").

@@ -202,7 +202,7 @@ def test_daemon_pulls_on_sighup_seeds_to_a_peer_and_stops_cleanly(imgdist_lab):
     assert daemon.wait(timeout=30) == 0
 
 
-def _origin_in_this_process(imgdist_lab, rate: int):
+def _origin_in_this_process(imgdist_lab, rate: int, extra: str = "", hosts_only: bool = False):
     """The origin on 127.0.0.1 in a thread of the test, so its pacer and counters can be read;
     returns it, the event that stops it and its thread."""
     import threading
@@ -212,8 +212,9 @@ def _origin_in_this_process(imgdist_lab, rate: int):
 
     imgdist_lab.tracker_port, imgdist_lab.origin_bt_port = free_port(), free_port()
     ospec = imgdist_lab.root / "origin.yaml"
-    ospec.write_text(imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
-                                           upload_rate=rate))
+    text = imgdist_lab.spec_text(imgdist_lab.root / "ostore", imgdist_lab.origin_bt_port,
+                                 upload_rate=rate, extra=extra)
+    ospec.write_text(text.replace("imgdist: {", "imgdist: {tracker_hosts_only: true, ") if hosts_only else text)
     origin = Origin(load_spec(ospec), imgdist_lab.cat_dir, imgdist_lab.tracker_port, bind="127.0.0.1")
     stop = threading.Event()
     runner = threading.Thread(target=origin.run, args=(stop.is_set,), daemon=True)
@@ -239,7 +240,12 @@ def test_origin_paces_each_host_by_what_it_still_lacks_of_its_stripe(imgdist_lab
     stripes: set[tuple[str, Stripe | None]] = set()
     try:
         first = imgdist_lab.spawn(hosts[0], "--sync")
-        _wait_for_progress(hosts[0], "sage-1.0", 20.0, first)
+        # Started once the first host pulls, not later: a host that has its stripe stops taking
+        # from the origin (gated), and waiting for a resume file (_wait_for_progress) was often that.
+        deadline = time.monotonic() + 60
+        while not any(p.ip[0] == ips[0] for h in origin.swarm.session.get_torrents() for p in h.get_peer_info()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first host never connected"
+            time.sleep(0.1)
         second = imgdist_lab.spawn(hosts[1], "--sync")
         while first.poll() is None or second.poll() is None:
             samples.append(origin.pacer.limits())
@@ -263,10 +269,17 @@ def test_origin_sends_each_piece_about_once_to_steered_hosts(imgdist_lab):
     """Real origin (in this process, to read what it uploaded) and three steered hosts on their own
     loopback addresses, started together: a host asks the origin only for its own slice and for
     nothing another host is still fetching from it, so the origin sends about one copy."""
+    from imagedist.steering import Stripe
+
     entry = imgdist_lab.add_image("sage", "1.0", 32)
     imgdist_lab.sign()
-    origin, stop, runner = _origin_in_this_process(imgdist_lab, 4 * MiB)
     ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    # The origin knows the site's hosts too: it places them by address (and admits only them).
+    listed = ", ".join(f"{{name: q{i}, address: '{ip}'}}" for i, ip in enumerate(ips))
+    origin, stop, runner = _origin_in_this_process(
+        imgdist_lab, 4 * MiB, f"hypervisor: {{hosts: [{listed}]}}\n", hosts_only=True)
+    assert origin.table.site.only
+    assert origin.table.stripes_by_ip() == {ip: Stripe(i, 3) for i, ip in enumerate(ips)}
     hosts = [imgdist_lab.host(f"q{i}", approve=("sage@1.0",), listen_ip=ip,
                               extra=f"hypervisor: {{advertise_host: '{ip}', hosts: {ips}}}\n")
              for i, ip in enumerate(ips)]
@@ -282,3 +295,4 @@ def test_origin_sends_each_piece_about_once_to_steered_hosts(imgdist_lab):
     for h in hosts:
         assert_installed(h, entry)
     assert entry.size <= sent <= 1.03 * entry.size, f"origin sent {sent / entry.size:.3f} copies"
+    assert set(origin.pacer.hosts) == set(ips)  # each announced from its own address, admitted

@@ -48,6 +48,14 @@ BAD = [
     ("bad scheduler", "roles: {}\nscheduler: {backend: lsf}", "scheduler.backend: input should be 'local', 'slurm'"),
     ("two registries", "roles: {}\nregistry: {sqlite: /tmp/x, cassandra: {contact_points: [a]}}",
      "registry: give either 'sqlite' or 'cassandra', not both"),
+    ("unknown host key", "roles: {}\nhypervisor: {hosts: [hv0, {name: hv1, rack: 3}]}",
+     "hypervisor.hosts[1].rack: unknown key (expected one of: name, address)"),
+    ("bad host address", "roles: {}\nhypervisor: {hosts: [{name: hv1, address: '10.0.0.300'}]}",
+     "hypervisor.hosts[0].address: expected an IPv4 or IPv6 address, got '10.0.0.300'"),
+    ("host listed twice", "roles: {}\nhypervisor: {hosts: [hv1, hv2, hv1]}",
+     "hypervisor.hosts: 'hv1' is listed twice (entries 0 and 2)"),
+    ("hosts-only tracker without addresses", "roles: {}\nimgdist: {tracker_hosts_only: true}\n"
+     "hypervisor: {hosts: ['10.0.0.1', hv2]}", "hypervisor.hosts[1] (hv2) has no address"),
 ]
 
 
