@@ -363,6 +363,18 @@ class Backend(abc.ABC):
             k += 1
         return out
 
+    def image_feature(self, role: str) -> str | None:
+        """The node feature a job of `role` asks for: the one `imgdist slurm-features` advertises
+        on hosts that hold the role's image, version included. None when the site lets any host
+        pull (`scheduler.require_image: false`) or the role boots its own `image_path`, a file
+        imgdist neither pulls nor advertises."""
+        from imagedist.classad import slurm_feature
+
+        r = self.role(role)
+        if not self.spec.scheduler.require_image or r.image_path:
+            return None
+        return slurm_feature(r.image_name, r.image_version)
+
     def host_for(self, role: str, service_id: str | None) -> str | None:
         """Where a persistent role's job must run: the host holding its disk (`hosts[K]`)."""
         hosts = self.role(role).hosts
@@ -408,7 +420,7 @@ class ScriptBackend(Backend):
         walltime_s = self.resources(role).walltime_s
         values = {"queue": s.queue, "account": s.account,
                   "walltime": self.format_walltime(walltime_s) if walltime_s else None,
-                  "host": self.host_for(role, service_id)}
+                  "host": self.host_for(role, service_id), "feature": self.image_feature(role)}
         return [self.directive_forms[k].format(self.directive_word(k, v))
                 for k, v in values.items() if v and k in self.directive_forms]
 

@@ -27,7 +27,7 @@ class PbsBackend(ScriptBackend):
                          "Connection refused", "pbs_connect")
 
     directive_forms = {"queue": "-q {}", "account": "-A {}", "walltime": "-l walltime={}",
-                       "host": "-l host={}"}
+                       "host": "-l host={}", "feature": "-l proc={}"}
     job_id_expr = "${job_id%%.*}"  # Torque ids are NUMBER.SERVER
 
     def format_walltime(self, seconds: int) -> str:
