@@ -24,7 +24,7 @@ from pathlib import Path
 from string import Template
 from typing import Iterable, Mapping
 
-from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
+from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SchedulerError, SpecError
 from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
@@ -444,6 +444,16 @@ class ScriptBackend(Backend):
                 raise SpecError(f"{self.spec.source}: scheduler.extra_directives[{i}]: expected a "
                                 f"'{self.directive} ...' line or a '-option', got {d[:60]!r}")
         return out
+
+    def explain_refusal(self, role: str, e: SchedulerError) -> SchedulerError:
+        """Slurm (also behind its qsub) refuses a job whose feature no node of the partition has:
+        say which image no host advertises yet."""
+        feature = self.image_feature(role)
+        if feature and "Invalid feature specification" in str(e):
+            return SchedulerError(f"{e}: no node advertises {feature} ({self.role(role).image}): pull it on "
+                                  "a host first (imgdist sync, then imgdist slurm-features), or set "
+                                  "scheduler.require_image: false")
+        return e
 
     def render(self, role: str, service_id: str | None = None) -> str:
         checked_service_id(service_id)

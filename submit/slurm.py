@@ -64,13 +64,7 @@ class SlurmBackend(ScriptBackend):
             r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
                          f"--comment=salvus:{service_id or ''}:{token}", input=self.render(role, service_id), env=env)
         except SchedulerError as e:
-            feature = self.image_feature(role)
-            # Slurm refuses a job whose feature no node of the partition has yet.
-            if feature and "Invalid feature specification" in str(e):
-                raise SchedulerError(f"{e}: no node advertises {feature} ({self.role(role).image}): pull it "
-                                     "on a host first (imgdist sync, then imgdist slurm-features), or set "
-                                     "scheduler.require_image: false") from None
-            raise
+            raise self.explain_refusal(role, e) from None
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
             raise SchedulerError(f"sbatch: expected a job id, got {last_line(r.stdout)!r}")
