@@ -42,7 +42,7 @@ class CondorBackend(Backend):
     def requirements(self, role: str, service_id: str | None) -> str:
         r = self.role(role)
         parts = []
-        if self.spec.scheduler.require_image:
+        if self.image_feature(role):  # the same rule as Slurm's --constraint; HTCondor has its own attribute
             parts.append(f"stringListMember({classad_string(f'{r.image_name}-{r.image_version}')}, TARGET.SalvusImages)")
         host = self.host_for(role, service_id)
         if host:

@@ -107,6 +107,7 @@ def test_jobs_ask_for_the_feature_of_their_image_and_version(tmp_path):
                      f"roles: {{sage: {{image: sage@1, port: 6000, image_path: {tmp_path}/sage.qcow2}}}}\n",
                      tmp_path / "own.yaml")
     assert "--constraint" not in open_backend(own, "slurm").render("sage")
+    assert htcondor2.Submit(open_backend(own, "condor").render("sage"))["requirements"] == "true"
 
 
 def test_image_features_keep_every_name_and_version_apart():
