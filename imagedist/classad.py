@@ -62,24 +62,13 @@ def slurm_feature(name: str, version: str) -> str:
 
 def image_of_feature(feature: str) -> tuple[str, str] | None:
     """(name, version) back from a feature `slurm_feature` made; None for any other string."""
-    if not feature.startswith(FEATURE_PREFIX):
+    part = "(?:[A-Za-z0-9-]|_[" + "".join(v[1] for v in FEATURE_ESCAPES.values()) + "])+"
+    m = re.fullmatch(f"{FEATURE_PREFIX}({part}){FEATURE_SEPARATOR}({part})", feature)
+    if m is None:
         return None
-    unescape = {v[1]: k for k, v in FEATURE_ESCAPES.items()}
-    parts, cur, text, i = [], "", feature[len(FEATURE_PREFIX):], 0
-    while i < len(text):
-        c = text[i]
-        if c != "_":
-            cur += c
-        elif text[i + 1:i + 2] == FEATURE_SEPARATOR[1]:
-            parts.append(cur)
-            cur = ""
-        elif text[i + 1:i + 2] in unescape:
-            cur += unescape[text[i + 1]]
-        else:
-            return None
-        i += 1 if c != "_" else 2
-    parts.append(cur)
-    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+    unescape = {v: k for k, v in FEATURE_ESCAPES.items()}
+    name, version = (re.sub("_.", lambda c: unescape[c[0]], g) for g in m.groups())
+    return name, version
 
 
 def slurm_features(spec: ClusterSpec, store: Store, index) -> list[str]:
