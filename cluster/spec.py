@@ -297,6 +297,9 @@ class SchedulerSpec:
     wrapper: Optional[SingleLine] = None
     # HTCondor: extra `requirements` ANDed with the image/hypervisor match (site policy).
     requirements: Optional[SingleLine] = None
+    # Jobs ask for a host that advertises the role's image (imgdist classad / slurm-features):
+    # Slurm --constraint, PBS -l proc, HTCondor requirements. false: any host may pull at boot.
+    require_image: StrictBool = True
     # Directory of the scheduler's client commands (sbatch, qsub, ...); default: found on PATH.
     bin_dir: Optional[SingleLine] = None
     # DRMAA: the scheduler's libdrmaa (default $DRMAA_LIBRARY_PATH, else Grid Engine's on Debian).

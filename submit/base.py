@@ -24,7 +24,7 @@ from pathlib import Path
 from string import Template
 from typing import Iterable, Mapping
 
-from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SpecError
+from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SchedulerError, SpecError
 from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
@@ -363,6 +363,18 @@ class Backend(abc.ABC):
             k += 1
         return out
 
+    def image_feature(self, role: str) -> str | None:
+        """The node feature a job of `role` asks for: the one `imgdist slurm-features` advertises
+        on hosts that hold the role's image, version included. None when the site lets any host
+        pull (`scheduler.require_image: false`) or the role boots its own `image_path`, a file
+        imgdist neither pulls nor advertises."""
+        from imagedist.classad import slurm_feature
+
+        r = self.role(role)
+        if not self.spec.scheduler.require_image or r.image_path:
+            return None
+        return slurm_feature(r.image_name, r.image_version)
+
     def host_for(self, role: str, service_id: str | None) -> str | None:
         """Where a persistent role's job must run: the host holding its disk (`hosts[K]`)."""
         hosts = self.role(role).hosts
@@ -408,7 +420,7 @@ class ScriptBackend(Backend):
         walltime_s = self.resources(role).walltime_s
         values = {"queue": s.queue, "account": s.account,
                   "walltime": self.format_walltime(walltime_s) if walltime_s else None,
-                  "host": self.host_for(role, service_id)}
+                  "host": self.host_for(role, service_id), "feature": self.image_feature(role)}
         return [self.directive_forms[k].format(self.directive_word(k, v))
                 for k, v in values.items() if v and k in self.directive_forms]
 
@@ -432,6 +444,16 @@ class ScriptBackend(Backend):
                 raise SpecError(f"{self.spec.source}: scheduler.extra_directives[{i}]: expected a "
                                 f"'{self.directive} ...' line or a '-option', got {d[:60]!r}")
         return out
+
+    def explain_refusal(self, role: str, e: SchedulerError) -> SchedulerError:
+        """Slurm (also behind its qsub) refuses a job whose feature no node of the partition has:
+        say which image no host advertises yet."""
+        feature = self.image_feature(role)
+        if feature and "Invalid feature specification" in str(e):
+            return SchedulerError(f"{e}: no node advertises {feature} ({self.role(role).image}): pull it on "
+                                  "a host first (imgdist sync, then imgdist slurm-features), or set "
+                                  "scheduler.require_image: false")
+        return e
 
     def render(self, role: str, service_id: str | None = None) -> str:
         checked_service_id(service_id)

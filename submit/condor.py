@@ -41,13 +41,15 @@ class CondorBackend(Backend):
 
     def requirements(self, role: str, service_id: str | None) -> str:
         r = self.role(role)
-        parts = [f"stringListMember({classad_string(f'{r.image_name}-{r.image_version}')}, TARGET.SalvusImages)"]
+        parts = []
+        if self.image_feature(role):  # the same rule as Slurm's --constraint; HTCondor has its own attribute
+            parts.append(f"stringListMember({classad_string(f'{r.image_name}-{r.image_version}')}, TARGET.SalvusImages)")
         host = self.host_for(role, service_id)
         if host:
             parts.append(f"TARGET.Machine == {classad_string(host)}")  # where the persistent disk lives
         if self.spec.scheduler.requirements:
             parts.append(f"({self.spec.scheduler.requirements})")
-        return " && ".join(parts)
+        return " && ".join(parts) or "true"
 
     def render(self, role: str, service_id: str | None = None) -> str:
         checked_service_id(service_id)

@@ -27,7 +27,7 @@ class PbsBackend(ScriptBackend):
                          "Connection refused", "pbs_connect")
 
     directive_forms = {"queue": "-q {}", "account": "-A {}", "walltime": "-l walltime={}",
-                       "host": "-l host={}"}
+                       "host": "-l host={}", "feature": "-l proc={}"}
     job_id_expr = "${job_id%%.*}"  # Torque ids are NUMBER.SERVER
 
     def format_walltime(self, seconds: int) -> str:
@@ -44,7 +44,10 @@ class PbsBackend(ScriptBackend):
         # of ours (PBS adds its PBS_O_* itself).
         env = self.job_env(service_id)
         argv += ["-v", ",".join(sorted(env))]
-        job_id = self.run(*argv, str(script), env=env).stdout.strip()
+        try:
+            job_id = self.run(*argv, str(script), env=env).stdout.strip()
+        except SchedulerError as e:
+            raise self.explain_refusal(role, e) from None
         if not re.fullmatch(r"\d+(\.[\w.-]+)?", job_id):
             raise SchedulerError(f"qsub: expected a job id, got {last_line(job_id)!r}")
         return job_id

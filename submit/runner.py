@@ -30,8 +30,9 @@ class CommandResult:
 
 
 def last_line(text: str) -> str:
-    """The last non-blank line: where client commands put the error that ended them."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    """The last non-blank line: where client commands put the error that ended them. Quotes
+    around it go (Slurm's qsub quotes sbatch's output, its closing quote on a line of its own)."""
+    lines = [ln.strip().strip("'\"") for ln in text.splitlines() if ln.strip().strip("'\"")]
     return lines[-1] if lines else "(no output)"
 
 

@@ -38,7 +38,7 @@ class SlurmBackend(ScriptBackend):
                          "Zero Bytes were transmitted")
 
     directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
-                       "host": "--nodelist={}"}
+                       "host": "--nodelist={}", "feature": "--constraint={}"}
     job_id_expr = "${SLURM_JOB_ID}"
     tokens = True
 
@@ -60,8 +60,11 @@ class SlurmBackend(ScriptBackend):
         # Names only: sbatch passes their values from its own environment (no value on the command
         # line, none split at a comma), and nothing else of ours; Slurm adds its SLURM_* itself.
         env = self.job_env(service_id)
-        r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
-                     f"--comment=salvus:{service_id or ''}:{token}", input=self.render(role, service_id), env=env)
+        try:
+            r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
+                         f"--comment=salvus:{service_id or ''}:{token}", input=self.render(role, service_id), env=env)
+        except SchedulerError as e:
+            raise self.explain_refusal(role, e) from None
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         if not job_id.isdigit():
             raise SchedulerError(f"sbatch: expected a job id, got {last_line(r.stdout)!r}")

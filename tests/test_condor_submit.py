@@ -45,7 +45,8 @@ def test_rendered_submit_file_matches_the_spec(tmp_path, demo_image, cli):
     assert sub["request_disk"] == "2048M"
     assert sub["MY.SalvusServiceId"] == '"cassandra-1"'
     assert sub.expand("arguments").endswith("--role cassandra --service-id cassandra-1\"")
-    assert sub["requirements"] == 'stringListMember("demo-1", TARGET.SalvusImages) && (TARGET.HasKVM =?= true)'
+    # The demo role boots its own image_path, which no host advertises: only the site's requirement.
+    assert sub["requirements"] == "(TARGET.HasKVM =?= true)"
     assert Path(sub.expand("executable")).name == "salvus-vmjob"
     assert sub.expand("arguments").startswith(f'"--spec \'{load_spec(spec).source}\' ')
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,32 @@ def test_classad_parses_and_names_the_installed_images(imgdist_lab, two_images):
     assert sorted(ad["SalvusImages"].split(",")) == ["hub-1.0", "sage-1.0"]
     assert ad["HasSalvusImage_sage"] is True and ad["HasSalvusImage_hub"] is True
     assert ad["SalvusImgdist"] == "enabled"
-    assert imgdist_lab.run(h, "--slurm-features").stdout.strip() == "salvus_img_hub,salvus_img_sage"
+    assert imgdist_lab.run(h, "--slurm-features").stdout.strip() == "salvus_img_hub_v1_d0,salvus_img_sage_v1_d0"
+
+
+def test_an_expired_index_advertises_no_image(imgdist_lab):
+    """The wrapper refuses to boot from an expired index (65): a host must not be matched by it."""
+    import classad2
+
+    from catalogue.endorse import CatalogueDir, sign_index
+    from catalogue.index import now_utc
+    from catalogue.keys import load_private_key
+    from tests.fixtures.imgdist_lab import PASSPHRASE
+
+    imgdist_lab.add_image("sage", "1.0", 1, roles=("sage",))
+    index = sign_index(CatalogueDir(imgdist_lab.cat_dir), load_private_key(imgdist_lab.key, PASSPHRASE),
+                       timedelta(seconds=3))
+    h = imgdist_lab.host("h0", approve=("sage@1.0",), tracker=False)
+    assert imgdist_lab.run(h, "sync").returncode == 0
+    assert classad2.parseOne(imgdist_lab.run(h, "classad").stdout)["SalvusImages"] == "sage-1.0"
+    assert imgdist_lab.run(h, "slurm-features").stdout.strip() == "salvus_img_sage_v1_d0"
+    while now_utc() < index.expires:
+        time.sleep(0.2)
+    ad = classad2.parseOne(imgdist_lab.run(h, "classad").stdout)
+    assert ad["SalvusImages"] == "" and "HasSalvusImage_sage" not in ad
+    r = imgdist_lab.run(h, "slurm-features")
+    assert r.returncode == 0 and r.stdout == "\n"
+    assert base_files(h) == ["sage-1.0.qcow2"]  # still installed, only no longer offered
 
 
 def test_list_unknown_files_names_only_what_no_index_explains(imgdist_lab, two_images):

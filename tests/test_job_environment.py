@@ -59,7 +59,7 @@ def test_local_job_gets_the_allowlisted_environment_only(tmp_path, cli):
 
 @pytest.mark.slurm
 def test_slurm_job_gets_the_allowlisted_environment_only(tmp_path, slurm_cluster, cli):
-    spec, out = env_dump_spec(tmp_path, "slurm")
+    spec, out = env_dump_spec(tmp_path, "slurm", extra=", require_image: false")  # no host holds demo@1
     submit_with_secrets(cli, spec)
     env = job_environ(out)
     assert_allowlisted(env, spec)
@@ -68,7 +68,7 @@ def test_slurm_job_gets_the_allowlisted_environment_only(tmp_path, slurm_cluster
 
 @pytest.mark.slurm
 def test_pbs_job_gets_the_allowlisted_environment_only(tmp_path, slurm_cluster, cli):
-    spec, out = env_dump_spec(tmp_path, "pbs", extra=f", bin_dir: {TORQUE_BIN}")
+    spec, out = env_dump_spec(tmp_path, "pbs", extra=f", bin_dir: {TORQUE_BIN}, require_image: false")
     submit_with_secrets(cli, spec)
     env = job_environ(out)
     assert_allowlisted(env, spec)

@@ -4,6 +4,7 @@ dask-jobqueue's header tests; the shipped examples are fresh renders; client com
 the injected runner."""
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -84,6 +85,48 @@ def test_condor_submit_file_carries_the_spec(tmp_path):
     assert sub["kill_sig"] == "SIGTERM" and sub["job_max_vacate_time"] == str(GRACE)
     assert sub["allowed_job_duration"] == str(WALLTIME_S)
     assert sub["accounting_group"] == "physics" and sub["MY.SalvusQueue"] == '"vms"'
+
+
+def test_jobs_ask_for_the_feature_of_their_image_and_version(tmp_path):
+    spec = make_spec(tmp_path)
+    assert "#SBATCH --constraint=salvus_img_sage_v10_d2" in lines(open_backend(spec, "slurm").render("sage"))
+    assert "#PBS -l proc=salvus_img_hub_v3_d1" in lines(open_backend(spec, "pbs").render("hub"))
+    sub = htcondor2.Submit(open_backend(spec, "condor").render("sage"))
+    assert sub["requirements"] == 'stringListMember("sage-10.2", TARGET.SalvusImages)'
+    # A site where any host may pull at boot; a pinned role keeps its host.
+    anywhere = make_spec(tmp_path, ", require_image: false")
+    for scheduler in ("slurm", "pbs"):
+        text = open_backend(anywhere, scheduler).render("sage")
+        assert "salvus_img_" not in text and "--constraint" not in text and "proc=" not in text, scheduler
+    condor = open_backend(anywhere, "condor")
+    assert validate_submit(condor.render("sage"), "rendered") == []
+    assert htcondor2.Submit(condor.render("sage"))["requirements"] == "true"
+    assert htcondor2.Submit(condor.render("cassandra", "cassandra-1"))["requirements"] == 'TARGET.Machine == "hv1"'
+    # A role booting its own image file: nothing imgdist advertises.
+    own = parse_spec(f"store: {tmp_path}/s\nscheduler: {{backend: slurm}}\n"
+                     f"roles: {{sage: {{image: sage@1, port: 6000, image_path: {tmp_path}/sage.qcow2}}}}\n",
+                     tmp_path / "own.yaml")
+    assert "--constraint" not in open_backend(own, "slurm").render("sage")
+    assert htcondor2.Submit(open_backend(own, "condor").render("sage"))["requirements"] == "true"
+
+
+def test_image_features_keep_every_name_and_version_apart():
+    """Each NAME@VERSION has its own feature, of characters every Slurm and PBS parser keeps
+    as they are, and it reads back as the same image."""
+    import itertools
+
+    from imagedist.classad import image_of_feature, slurm_feature
+
+    parts = ["".join(p) for n in (1, 2, 3) for p in itertools.product("a1._+-v", repeat=n)]
+    seen = {}
+    for name, version in itertools.product(parts, ["1.0", "v", "_v", "1+b_2", "x.y-z"]):
+        feature = slurm_feature(name, version)
+        assert re.fullmatch(r"salvus_img_[A-Za-z0-9_-]+", feature), feature
+        assert image_of_feature(feature) == (name, version)
+        assert seen.setdefault(feature, (name, version)) == (name, version)
+    assert len(seen) == len(parts) * 5
+    assert slurm_feature("sage", "1.0") == "salvus_img_sage_v1_d0"
+    assert image_of_feature("salvus_img_sage") is None and image_of_feature("gpu") is None
 
 
 def test_drmaa_native_spec_carries_the_spec(tmp_path):

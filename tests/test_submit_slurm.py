@@ -3,6 +3,7 @@ real VMs; `scale` against the real queue; bad input from the scheduler's side.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -200,17 +201,99 @@ def test_unreachable_slurm_controller_is_one_line(tmp_path, demo_image, slurm_cl
 EXAMPLES = Path(__file__).resolve().parent.parent / "submit" / "examples"
 
 
+@pytest.fixture
+def advertise(slurm_cluster):
+    """Sets the node's features as the README's `scontrol update` line does with `imgdist
+    slurm-features` output; the node advertises nothing again afterwards."""
+    def set_features(features: str) -> None:
+        r = slurm_cluster.run("scontrol", "update", f"NodeName={slurm_cluster.node}",
+                              f"AvailableFeatures={features}", f"ActiveFeatures={features}")
+        assert r.returncode == 0, r.stderr
+    yield set_features
+    set_features("")
+
+
 @pytest.mark.parametrize("role", ["sage", "hub", "cassandra"])
-def test_shipped_sbatch_and_pbs_examples_are_accepted_as_written(role, slurm_cluster):
+def test_shipped_sbatch_and_pbs_examples_are_accepted_as_written(role, slurm_cluster, advertise, tmp_path):
+    from imagedist.classad import slurm_feature
+    from submit.render_examples import EXAMPLE_SPEC
+
     sbatch, pbs = EXAMPLES / f"{role}_vm.sbatch", EXAMPLES / f"{role}_vm.pbs"
     for script in (sbatch, pbs):
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
         assert "\nwrapper=${SALVUS_VMJOB:-/usr/local/bin/salvus-vmjob}\nspec=${SALVUS_SPEC:-/etc/salvus/cluster.yaml}\n" \
             in script.read_text()
         assert f'\nexec "$wrapper" --spec "$spec" --role {role} ' in script.read_text()
+    # The node holds the example's image, as imgdist would advertise it.
+    r = load_spec(EXAMPLE_SPEC).role(role)
+    feature = slurm_feature(r.image_name, r.image_version)
+    advertise(feature)
     # Slurm parses every #SBATCH line and finds a node that fits (without queueing anything).
     r = slurm_cluster.run("sbatch", "--test-only", str(sbatch))
     assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
+    # Through Slurm's qsub the #PBS lines ask for the same feature (held: it never runs).
+    q = subprocess.run([str(TORQUE_BIN / "qsub"), "-h", "-o", str(tmp_path / "o"), "-e", str(tmp_path / "e"), str(pbs)],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, **slurm_cluster.env})
+    assert q.returncode == 0, q.stderr
+    try:
+        assert slurm_cluster.run("squeue", "-h", "-j", q.stdout.strip(), "-o", "%f").stdout.strip() == feature
+    finally:
+        slurm_cluster.run("scancel", q.stdout.strip())
+
+
+def test_slurm_job_waits_for_a_node_that_advertises_its_image_version(tmp_path, imgdist_lab, slurm_cluster, advertise, cli):
+    from catalogue.approvals import approve, unapprove
+
+    imgdist_lab.add_image("sage", "1.0", 1, roles=("sage",))
+    imgdist_lab.add_image("sage", "2.0", 1, roles=("sage",))
+    imgdist_lab.sign()
+    host = imgdist_lab.host("h0", approve=("sage@1.0",), tracker=False)
+
+    def host_pulls_and_advertises() -> str:
+        assert imgdist_lab.run(host, "sync").returncode == 0
+        features = imgdist_lab.run(host, "slurm-features").stdout.strip()
+        advertise(features)
+        return features
+
+    assert host_pulls_and_advertises() == "salvus_img_sage_v1_d0"
+    # The job: sage@2.0 from the store; a stand-in for the wrapper keeps it running until cancelled.
+    standin = tmp_path / "vmjob"
+    standin.write_text("#!/bin/sh\nexec sleep 300\n")
+    standin.chmod(0o755)
+    spec = tmp_path / "jobs.yaml"
+    site = f"p{tmp_path.name[-6:].replace('_', '')}"
+    spec.write_text(f"site: {site}\nstore: {tmp_path / 'store'}\n"
+                    f"scheduler: {{backend: slurm, wrapper: {standin}, bin_dir: {TORQUE_BIN}, extra_directives: [--hold]}}\n"
+                    "roles: {sage: {image: sage@2.0, port: 6000}}\n")
+    backend = open_backend(load_spec(spec))
+    try:
+        # A host holding sage@1.0 only is no place for a sage@2.0 job: Slurm refuses it outright.
+        r = cli("--spec", str(spec), "scale", "sage=1")
+        assert r.returncode == 1 and "no node advertises salvus_img_sage_v2_d0 (sage@2.0)" in r.stderr, r.stderr
+        assert backend.list("sage") == []
+        with pytest.raises(SalvusError, match="^qsub failed .*: no node advertises salvus_img_sage_v2_d0 "):
+            open_backend(load_spec(spec), "pbs").submit_one("sage", None)  # #PBS -l proc=: the same
+
+        approve(load_spec(host), "sage@2.0")
+        assert host_pulls_and_advertises() == "salvus_img_sage_v1_d0,salvus_img_sage_v2_d0"
+        assert cli("--spec", str(spec), "scale", "sage=1").returncode == 0
+        [job] = backend.list("sage")
+        assert slurm_cluster.run("squeue", "-h", "-j", job.job_id, "-o", "%f").stdout.strip() == "salvus_img_sage_v2_d0"
+        # The host stops advertising sage@2.0 while the job is held; released, it waits on the idle node.
+        unapprove(load_spec(host), "sage@2.0")
+        assert host_pulls_and_advertises() == "salvus_img_sage_v1_d0"
+        assert slurm_cluster.run("scontrol", "release", job.job_id).returncode == 0
+
+        def state() -> str:
+            return slurm_cluster.run("squeue", "-h", "-j", job.job_id, "-o", "%T %r").stdout.strip()
+
+        wait_for(lambda: state() == "PENDING BadConstraints", 30, "pending on a node without the feature")
+        assert slurm_cluster.run("sinfo", "-h", "-n", slurm_cluster.node, "-o", "%T").stdout.strip() == "idle"
+        approve(load_spec(host), "sage@2.0")
+        host_pulls_and_advertises()
+        wait_for(lambda: state() == "RUNNING None", 120, "running once the node advertises the image")
+    finally:
+        slurm_cluster.run("scancel", "--name", f"{site}.sage")
 
 
 def test_persistent_role_gets_lowest_free_stable_ids_pinned_to_its_disk_host(tmp_path, demo_image, stop_everything_after,
