@@ -20,6 +20,7 @@ import re
 import select
 import shlex
 import socket
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -223,7 +224,7 @@ def stream_command(conn: SshConnection, command: str, forward_stdin: bool = True
     chan = conn.session()
     try:
         chan.exec_command(command)
-        reading = forward_stdin
+        reading = forward_stdin and stdin_open()
         while True:
             watched: list = [chan, 0] if reading else [chan]
             ready, _, _ = select.select(watched, [], [], 0.05)
@@ -255,6 +256,14 @@ def stream_command(conn: SshConnection, command: str, forward_stdin: bool = True
             raise SshUnavailable(f"{conn.target}: connection lost (the command's outcome is unknown)")
         return EXIT_SSH_FAILED
     return status
+
+
+def stdin_open() -> bool:
+    try:
+        os.fstat(0)
+        return True
+    except OSError:
+        return False
 
 
 def terminal_type() -> str:
@@ -361,7 +370,7 @@ def print_log(store: Store, service_id: str) -> int:
     found = False
     for part in parts:
         try:
-            with open(part, "rb") as f:
+            with open(os.open(part, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 found = True
                 while chunk := f.read(READ_CHUNK):
                     sys.stdout.buffer.write(chunk)
@@ -425,7 +434,7 @@ def cmd_console(args: argparse.Namespace) -> int:
             return remote_console(spec, parse_hop(args.jump, host, args), service_id, args.log)
         status = jobstatus.read(store, service_id)
         if status is not None and status.alive():
-            return print_log(store, service_id) if args.log else attach_local(status)
+            return print_log(store, service_id) if args.log else attach_local(store, status)
         with open_registry(spec) as registry:
             svc = registry.get(service_id)
         if svc is not None and svc.hypervisor not in local_host_names(spec):
@@ -437,10 +446,28 @@ def cmd_console(args: argparse.Namespace) -> int:
         raise AccessFailed(str(e)) from None
 
 
-def attach_local(status: jobstatus.JobStatus) -> int:
+def attach_local(store: Store, status: jobstatus.JobStatus) -> int:
     if not status.console_socket:
         raise AccessFailed(f"{status.service_id}: its wrapper records no console socket (an older salvus-vmjob?)")
+    check_console_socket(store, status)
     return attach(status)
+
+
+def check_console_socket(store: Store, status: jobstatus.JobStatus) -> None:
+    """Job users share `state/jobs/`, so a status file could name any socket (root's docker.sock)
+    for an operator's keystrokes: the socket must be a `console.sock` owned by the owner of the status
+    file and of the wrapper's process, as the wrapper's own QEMU makes it."""
+    sid = status.service_id
+    try:
+        file_uid = os.stat(store.runtime.job_status(sid), follow_symlinks=False).st_uid
+        proc_uid = os.stat(f"/proc/{status.pid}").st_uid
+        sock = os.stat(status.console_socket, follow_symlinks=False)
+    except OSError as e:
+        raise AccessFailed(f"{sid}: cannot check the console socket {status.console_socket}: {e.strerror or e}") from None
+    if (Path(status.console_socket).name != "console.sock" or not stat.S_ISSOCK(sock.st_mode)
+            or not sock.st_uid == file_uid == proc_uid):
+        raise AccessFailed(f"{sid}: {status.console_socket} is not its wrapper's console socket (owner or kind "
+                           f"differs from its status file's and process's): refused")
 
 
 def local_host_names(spec: ClusterSpec) -> set[str]:

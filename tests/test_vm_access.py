@@ -15,9 +15,12 @@ import paramiko
 import pexpect
 import pytest
 
+from cluster import jobstatus
+from cluster.jobstatus import JobStatus
 from cluster.registry import Service, open_registry
 from cluster.spec import load_spec
 from cluster.ssh import fingerprint
+from cluster.store import Store
 from jobwrappers.machine import free_port
 from tests.fixtures.demo_image import demo_spec_text
 from tests.guest_ssh import new_key, spec_line
@@ -217,3 +220,26 @@ def test_jump_through_the_hypervisor_and_a_console_from_elsewhere(vms, sshd_serv
     r = cli(spec, "console", "sage-acc-1", "--log", *hop[:2], "--known-hosts", str(empty),
             "--jump-key", str(sshd_server.client_key))
     assert r.returncode == 255 and sshd_server.fingerprint() in r.stderr
+
+
+def test_console_refuses_a_socket_its_status_file_does_not_own(vms, tmp_path):
+    """Job users share state/jobs/: a status file naming someone else's socket gets no keystrokes."""
+    spec, _, _ = vms
+    sock_dir = tmp_path / "s"
+    sock_dir.mkdir()
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    planted.bind(str(sock_dir / "console.sock"))
+    planted.listen(1)
+    os.chown(sock_dir / "console.sock", 65534, 65534)  # another user's socket
+    store = Store.of(load_spec(spec))
+    try:
+        jobstatus.write(store, JobStatus("sage-planted", "sage", "p1", os.getpid(), "running", "", "",
+                                         console_socket=str(sock_dir / "console.sock")))
+        r = cli(spec, "console", "sage-planted", input="id\n")
+        assert r.returncode == 255 and "is not its wrapper's console socket" in r.stderr
+        planted.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            planted.accept()  # nothing connected to it
+    finally:
+        jobstatus.remove(store, "sage-planted", os.getpid())
+        planted.close()
