@@ -33,6 +33,7 @@ from cluster import jobstatus
 from cluster.cliframe import printable
 from cluster.errors import SalvusError, SpecError
 from cluster.registry import Service, open_registry
+from cluster.registry.base import valid_endpoint
 from cluster.spec import ClusterSpec, load_spec
 from cluster.ssh import LoginRefused, SshConnection, SshUnavailable
 from cluster.store import Store
@@ -146,6 +147,8 @@ def live_service(spec: ClusterSpec, service_id: str) -> Service:
 
 def ssh_endpoint(spec: ClusterSpec, svc: Service) -> tuple[str, int]:
     if svc.ssh_port:
+        if not valid_endpoint(svc.host, svc.ssh_port):  # any registry writer may have written it
+            raise AccessFailed(f"{printable(svc.service_id)}: the registry's SSH port {svc.ssh_port!r} is not 1-65535")
         return svc.host, svc.ssh_port
     role = spec.roles.get(svc.role)
     if role is not None and role.port == 22:
