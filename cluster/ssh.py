@@ -99,7 +99,7 @@ class SshConnection:
     # Instead of known_hosts: the only host keys accepted, `TYPE BASE64` lines (a guest's, as the
     # registry recorded them); `pinned_source` names where they came from in a refusal.
     pinned_keys: tuple[str, ...] | None = None
-    pinned_source: str = "the recorded host keys"
+    pinned_source: str = "the recorded host keys"  # "...does not match PINNED_SOURCE (FINGERPRINT)"
     # A channel to talk SSH over instead of a TCP connection (`tunnel` of a jump host's connection).
     sock: Any = None
     _client: paramiko.SSHClient | None = field(default=None, init=False, repr=False)
@@ -120,7 +120,8 @@ class SshConnection:
         return self._client.get_transport()
 
     def _host_keys(self, client: paramiko.SSHClient) -> str:
-        """Loads the keys this host may present into `client`; returns where they come from."""
+        """Loads the keys this host may present into `client`; returns them as a refusal names
+        them ("the one in FILE", or `pinned_source`)."""
         if self.pinned_keys is not None:
             pinned = []
             for line in self.pinned_keys:
@@ -141,7 +142,7 @@ class SshConnection:
         except (OSError, paramiko.SSHException) as e:
             raise LoginRefused(f"{known}: cannot read known_hosts: {e}") from None
         client.set_missing_host_key_policy(_Refuse(known))
-        return known
+        return f"the one in {known}"
 
     def _connect(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
@@ -156,9 +157,9 @@ class SshConnection:
             raise
         except paramiko.BadHostKeyException as e:
             client.close()
-            raise LoginRefused(f"{self.target}: host key {fingerprint(e.key)} does not match the one in "
-                               f"{known} ({fingerprint(e.expected_key)}): refused (a changed key may "
-                               f"be an attack; ask the host's admin)") from None
+            raise LoginRefused(f"{self.target}: host key {fingerprint(e.key)} does not match {known} "
+                               f"({fingerprint(e.expected_key)}): refused (a changed key may be an "
+                               f"attack; ask the host's admin)") from None
         except paramiko.PasswordRequiredException:
             client.close()
             raise LoginRefused(f"{self.target}: the key {self.key_file} is encrypted: load it into "
@@ -166,7 +167,7 @@ class SshConnection:
         except paramiko.AuthenticationException:
             client.close()
             raise LoginRefused(f"{self.target}: authentication failed (is the public key of "
-                               f"{self.key_file or 'your agent or ~/.ssh'} in the login node's "
+                               f"{self.key_file or 'your agent or ~/.ssh'} in the host's "
                                f"authorized_keys?)") from None
         except FileNotFoundError as e:
             client.close()
