@@ -53,29 +53,45 @@ def raw_mode(fd: int) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def on_resize(resize: Callable[[int, int], None] | None) -> Iterator[None]:
-    """Calls `resize(columns, rows)` on every SIGWINCH inside the block (the previous handler after)."""
-    if resize is None:
-        yield
+def resize_signals(wanted: bool) -> Iterator[int | None]:
+    """Inside the block, every SIGWINCH writes a byte to a pipe whose read end it yields (None when
+    not `wanted`): the copy loop resizes the remote end itself. A handler sending the resize would
+    run inside whatever the loop was doing, maybe holding the SSH transport's send lock."""
+    if not wanted:
+        yield None
         return
-    previous = signal.signal(signal.SIGWINCH, lambda _s, _f: resize(*window_size()))
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def note(_signum: int, _frame: object) -> None:
+        try:
+            os.write(write_end, b"w")
+        except BlockingIOError:  # already noted: one resize covers them all
+            pass
+
+    previous = signal.signal(signal.SIGWINCH, note)
     try:
-        yield
+        yield read_end
     finally:
         signal.signal(signal.SIGWINCH, previous)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def relay(remote: Stream, detach: bytes | None = None, in_fd: int = 0, out_fd: int = 1,
           on_input_end: Callable[[], None] | None = None, resize: Callable[[int, int], None] | None = None) -> str:
-    """Copies `in_fd` to `remote` and `remote` to `out_fd`, the terminal raw meanwhile. Returns why
-    it stopped: "closed" (the remote end), "detached" (`detach` typed; what came before it in the
-    same read is sent) or "input" (this side's input ended and `on_input_end` is unset; with it set,
-    it is called once and the output is copied on until the remote end closes)."""
+    """Copies `in_fd` to `remote` and `remote` to `out_fd`, the terminal raw meanwhile, calling
+    `resize(columns, rows)` when this terminal's size changes. Returns why it stopped: "closed" (the
+    remote end), "detached" (`detach` typed; what came before it in the same read is sent) or
+    "input" (this side's input ended and `on_input_end` is unset; with it set, it is called once
+    and the output is copied on until the remote end closes)."""
     reading = True
-    with raw_mode(in_fd), on_resize(resize):
+    with raw_mode(in_fd), resize_signals(resize is not None) as resized:
         while True:
-            watched = [remote, in_fd] if reading else [remote]
+            watched = [remote, *([in_fd] if reading else []), *([resized] if resized is not None else [])]
             ready, _, _ = select.select(watched, [], [])
+            if resized is not None and resized in ready:
+                os.read(resized, 64)
+                resize(*window_size())
             if remote in ready:
                 data = remote.recv(READ_CHUNK)
                 if not data:

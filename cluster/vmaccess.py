@@ -22,7 +22,6 @@ import shlex
 import socket
 import stat
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,15 +343,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not services:
         raise AccessFailed(f"exec: no live VM of role {args.role} in the registry")
     command, failed, broken = " ".join(words), False, False
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=min(args.parallel, len(services))) as pool:
         futures = [pool.submit(exec_one, spec, s, command, args.user, args.identity, args.timeout) for s in services]
         for f in as_completed(futures):
             out = f.result()
             broken |= bool(out.error)
             failed |= out.status != 0
-            with lock:
-                print("\n".join(out.lines()), flush=True)
+            print("\n".join(out.lines()), flush=True)  # as each finishes, from this thread only
     return EXIT_SSH_FAILED if broken else 1 if failed else 0
 
 
