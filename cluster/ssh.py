@@ -178,6 +178,12 @@ class SshConnection:
         log.debug("ssh: connected to %s", self.target)
         return client
 
+    def connected(self) -> bool:
+        """Whether the connection is up (after a channel ended without an exit status: was it the
+        command, or the connection?)."""
+        t = self._client.get_transport() if self._client else None
+        return t is not None and t.is_active()
+
     def session(self) -> paramiko.Channel:
         """A new session channel on the connection (for a command or a shell the caller drives)."""
         try:
@@ -229,8 +235,7 @@ class SshConnection:
         finally:
             chan.close()
         if status == -1:
-            t = self._client.get_transport() if self._client else None
-            if t is None or not t.is_active():
+            if not self.connected():
                 raise SshUnavailable(f"{self.target}: connection lost while running {what} "
                                      f"(its outcome is unknown)")
             status = 255  # no exit status on a live connection: the command died of a signal

@@ -96,7 +96,7 @@ def relay(remote: Stream, detach: bytes | None = None, in_fd: int = 0, out_fd: i
                 data = remote.recv(READ_CHUNK)
                 if not data:
                     return "closed"
-                _write_all(out_fd, data)
+                write_all(out_fd, data)
             if reading and in_fd in ready:
                 data = os.read(in_fd, READ_CHUNK)
                 if not data:
@@ -113,7 +113,15 @@ def relay(remote: Stream, detach: bytes | None = None, in_fd: int = 0, out_fd: i
                 remote.sendall(data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def quiet_stdout() -> None:
+    """After a reader of our stdout went away (`... | head`): later writes, and Python's flush at
+    exit, go nowhere instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

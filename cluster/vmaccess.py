@@ -36,7 +36,7 @@ from cluster.registry.base import valid_endpoint
 from cluster.spec import ClusterSpec, load_spec
 from cluster.ssh import LoginRefused, SshConnection, SshUnavailable
 from cluster.store import Store
-from cluster.terminal import READ_CHUNK, relay, window_size
+from cluster.terminal import READ_CHUNK, quiet_stdout, relay, window_size, write_all
 from cluster.yamlmodel import is_service_id
 
 EXIT_SSH_FAILED = 255  # OpenSSH's status when ssh itself failed (not the remote command)
@@ -239,22 +239,24 @@ def stream_command(conn: SshConnection, command: str, forward_stdin: bool = True
                     reading = False
             moved = False
             while chan.recv_ready():
-                os.write(1, chan.recv(READ_CHUNK))
+                write_all(1, chan.recv(READ_CHUNK))
                 moved = True
             while chan.recv_stderr_ready():
-                os.write(2, chan.recv_stderr(READ_CHUNK))
+                write_all(2, chan.recv_stderr(READ_CHUNK))
                 moved = True
             if not moved and (chan.exit_status_ready() or chan.closed) and not chan.recv_ready() \
                     and not chan.recv_stderr_ready():
                 break
         status = chan.recv_exit_status()
+    except BrokenPipeError:  # our reader went away (`| head`): the command is abandoned, as ssh's SIGPIPE does
+        quiet_stdout()
+        return EXIT_SSH_FAILED
     except (OSError, paramiko.SSHException, EOFError) as e:
         raise SshUnavailable(f"{conn.target}: connection lost: {e or type(e).__name__}") from None
     finally:
         chan.close()
     if status < 0:
-        t = conn._client.get_transport() if conn._client else None
-        if t is None or not t.is_active():
+        if not conn.connected():
             raise SshUnavailable(f"{conn.target}: connection lost (the command's outcome is unknown)")
         return EXIT_SSH_FAILED
     return status
@@ -368,15 +370,19 @@ def print_log(store: Store, service_id: str) -> int:
     log = store.console_log(service_id)
     parts = [log.with_name(log.name + ".1"), log]  # the older part the cap kept (consolelog.py), then the rest
     found = False
-    for part in parts:
-        try:
-            with open(os.open(part, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-                found = True
-                while chunk := f.read(READ_CHUNK):
-                    sys.stdout.buffer.write(chunk)
-        except FileNotFoundError:
-            continue
-    sys.stdout.flush()
+    try:
+        for part in parts:
+            try:
+                with open(os.open(part, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                    found = True
+                    while chunk := f.read(READ_CHUNK):
+                        sys.stdout.buffer.write(chunk)
+            except FileNotFoundError:
+                continue
+        sys.stdout.flush()
+    except BrokenPipeError:  # `console --log | tail`
+        quiet_stdout()
+        return 0
     if not found:
         raise AccessFailed(f"{service_id}: no console log on this host ({log})")
     return 0
