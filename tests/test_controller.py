@@ -20,6 +20,7 @@ from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
+from tests.polling import wait_for
 from tests.submit_support import stop_everything_after  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.vm
@@ -99,16 +100,6 @@ def controllers():
         c.stop()
 
 
-def wait_for(cond, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def registered(spec: Path, role: str = "sage") -> list:
     with open_registry(load_spec(spec)) as reg:
         return reg.lookup(role)
@@ -175,7 +166,7 @@ def test_controller_replaces_a_dead_vm_and_a_hung_guest_and_serves_status(tmp_pa
 
     # A dead VM (its QEMU killed): back to one healthy service, never two VMs.
     os.kill(qemu_of(wrapper_of(spec, first["job_id"])), signal.SIGKILL)
-    wait_for(lambda: not healthy_one(c), 60, "the controller notices the dead VM", poll=0.1)
+    wait_for(lambda: not healthy_one(c), 60, "the controller notices the dead VM", interval=0.1)
     second = wait_for(lambda: healthy_one(c), 120, "a healthy sage after the kill")
     assert len(qemu_pids(spec)) == 1 and len(registered(spec)) == 1
 
