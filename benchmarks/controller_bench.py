@@ -80,15 +80,17 @@ def qemu_pids(store: str) -> list[int]:
 
 
 class Watch:
-    """Samples the QEMU count in the background: the most seen at once, for duplicates."""
+    """Samples the QEMU count in the background: the most seen at once, for duplicates. A hung VM
+    (in `hung`) is not counted: its replacement boots while it is being stopped, by design."""
 
     def __init__(self, store: str) -> None:
         self.store, self.most, self.stop = store, 0, threading.Event()
+        self.hung: set[int] = set()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.most = max(self.most, len(qemu_pids(self.store)))
+            self.most = max(self.most, len(set(qemu_pids(self.store)) - self.hung))
             time.sleep(0.2)
 
 
@@ -99,6 +101,14 @@ def local_state(spec, job_id: str, suffix: str) -> dict:
         return {}
 
 
+def running(pid: object) -> bool:
+    """Alive and not a zombie (a killed supervisor stays one until its parent reaps it)."""
+    try:
+        return isinstance(pid, int) and pid > 0 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def healthy(spec, exclude: set[str]) -> bool:
     with open_registry(spec) as reg:
         services = [s for s in reg.lookup("sage") if s.service_id not in exclude]
@@ -107,8 +117,7 @@ def healthy(spec, exclude: set[str]) -> bool:
     jobs = {j.service_id: j for j in open_backend(spec).list("sage")}
     for s in services:
         job = jobs.get(s.service_id)
-        supervisor = local_state(spec, job.job_id, "json").get("pid") if job else None
-        if not supervisor or not pid_alive(supervisor):
+        if job is None or not running(local_state(spec, job.job_id, "json").get("pid")):
             return False
         try:
             probe_once(s.host, s.port, spec.roles["sage"].probe)
@@ -117,8 +126,9 @@ def healthy(spec, exclude: set[str]) -> bool:
     return True
 
 
-def wait_healthy(spec, exclude: set[str], timeout: float) -> float:
-    t0 = time.monotonic()
+def wait_healthy(spec, exclude: set[str], timeout: float, t0: float | None = None) -> float:
+    """Seconds from `t0` (default now) until healthy; inf after `timeout`."""
+    t0 = time.monotonic() if t0 is None else t0
     while time.monotonic() - t0 < timeout:
         if healthy(spec, exclude):
             return time.monotonic() - t0
@@ -129,7 +139,7 @@ def wait_healthy(spec, exclude: set[str], timeout: float) -> float:
 def inject(spec, fault: str) -> tuple[set[str], int | None]:
     """Injects `fault` into the oldest job; returns the service ids never to count again, and a
     stopped pid to resume afterwards."""
-    job = sorted(open_backend(spec).list("sage"), key=lambda j: j.submitted)[0]
+    job = sorted((j for j in open_backend(spec).list("sage") if j.state == "running"), key=lambda j: j.submitted)[0]
     wrapper = local_state(spec, job.job_id, "state")["wrapper_pid"]
     if fault == "supervisor":
         os.kill(local_state(spec, job.job_id, "json")["pid"], signal.SIGKILL)
@@ -164,8 +174,15 @@ def run_mode(spec_path: Path, mode: str, interval: float, timeout: float) -> dic
         if wait_healthy(spec, set(), 240) == float("inf"):
             raise SystemExit(f"{mode}: the role never became healthy")
         for fault in FAULTS:
+            t0 = time.monotonic()
             exclude, stopped = inject(spec, fault)
-            results[fault] = wait_healthy(spec, exclude, timeout)
+            if stopped is not None:
+                watch.hung.add(stopped)
+            # The fault must show first (a killed process takes a moment to go).
+            deadline = time.monotonic() + 10
+            while healthy(spec, exclude) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            results[fault] = wait_healthy(spec, exclude, timeout, t0)
             print(f"  {mode:10s} {fault:10s} healthy again after {results[fault]:.1f} s", flush=True)
             if stopped is not None and pid_alive(stopped):
                 os.kill(stopped, signal.SIGCONT)

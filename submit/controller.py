@@ -153,7 +153,7 @@ class Controller:
         self._forget_departed(queue)
         by_sid = {s.service_id: s for s in services}
         self._probe(services, queue)
-        for sid, h in self.health.items():
+        for sid, h in list(self.health.items()):
             if h.failures >= self.cfg.unhealthy_after and sid not in self.leaving:
                 self._replace_unhealthy(sid, h, by_sid.get(sid), queue)
         self._escalate(queue)

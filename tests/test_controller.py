@@ -21,9 +21,10 @@ from cluster.spec import load_spec
 from submit import open_backend
 from tests.fixtures.demo_image import demo_spec_text, pid_alive
 from tests.polling import wait_for
-from tests.submit_support import stop_everything_after  # noqa: F401 (fixture)
+from tests.fixtures.slurm import KILL_WAIT
+from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.vm  # and the last test also slurm
 
 
 def free_port() -> int:
@@ -269,3 +270,31 @@ def test_one_controller_acts_a_paused_leader_is_fenced_and_the_standby_takes_ove
     r = cli("--spec", str(spec_a), "stop", "--all", timeout=120)
     assert r.returncode == 0, r.stderr
     assert registered(spec_a) == [] and qemu_pids(spec_a) == []
+
+
+@pytest.mark.slurm
+def test_controller_on_slurm_replaces_a_hung_guest(tmp_path, demo_image, controllers, stop_everything_after,
+                                                  slurm_cluster, cli):
+    spec = scheduler_spec(tmp_path, demo_image, "slurm")
+    with open(spec, "a") as f:
+        f.write(f"controller: {{interval: 1, lease: 4, listen: '127.0.0.1:{free_port()}', unhealthy_after: 2, "
+                "probe_timeout: 1}\n")
+    stop_everything_after(spec)
+    c = controllers(spec, tmp_path / "controller.log")
+    c.wait_log("acquired with token")
+    assert cli("--spec", str(spec), "scale", "sage=1").returncode == 0
+    first = wait_for(lambda: healthy_one(c), 240, "one healthy sage on Slurm")
+    (hung,) = qemu_pids(spec)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        c.wait_log(f"unhealthy: {first['service_id']} failed 2 probes in a row")
+        second = wait_for(lambda: healthy_one(c, exclude={first["service_id"]}), 240, "a replacement on Slurm")
+        wait_for(lambda: not pid_alive(hung), KILL_WAIT + 60, "the hung VM is gone")
+    finally:
+        if pid_alive(hung):
+            os.kill(hung, signal.SIGCONT)
+    assert second["job_id"] != first["job_id"]
+    assert [s.service_id for s in registered(spec)] == [second["service_id"]] and len(qemu_pids(spec)) == 1
+    r = cli("--spec", str(spec), "stop", "--all", timeout=150)
+    assert r.returncode == 0, r.stderr
+    assert registered(spec) == [] and qemu_pids(spec) == []
