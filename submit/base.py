@@ -16,6 +16,7 @@ import math
 import os
 import shlex
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -171,14 +172,20 @@ class Ledger:
         for directory, kind, key in ((self.dir, self.kind, "job_id"), (self.pending, self.pending_kind, "token")):
             for p in sorted(directory.glob("*.json")) if directory.is_dir() else []:
                 try:
+                    st = os.lstat(p)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                        raise TypeError  # job users may write state/: only our own files are believed
                     d = json.loads(p.read_text())
                     self._registry.write_state(kind, str(d[key]), json.dumps(d))
                     log.info("ledger: moved %s into the registry", p)
                 except (ValueError, TypeError, KeyError):
-                    log.warning("ledger: dropping unreadable legacy entry %s", p)
+                    log.warning("ledger: dropping legacy entry %s (unreadable, or not ours)", p)
                 except OSError:
                     continue
-                p.unlink(missing_ok=True)
+                try:
+                    p.unlink()
+                except OSError as e:
+                    log.warning("ledger: could not remove %s: %s", p, e.strerror or e)
 
     def add(self, job: Job, **extra: object) -> None:
         self.registry.write_state(self.kind, job.job_id, json.dumps({**job.to_dict(), **extra}))

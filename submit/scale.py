@@ -18,7 +18,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -64,6 +66,8 @@ class ScalePlan:
         return not any(r.submit or r.cancel for r in self.roles)
 
     def describe(self) -> list[str]:
+        if self.controller:
+            return [f"{r.role}: desired {r.desired}" for r in self.roles]
         lines = []
         for r in self.roles:
             have = sum(r.count(s) for s in ACTIVE_STATES)
@@ -195,10 +199,12 @@ def read_desired(spec: ClusterSpec, registry: Registry) -> dict[str, int]:
 
 
 def _move_legacy_desired(spec: ClusterSpec, registry: Registry) -> None:
-    """An older version kept the counts in STORE/state/desired.json: moved into the registry once."""
+    """An older version kept the counts in STORE/state/desired.json: moved into the registry once.
+    Only a plain file of our own is believed (job users may write `state/`)."""
     path = Store.of(spec).runtime.desired
     try:
-        saved = json.loads(path.read_text())
+        st = os.lstat(path)
+        saved = json.loads(path.read_text()) if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() else {}
     except FileNotFoundError:
         return
     except (OSError, ValueError):
@@ -206,10 +212,13 @@ def _move_legacy_desired(spec: ClusterSpec, registry: Registry) -> None:
     if isinstance(saved, dict):
         have = registry.read_state(DESIRED)
         for role, n in saved.items():
-            if role in spec.roles and isinstance(n, int) and role not in have:
+            if role in spec.roles and type(n) is int and 0 <= n <= MAX_ROLE_COUNT and role not in have:
                 registry.write_state(DESIRED, role, str(n))
-    path.unlink(missing_ok=True)
-    log.info("moved %s into the registry", path)
+    try:
+        path.unlink()
+        log.info("moved %s into the registry", path)
+    except OSError as e:
+        log.warning("could not remove %s (already in the registry): %s", path, e.strerror or e)
 
 
 def record_desired(registry: Registry, desired: dict[str, int], lease: HeldLease | None = None) -> None:
@@ -279,17 +288,21 @@ def apply_plan(spec: ClusterSpec, plan: ScalePlan, backend: Backend | None = Non
 def scale(spec: ClusterSpec, desired: dict[str, int], dry_run: bool = False) -> tuple[ScalePlan, list[Job]]:
     """plan + apply holding the lease (the CLI's and `demo`'s entry point). When a controller
     holds it, the counts are recorded for it and the plan says which controller acts."""
+    for role, n in desired.items():
+        spec.role(role)
+        if n < 0:
+            raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
     Store.of(spec).open()  # refuses a store a newer version wrote before anything is changed
     backend = open_backend(spec)
     with open_registry(spec) as registry, contextlib.closing(backend.ledger):
         backend.ledger.use(registry)
         with reconciler_lease(registry) as lease:
             if isinstance(lease, str):
+                # The controller acts on the counts: no scheduler query here (it may be unreachable
+                # from this machine while the controller's is fine).
                 if not dry_run:
                     record_desired(registry, desired)
-                plan = plan_scale(spec, desired, backend, services=registry.all(), adopt=False)
-                plan.controller = lease
-                return plan, []
+                return ScalePlan(backend.name, [RolePlan(r, n) for r, n in desired.items()], controller=lease), []
             plan = plan_scale(spec, desired, backend, services=registry.all())
             return plan, ([] if dry_run else apply_plan(spec, plan, backend, lease, registry))
 
