@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterable
 
 from cluster.errors import SpecError
@@ -101,7 +102,17 @@ class LocalBackend(Backend):
         pid, started = st.get("wrapper_pid"), st.get("wrapper_start")
         if st.get("state") in ("done", "failed", "held") or self._alive(rec):
             return None
-        return pid if isinstance(pid, int) and started is not None and process_start_time(pid) == started else None
+        if not (isinstance(pid, int) and pid > 1 and started is not None and process_start_time(pid) == started):
+            return None
+        # The records are files in state/, which job users may write: signal only a process of
+        # ours that is this job's wrapper by its own command line, whatever a record claims.
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            mine = os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+        except OSError:
+            return None
+        sid = str(rec.get("service_id") or "").encode()
+        return pid if mine and sid and b"--service-id" in argv and sid in argv else None
 
     def _job(self, rec: dict) -> Job:
         st = self._state(rec["job_id"])
