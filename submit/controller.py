@@ -117,6 +117,10 @@ class Controller:
         except SalvusError as e:
             log.warning("cycle %d failed (retried next cycle): %s", self.cycles, e)
             self.metrics.cycle_failures.inc()
+        except Exception as e:  # a long-running loop outlives one bad cycle; the details at -v
+            log.error("cycle %d failed unexpectedly (retried next cycle): %s: %s", self.cycles, type(e).__name__, e)
+            log.debug("cycle %d", self.cycles, exc_info=True)
+            self.metrics.cycle_failures.inc()
 
     def _lead(self) -> bool:
         """Renews the lease, or tries to take it; False while another controller leads."""

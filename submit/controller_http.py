@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cluster.errors import TempFailure
 from cluster.httpserver import ServerLimits, SiteHTTPServer
 
 if TYPE_CHECKING:
@@ -138,8 +139,11 @@ def serve(controller: "Controller") -> SiteHTTPServer | None:
     host, port = split_listen(controller.cfg.listen)
     if port == 0:
         return None
-    server = SiteHTTPServer((host, port), make_handler(controller),
-                            ServerLimits(header_timeout=10, request_timeout=10, max_connections=64, max_per_client=16))
+    try:
+        server = SiteHTTPServer((host, port), make_handler(controller),
+                                ServerLimits(header_timeout=10, request_timeout=10, max_connections=64, max_per_client=16))
+    except OSError as e:  # in use (another controller here, or the last one not gone yet): worth retrying
+        raise TempFailure(f"controller.listen {controller.cfg.listen}: cannot listen: {e.strerror or e}") from None
     threading.Thread(target=server.serve_forever, name="status-http", daemon=True).start()
     log.info("status on http://%s:%d/ (/status, /metrics)", host, port)
     return server
