@@ -32,6 +32,7 @@ from cluster.spec import load_spec  # noqa: E402
 from jobwrappers.demo_image import build_demo_image  # noqa: E402
 from jobwrappers.probe import probe_once  # noqa: E402
 from submit import open_backend  # noqa: E402
+from tests.fixtures.demo_image import demo_spec_text, store_qemu_pids  # noqa: E402
 
 SALVUS_JOBS = str(Path(sys.executable).parent / "salvus_jobs")
 COUNT = 2
@@ -39,44 +40,16 @@ FAULTS = ("kill", "hang", "supervisor")
 
 
 def write_spec(work: Path, interval: float) -> Path:
-    image = build_demo_image(work / "image")
     path = work / "cluster.yaml"
-    path.write_text(f"""\
-site: bench
-store: {work}/store
-registry: {{ttl: 6, heartbeat_interval: 1}}
-hypervisor: {{libvirt: never, boot_timeout: 150, stop_timeout: 10}}
-catalogue: {{insecure_allow_unsigned: true}}
-controller: {{interval: {interval}, lease: {max(4, int(interval * 3))}, listen: '127.0.0.1:0', unhealthy_after: 2,
-              probe_timeout: 1}}
-roles:
-  sage:
-    image: demo@1
-    image_path: {image.disk}
-    boot: {{kernel: {image.kernel}, initrd: {image.initrd}}}
-    memory_mb: 128
-    port: 6000
-    probe: {{send: "1+1\\n", expect: "2", timeout: 1}}
-""")
+    path.write_text(f"site: bench\ncontroller: {{interval: {interval}, lease: {max(4, int(interval * 3))}, "
+                    "listen: '127.0.0.1:0', unhealthy_after: 2, probe_timeout: 1}\n"
+                    + demo_spec_text(build_demo_image(work / "image"), work / "store"))
     return path
 
 
 def cli(spec: Path, *args: str) -> str:
     return subprocess.run([SALVUS_JOBS, "--spec", str(spec), *args], capture_output=True, text=True,
                           timeout=300).stdout
-
-
-def qemu_pids(store: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and b"qemu-system" in argv[0] and any(store.encode() in a for a in argv):
-                out.append(int(d.name))
-    return out
 
 
 class Watch:
@@ -90,7 +63,7 @@ class Watch:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.most = max(self.most, len(set(qemu_pids(self.store)) - self.hung))
+            self.most = max(self.most, len(set(store_qemu_pids(self.store)) - self.hung))
             time.sleep(0.2)
 
 
@@ -112,7 +85,7 @@ def running(pid: object) -> bool:
 def healthy(spec, exclude: set[str]) -> bool:
     with open_registry(spec) as reg:
         services = [s for s in reg.lookup("sage") if s.service_id not in exclude]
-    if len(services) != COUNT or len(qemu_pids(str(spec.store_path))) > COUNT:
+    if len(services) != COUNT or len(store_qemu_pids(spec.store_path)) > COUNT:
         return False
     jobs = {j.service_id: j for j in open_backend(spec).list("sage")}
     for s in services:

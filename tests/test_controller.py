@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
-from tests.fixtures.demo_image import demo_spec_text, pid_alive
+from tests.fixtures.demo_image import demo_spec_text, pid_alive, store_qemu_pids
 from tests.polling import wait_for
 from tests.fixtures.slurm import KILL_WAIT
 from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
@@ -107,18 +107,7 @@ def registered(spec: Path, role: str = "sage") -> list:
 
 
 def qemu_pids(spec: Path) -> list[int]:
-    """QEMU processes running this store's guests (their command line names its scratch)."""
-    store = str(load_spec(spec).store_path)
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and b"qemu-system" in argv[0] and any(store.encode() in a for a in argv):
-                out.append(int(d.name))
-    return out
+    return store_qemu_pids(load_spec(spec).store_path)
 
 
 def wrapper_of(spec: Path, job_id: str) -> int:
