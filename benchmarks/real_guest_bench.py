@@ -12,7 +12,8 @@ and as a job, and the emulator settings it boots fastest under.
 3. `--firmware`: plain start -> sshd answers for the same kernel, initrd and root filesystem booted
    four ways: direct kernel boot of the compressed base (as in 1), the same with an uncompressed copy
    of the base, and the whole disk (`img.whole_disk`) by SeaBIOS + syslinux and by OVMF + systemd-boot.
-   `--runs 0 --firmware` runs only these.
+   With each, start -> the kernel's first console line: the firmware and bootloader's own share,
+   less moved by load than the whole boot. `--runs 0 --firmware` runs only these.
 Real VMs, so the figures move with the machine's load: run it on a quiet machine. Printed, not
 asserted; the last line is `key=value` pairs.
 
@@ -118,13 +119,35 @@ def plain_boot(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, acc
     runner = QemuRunner(m)
     t0 = time.monotonic()
     runner.start()
+    kernel: list[float] = []
+    watcher = threading.Thread(target=lambda: kernel.append(console_shows(m.console_log, b"Linux version",
+                                                                          t0 + BOOT_TIMEOUT)), daemon=True)
+    watcher.start()
     try:
         answered = sshd_answers(port, t0 + BOOT_TIMEOUT)
     finally:
         runner.destroy()
     if answered is None:
         raise SystemExit(f"plain boot {n}: sshd never answered; see {d / 'console.log'}")
+    watcher.join(5)
+    KERNEL_STARTS.append(kernel[0] - t0 if kernel and kernel[0] else float("nan"))
     return answered - t0
+
+
+# start -> the kernel's first console line, per plain_boot (the firmware and bootloader's share).
+KERNEL_STARTS: list[float] = []
+
+
+def console_shows(log: Path, marker: bytes, until: float) -> float | None:
+    """Polls the console log until `marker` appears; the monotonic time it was seen, or None."""
+    while time.monotonic() < until:
+        try:
+            if marker in log.read_bytes():
+                return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return None
 
 
 def wrapper_boot(spec: ClusterSpec, sid: str, work: Path) -> dict[str, float]:
@@ -239,17 +262,25 @@ def firmware_runs(work: Path, img: debian_image.DebianImage, spec: ClusterSpec, 
     ways = {"direct_s": ("sage", None), "direct_uncompressed_s": ("sage", raw_base),
             "bios_s": ("legacy", None), "uefi_s": ("uefi", None)}
     times: dict[str, list[float]] = {k: [] for k in ways}
+    kernel: dict[str, list[float]] = {k: [] for k in ways}
     for r in range(runs):
         for n, (key, (role, disk)) in enumerate(ways.items()):
             times[key].append(plain_boot(work, img, spec, accel, 200 + r * 10 + n, role, disk))
-            print(f"firmware run {r + 1}: {key} {times[key][-1]:.1f} s", flush=True)
+            kernel[key].append(KERNEL_STARTS[-1])
+            print(f"firmware run {r + 1}: {key} {times[key][-1]:.1f} s (kernel's first line at "
+                  f"{kernel[key][-1]:.1f} s)", flush=True)
     sizes = {p.name: p.stat().st_size >> 20 for p in (img.disk, raw_base, img.whole_disk)}
     print(f"\nplain qemu start -> sshd answers, same kernel and root filesystem; files {sizes} MiB")
     print(_row("  direct kernel boot (compressed base)", times["direct_s"]))
     print(_row("  direct kernel boot (uncompressed base)", times["direct_uncompressed_s"]))
     print(_row("  SeaBIOS -> syslinux -> kernel", times["bios_s"]))
     print(_row("  OVMF -> systemd-boot -> kernel", times["uefi_s"]))
-    return {k: statistics.median(v) for k, v in times.items()}
+    print("plain qemu start -> the kernel's first console line (firmware + bootloader)")
+    for key, label in (("direct_s", "direct"), ("bios_s", "SeaBIOS + syslinux"), ("uefi_s", "OVMF + systemd-boot")):
+        print(_row(f"  {label}", kernel[key]))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"{k[:-2]}_kernel_s": statistics.median(kernel[k]) for k in ("direct_s", "bios_s", "uefi_s")})
+    return out
 
 
 def _ed25519_pub() -> str:
