@@ -21,6 +21,7 @@ from jobwrappers.qmp import Qmp, QmpError
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
+BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,6 +73,15 @@ def _firmware_args(m: Machine) -> tuple[str, list[str]]:
     return "pc,pflash0=ovmf-code,pflash1=ovmf-vars", [a for n in nodes for a in ("-blockdev", json.dumps(n))]
 
 
+def _nic_args(m: Machine, hostfwd: str) -> list[str]:
+    """User-mode networking with the port forward, or (network: site) a tap on the site bridge from
+    qemu-bridge-helper, which runs setuid for a job user and checks /etc/qemu/bridge.conf."""
+    if m.net is None:
+        return ["-netdev", f"user,id=net0,hostfwd={opt(hostfwd)}", "-device", "virtio-net-pci,netdev=net0"]
+    return ["-netdev", f"bridge,id=net0,br={opt(m.net.bridge)},helper={opt(BRIDGE_HELPER)}",
+            "-device", f"virtio-net-pci,netdev=net0,mac={opt(m.net.mac)},host_mtu={m.net.mtu}"]
+
+
 def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], list[int]]:
     """The command line and the descriptors the child must inherit. Every path reaches QEMU either
     as JSON (-blockdev) or with commas doubled (`opt`)."""
@@ -84,7 +94,7 @@ def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], 
             # append=on: keep the wrapper's header and earlier boots (QEMU truncates otherwise), and
             # let consolelog.py cut the file in place under QEMU's O_APPEND descriptor.
             "-chardev", f"file,id=console,path={opt(m.console_log)},append=on", "-serial", "chardev:console",
-            "-netdev", f"user,id=net0,hostfwd={opt(hostfwd)}", "-device", "virtio-net-pci,netdev=net0",
+            *_nic_args(m, hostfwd),
             "-chardev", f"socket,id=channel0,path={opt(m.channel_path)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
             "-device", f"virtserialport,bus=vser0.0,chardev=channel0,name={CHANNEL_NAME}"]
