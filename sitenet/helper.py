@@ -98,7 +98,7 @@ class Leases:
         """Rules off; the lease kept as `released` for a persistent role (its address is its own
         until the slots run out), deleted otherwise."""
         if lease["state"] == "attached":
-            detach_rules(lease.get("tap", ""), lease["ip"])
+            detach_rules(lease.get("tap", ""), lease["ip"], lease.get("published", []))
         if self.state["roles"].get(lease["role"], {}).get("persistent"):
             self.save({**lease, "state": "released", "since": time.time()})
         else:
@@ -114,9 +114,21 @@ class Leases:
         return n
 
 
-def detach_rules(tap: str, ip: str) -> None:
+def published_ports() -> dict[int, str]:
+    """Port -> VM address of what this host publishes now."""
+    out = {}
+    for item in nft_json("map", "ip", rules.PUB_TABLE, "published"):
+        for key, value in item.get("map", {}).get("elem", []):
+            out[int(key)] = value["concat"][0]
+    return out
+
+
+def detach_rules(tap: str, ip: str, published: list[int] = ()) -> None:
     chain = rules.vm_chain(ip)
     ops = []
+    mine = [p for p, addr in published_ports().items() if addr == ip and p in published]
+    if mine:
+        ops.append(rules.publish_elements("delete", ip, mine).strip())
     for item in nft_json("map", "bridge", rules.TABLE, "vm_ports"):
         m = item.get("map")
         if m:
@@ -219,8 +231,16 @@ def attach(service_id: str, qemu_pid: int) -> dict:
             raise SpecError(f"QEMU {qemu_pid} is not a process of the user who reserved {service_id}'s address")
         if any(x.get("tap") == tap and x["state"] == "attached" and leases.live(x) for x in leases.all()):
             raise SpecError(f"tap {tap} already belongs to another VM")
-        sh("nft", "-f", "-", stdin=rules.attach_rules(tap, lease["ip"], lease["mac"]))
-        lease.update(state="attached", tap=tap, qemu_pid=qemu_pid, qemu_start=start)
+        publish = state["roles"][lease["role"]].get("publish", [])
+        taken = {p: a for p, a in published_ports().items() if p in publish}
+        if taken:
+            raise TempFailure(f"{state['host']} already publishes port(s) {', '.join(map(str, taken))} "
+                              f"(for {', '.join(sorted(set(taken.values())))}): one VM per published port and host")
+        text = rules.attach_rules(tap, lease["ip"], lease["mac"])
+        if publish:
+            text += rules.publish_elements("add", lease["ip"], publish)
+        sh("nft", "-f", "-", stdin=text)
+        lease.update(state="attached", tap=tap, qemu_pid=qemu_pid, qemu_start=start, published=publish)
         leases.save(lease)
     # The reaper for this VM: it outlives this call and the wrapper, and ends with the QEMU.
     subprocess.Popen([sys.executable, "-m", "sitenet.helper", "watch", service_id, str(qemu_pid)],

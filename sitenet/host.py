@@ -71,7 +71,8 @@ def base_digest() -> str:
     """What the kernel holds of the base rules (both tables minus the helper's VM chains and map
     elements, without handles): `up` compares it to what it applied last time."""
     keep = []
-    for item in nft_json("table", "bridge", rules.TABLE) + nft_json("table", "inet", rules.TABLE):
+    for item in (nft_json("table", "bridge", rules.TABLE) + nft_json("table", "inet", rules.TABLE)
+                 + nft_json("table", "ip", rules.PUB_TABLE)):
         kind, body = next(iter(item.items()))
         if kind == "metainfo" or body.get("chain", body.get("name", "")).startswith("vm_"):
             continue
@@ -196,8 +197,23 @@ def _drop_bridge_conf(bridge: str, ch: Changes) -> None:
         BRIDGE_CONF.unlink()
 
 
+def publishing(spec: ClusterSpec) -> bool:
+    return any(r.publish for r in spec.roles.values() if r.network == "site")
+
+
+def _ensure_forwarding(spec: ClusterSpec, ch: Changes) -> None:
+    """`publish:` needs the host to forward (to DNAT into the bridge); the ip salvus_pub table's
+    forward chain keeps it from routing anything else into or out of the bridge."""
+    fwd = Path("/proc/sys/net/ipv4/ip_forward")
+    if publishing(spec) and fwd.read_text().strip() != "1":
+        fwd.write_text("1\n")
+        ch.add("net.ipv4.ip_forward = 1 (for publish:)")
+
+
 def _ensure_rules(spec: ClusterSpec, layout: SiteLayout, here: str, ch: Changes, old: dict | None) -> str:
     text = rules.base_ruleset(spec, layout, here, bridge_meta=bridge_meta_supported())
+    if publishing(spec):
+        text += rules.publish_ruleset(layout, here)
     text_sum = hashlib.sha256(text.encode()).hexdigest()
     if old and old.get("rules_sum") == text_sum and old.get("rules_digest") == base_digest():
         return text_sum
@@ -217,6 +233,7 @@ def up(spec: ClusterSpec, here: str) -> list[str]:
     _ensure_bridge(spec, layout, here, ch)
     _ensure_vxlan(layout, here, ch)
     text_sum = _ensure_rules(spec, layout, here, ch, old)
+    _ensure_forwarding(spec, ch)
     _ensure_bridge_conf(layout.net.bridge, ch)
     state = host_state(spec, layout, here)
     state.update(rules_sum=text_sum, rules_digest=base_digest())
@@ -235,10 +252,11 @@ def host_state(spec: ClusterSpec, layout: SiteLayout, here: str) -> dict:
     """All the root helper needs, so it never reads a job's spec."""
     h = layout.host(here)
     return {"host": here, "netns": netns_id(), "bridge": layout.net.bridge, "vxlan": layout.net.vxlan_device,
+            "underlay": h.underlay,
             "mtu": layout.net.mtu, "prefixlen": layout.prefixlen, "gateway": str(h.gateway),
             "roles": {name: {"block": str(layout.block(name, h)),
                              "slots": [str(a) for a in layout.slots(name, h)],
-                             "persistent": bool(role.persistent)}
+                             "persistent": bool(role.persistent), "publish": list(role.publish)}
                       for name, role in spec.roles.items() if role.network == "site"}}
 
 
@@ -249,10 +267,10 @@ def down(spec: ClusterSpec, here: str) -> list[str]:
     layout = SiteLayout(spec)
     layout.host(here)
     ch = Changes()
-    for family in ("bridge", "inet"):
-        if nft_json("table", family, rules.TABLE):
-            sh("nft", "delete", "table", family, rules.TABLE)
-            ch.add(f"nftables: table {family} {rules.TABLE} removed")
+    for family, table in (("bridge", rules.TABLE), ("inet", rules.TABLE), ("ip", rules.PUB_TABLE)):
+        if nft_json("table", family, table):
+            sh("nft", "delete", "table", family, table)
+            ch.add(f"nftables: table {family} {table} removed")
     for dev in (layout.net.vxlan_device, layout.net.bridge):
         if link(dev) is not None:
             sh("ip", "link", "del", "dev", dev)

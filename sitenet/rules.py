@@ -72,7 +72,14 @@ def base_ruleset(spec: ClusterSpec, layout: SiteLayout, here: str, bridge_meta: 
     forward += [f"ip daddr {_set(layout.role_cidrs(name[3:]))} jump {name}" for name in chains]
     forward.append("counter drop")
     inp = [*other, *ports,
-           "ether type arp accept", f"ip daddr {host.gateway} {NOT_SYN} accept", "counter drop"]
+           "ether type arp accept", f"ip daddr {host.gateway} {NOT_SYN} accept"]
+    # Replies to the world's connections to a published port: with br_netfilter their destination
+    # is already un-NATed here (the outside client's address).
+    for name, role in spec.roles.items():
+        if role.network == "site" and role.publish:
+            inp.append(f"ip saddr {layout.block(name, host)} tcp sport {_set(sorted(set(role.publish)))} "
+                       f"{NOT_SYN} accept")
+    inp.append("counter drop")
     peers = sorted({h.underlay for h in layout.hosts}, key=ipaddress.ip_address)
     lines = [f"table bridge {TABLE} {{", "  map vm_ports { type ifname : verdict; }",
              "  set vm_ifs { type ifname; }",
@@ -89,6 +96,45 @@ def base_ruleset(spec: ClusterSpec, layout: SiteLayout, here: str, bridge_meta: 
         lines += [f"add rule bridge {TABLE} {name} {r}" for r in body]
     lines += [f"add rule inet {TABLE} input udp dport {net.vxlan_port} ip saddr != {_set(peers)} counter drop",
               f"add rule inet {TABLE} input meta nfproto ipv6 udp dport {net.vxlan_port} counter drop"]
+    return "\n".join(lines) + "\n"
+
+
+PUB_TABLE = "salvus_pub"
+
+
+def publish_ruleset(layout: SiteLayout, here: str) -> str:
+    """`publish:`: the hypervisor's own address, port P, forwarded (DNAT) to the one VM of this host
+    that published P (the helper fills the maps), its source rewritten to the host's bridge
+    address (which the role's chain admits to that port). Routing into or out of the bridge is
+    refused otherwise: turning on forwarding must not make the host a router to the VMs."""
+    host = layout.host(here)
+    br = q(layout.net.bridge)
+    return "\n".join([
+        f"table ip {PUB_TABLE} {{",
+        "  map published { type inet_service : ipv4_addr . inet_service; }",
+        "  set published_vms { type ipv4_addr . inet_service; }",
+        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }",
+        "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }",
+        "  chain forward { type filter hook forward priority 0; policy accept; }",
+        "}",
+        *(f"flush chain ip {PUB_TABLE} {c}" for c in ("prerouting", "postrouting", "forward")),
+        f"add rule ip {PUB_TABLE} prerouting ip daddr {host.underlay} dnat ip addr . port to tcp dport map @published",
+        f"add rule ip {PUB_TABLE} postrouting oifname {br} ip daddr . tcp dport @published_vms snat ip to {host.gateway}",
+        # Bridged frames (br_netfilter shows them here too) are the bridge table's business.
+        f"add rule ip {PUB_TABLE} forward iifname {br} oifname {br} accept",
+        f"add rule ip {PUB_TABLE} forward iifname {br} ct state established,related accept",
+        f"add rule ip {PUB_TABLE} forward iifname {br} counter drop",
+        f"add rule ip {PUB_TABLE} forward oifname {br} ct status dnat accept",
+        f"add rule ip {PUB_TABLE} forward oifname {br} counter drop"]) + "\n"
+
+
+def publish_elements(op: str, ip: str, ports: list[int]) -> str:
+    addr = ipaddress.IPv4Address(ip)
+    lines = []
+    for port in ports:
+        p = int(port)
+        lines.append(f"{op} element ip {PUB_TABLE} published {{ {p}{f' : {addr} . {p}' if op == 'add' else ''} }}")
+        lines.append(f"{op} element ip {PUB_TABLE} published_vms {{ {addr} . {p} }}")
     return "\n".join(lines) + "\n"
 
 

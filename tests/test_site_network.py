@@ -74,7 +74,6 @@ def test_network_up_twice_changes_nothing_and_the_overlay_port_admits_only_site_
     fdb = before[0]["fdb"]
     assert sorted(e["dst"] for e in fdb if e["mac"] == "00:00:00:00:00:00") == ["198.18.9.2", "198.18.9.3"]
     # A stranger on the site LAN (not in hypervisor.hosts) sending to the VXLAN port is dropped.
-    site.run_in(0, "ip", "addr", "add", "198.18.9.99/24", "dev", "lan0", check=True)
     site.python_in(0, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                       "for _ in range(3): s.sendto(b'x' * 50, ('198.18.9.2', 4789))")
     rules = [r["rule"] for r in site.ruleset(2)["nftables"] if "rule" in r and r["rule"]["family"] == "inet"]
@@ -104,6 +103,13 @@ def test_hub_on_host_1_reaches_sage_on_host_2_and_sage_refuses_other_roles(site,
              "the hub to learn the sage")
     reply = site.ask(3, hub_svc.host, 8080, "GET /compute?expr=6*7 HTTP/1.0\r\n\r\n")
     assert reply.startswith("HTTP/1.0 200") and reply.endswith("\r\n\r\n42\n"), reply
+    # publish: [8080]: the world (a LAN machine that is no site host) reaches the hub on host 1's
+    # own address, and nothing else: not the VM's address, not the sage.
+    reply = site.ask(0, "198.18.9.1", 8080, "GET / HTTP/1.0\r\n\r\n")
+    assert reply.startswith("HTTP/1.0 200") and '"service_id":"hub-1"' in reply, reply
+    site.run_in(0, "ip", "route", "replace", "10.78.0.0/16", "via", "198.18.9.1", check=True)
+    assert site.ask(0, hub_svc.host, 8080, "GET / HTTP/1.0\r\n\r\n", timeout=3) == ""
+    assert site.ask(0, sage_svc.host, 6000, "1+1\n", timeout=3) == ""
     # A sage VM (host 3) and a cassandra VM (host 1) try the sage's port: nothing answers them.
     probe_spec = site.variant("sage-prober", sage_extra=", upstreams: [sage], config: {reach: true}")
     before = drops(site, 3, "to_sage") + drops(site, 1, "to_sage")
