@@ -257,6 +257,13 @@ def _ip_address(v: str) -> str:
         raise ValueError(f"expected an IPv4 or IPv6 address, got {v!r}") from None
 
 
+def _ipv4_network(v: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(v, strict=True))
+    except ValueError as e:
+        raise ValueError(f"expected an IPv4 network such as 10.77.0.0/16 (no host bits set), got {v!r}: {e}") from None
+
+
 @dataclass(config=STRICT)
 class HostSpec:
     """One hypervisor of the site: the one place per-host facts live (README "Image distribution").
@@ -268,7 +275,7 @@ class HostSpec:
     address: Optional[Annotated[IpAddress, AfterValidator(_ip_address)]] = None
     # network: site: this host's part of site_network.subnet (e.g. 10.77.1.0/24); its VMs' addresses
     # come from it, so no two hosts ever hand out the same one.
-    vm_range: Optional[Annotated[StrictStr, AfterValidator(lambda v: _ipv4_network(v))]] = None
+    vm_range: Optional[Annotated[StrictStr, AfterValidator(_ipv4_network)]] = None
 
     @property
     def ip(self) -> str | None:
@@ -279,13 +286,6 @@ class HostSpec:
             return str(ipaddress.ip_address(self.name))
         except ValueError:
             return None
-
-
-def _ipv4_network(v: str) -> str:
-    try:
-        return str(ipaddress.IPv4Network(v, strict=True))
-    except ValueError as e:
-        raise ValueError(f"expected an IPv4 network such as 10.77.0.0/16 (no host bits set), got {v!r}: {e}") from None
 
 
 InterfaceName = full_match(r"[A-Za-z][A-Za-z0-9_-]{0,14}", "a network interface name (a letter, then letters, "

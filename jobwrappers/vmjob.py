@@ -187,8 +187,8 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     nic = None
     if role.network == "site":
         job.site = nethelper.call("reserve", job.role_name, job.service_id, str(os.getpid()))
-        if job.site["host"] != job.hypervisor:
-            raise SpecError(f"--hypervisor {job.hypervisor}: this host's site network was set up as "
+        if job.site["host"] != job.hypervisor:  # this host's set-up, not the job's: 75, run elsewhere
+            raise TempFailure(f"--hypervisor {job.hypervisor}: this host's site network was set up as "
                             f"{job.site['host']!r} (salvus_jobs network up --host)")
         nic = SiteNic(job.site["bridge"], job.site["mac"], job.site["mtu"])
     site = job.site or {}

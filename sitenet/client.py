@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.errors import EXIT_TEMPFAIL, SpecError, TempFailure
+from cluster.errors import EXIT_TEMPFAIL, TempFailure
 
 HELPER_TIMEOUT_S = 60
 
@@ -29,5 +29,7 @@ def call(*args: str) -> dict | None:
         return json.loads(proc.stdout) if proc.stdout.strip() else None
     lines = proc.stderr.strip().splitlines()
     why = lines[-1] if lines else f"exit {proc.returncode}"
-    # Anything but "try again" (75) is this host's set-up: sudo not granted, the helper missing.
-    raise (TempFailure if proc.returncode == EXIT_TEMPFAIL else SpecError)(f"site network helper {args[0]}: {why}")
+    # Whatever the helper refuses is this host's set-up (sudo not granted, the helper missing,
+    # network up run with an older spec): 75, so the scheduler runs the job on another host.
+    hint = "" if proc.returncode == EXIT_TEMPFAIL else " (this host's set-up: README \"The site network\")"
+    raise TempFailure(f"site network helper {args[0]}: {why}{hint}")

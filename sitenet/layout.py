@@ -9,6 +9,8 @@ or goes. Which slot of its block a VM takes is the host's business (`sitenet.hel
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 
 from cluster.errors import SpecError
@@ -76,8 +78,6 @@ IDENTITY_ENV = ("SALVUS_HYPERVISOR", "SLURMD_NODENAME")
 
 
 def host_identity(explicit: str | None = None) -> str:
-    import os
-    import socket
     if explicit:
         return explicit
     for var in IDENTITY_ENV:

@@ -17,12 +17,22 @@ RUN_DIR = Path("/run/salvus-net")
 LIB_DIR = Path("/var/lib/salvus-net")
 
 
+def _test_dir() -> Path | None:
+    """$SALVUS_NET_DIR, never under sudo: a job user must not point the helper at state of its own
+    (sudo's env_reset drops it anyway; a site's env_keep must not bring it back)."""
+    if os.environ.get(DIR_ENV) and "SUDO_UID" not in os.environ:
+        return Path(os.environ[DIR_ENV])
+    return None
+
+
 def run_dir() -> Path:
-    return Path(os.environ[DIR_ENV]) / "run" if os.environ.get(DIR_ENV) else RUN_DIR
+    base = _test_dir()
+    return base / "run" if base else RUN_DIR
 
 
 def lease_dir(host: str) -> Path:
-    return (Path(os.environ[DIR_ENV]) / "lib" if os.environ.get(DIR_ENV) else LIB_DIR) / host
+    base = _test_dir()
+    return (base / "lib" if base else LIB_DIR) / host
 
 
 def netns_id() -> int:

@@ -147,11 +147,29 @@ def test_a_vm_under_another_vms_ip_or_mac_gets_nothing_through(site, sage):
         assert run.terminate() == 0
 
 
+def test_three_cassandra_vms_on_three_hosts_reach_each_other_on_a_second_port(site):
+    """`allow: [{from: cassandra, ports: all}]`: a ring across the overlay, on 7000 (the demo's
+    stand-in for gossip) besides the service port."""
+    spec = site.variant("ring", cassandra_upstreams="[cassandra]",
+                        cassandra_config="{reach: true, reach_port: 7000, gossip_port: 7000}")
+    runs = [site.wrapper(i, "cassandra", f"ring-{i}", spec=spec) for i in (1, 2, 3)]
+    ring = [run.registered() for run in runs]
+    assert sorted(svc.hypervisor for svc in ring) == ["h1", "h2", "h3"]
+    for me in ring:
+        for other in ring:
+            if other is not me:
+                line = reach_line(site, me.service_id, f"{other.host}:7000")
+                assert line.endswith(" answered"), (me.service_id, line)
+    for run in runs:
+        assert run.terminate() == 0
+
+
 def test_sigkill_of_a_wrapper_leaves_no_tap_and_no_rules(site):
     taps, rules = site.taps(3), site.vm_rules(3)  # the other tests' VMs still on host 3
     run = site.wrapper(3, "hub", "hub-k")
     run.registered()
-    assert len(site.taps(3)) == len(taps) + 1 and len(site.vm_rules(3)) == len(rules) + 3  # chain, map, set
+    # Its chain, its tap in vm_ports and vm_ifs, its published port in the two publish maps.
+    assert len(site.taps(3)) == len(taps) + 1 and len(site.vm_rules(3)) == len(rules) + 5
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait(10)
     # QEMU dies with its wrapper (PDEATHSIG); the helper's watcher removes the rules it bound.
