@@ -1,4 +1,4 @@
-"""`salvus_jobs services`: what the registry says is live."""
+"""`salvus_jobs services`: what the registry says is live; `ssh`, `exec`, `console` (cluster/vmaccess.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from cluster import vmaccess
 from cluster.cliframe import format_age, format_table
 from cluster.registry import open_registry
 from cluster.spec import load_spec
@@ -19,6 +20,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("role", nargs="?", help="only this role")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=cmd_services)
+    vmaccess.add_commands(sub, common)
 
 
 def cmd_services(args: argparse.Namespace) -> int:

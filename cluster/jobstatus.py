@@ -35,6 +35,8 @@ class JobStatus:
     # What imgdist's gc must not remove while this VM runs: its base image and its overlay's folder.
     image: str = ""  # NAME@VERSION
     workdir: str = ""
+    # The serial console's unix socket on this host (`salvus_jobs console` attaches to it).
+    console_socket: str = ""
 
     def alive(self) -> bool:
         return self.pid > 0 and pid_alive(self.pid)

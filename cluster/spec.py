@@ -146,6 +146,9 @@ class ProbeSpec:
     timeout: Seconds = 5
 
 
+UserName = full_match(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", "a user name ([A-Za-z_][A-Za-z0-9_.-]*)")
+
+
 @dataclass(config=STRICT)
 class AllowSpec:
     """One `roles.R.allow` entry: VMs of role `from` may connect to R's VMs on these TCP ports
@@ -196,6 +199,10 @@ class RoleSpec:
     stop_timeout: Optional[Seconds] = None
     # Run by the guest agent (as root, by /bin/sh) after it wrote a new /etc/salvus/upstreams.
     reload: Optional[SingleLine] = None
+    # `salvus_jobs ssh`/`exec` log in as this user (default: Debian's cloud-init user, `debian`), with
+    # this private key (default: ssh-agent, then ~/.ssh/id_*).
+    ssh_user: Optional[UserName] = None
+    ssh_key_file: Optional[SingleLine] = None
 
     @model_validator(mode="after")
     def _bridge_named(self) -> "RoleSpec":
@@ -222,7 +229,6 @@ class RoleSpec:
 
 # A host name or address for the login node: no spaces, no leading '-' (never an ssh option).
 HostName = full_match(r"[A-Za-z0-9_.:\[\]-]+", "a host name or address", 253)
-UserName = full_match(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", "a user name ([A-Za-z_][A-Za-z0-9_.-]*)")
 EnvName = full_match(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")
 
 
@@ -717,6 +723,7 @@ def _absolutize(spec: ClusterSpec, base: Path) -> ClusterSpec:
     spec.catalogue.trust.keys = [_abs(base, k) or k for k in spec.catalogue.trust.keys]
     for role in spec.roles.values():
         role.image_path = _abs(base, role.image_path)
+        role.ssh_key_file = _abs(base, role.ssh_key_file)
         if role.boot:
             if boot_ref(role.boot.kernel) is None:
                 role.boot.kernel = _abs(base, role.boot.kernel) or role.boot.kernel

@@ -1,10 +1,12 @@
 """A guest's serial console log, kept under a size cap (`hypervisor.console_log_max_mb`), so a chatty
 guest cannot fill the file system that holds base images, persistent disks and the registry.
 
-QEMU writes the log through an O_APPEND descriptor (`-chardev file,append=on`; libvirt's
-`<source append='on'/>`), so the wrapper can cut it in place: once it is past the cap, its last
-cap's worth of bytes is read, the log is truncated to one marker line, and those bytes replace
-`LOG.1` (a new file, renamed over the old one). QEMU's next write lands at the new end, leaving no
+QEMU writes the log through an O_APPEND descriptor (the console's `-chardev socket,...,logfile=LOG,
+logappend=on`; libvirt's `<log file=LOG append='on'/>`, which virtlogd may write for QEMU, appending
+as well; virtlogd may also rotate the file at its own max_size, 2 MiB by default: not tested here),
+so the wrapper can cut it in place: once it is past the cap, its last cap's worth of bytes is read,
+the log is truncated to one marker line, and those bytes replace `LOG.1` (a new file, renamed over
+the old one). QEMU's next write lands at the new end, leaving no
 hole. The log and `LOG.1` together hold at least the last cap of output and about twice the cap at
 most, plus what the guest writes between two checks (half a second apart). What the guest writes
 between reading the end and the truncation (microseconds) is lost, so `LOG.1` may end mid-line.

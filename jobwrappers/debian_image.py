@@ -181,6 +181,15 @@ def _fill_rootfs(root: Path, debs: Path) -> None:
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
 
 
+def prune_other_recipes(cache: Path, keep: Path) -> None:
+    """Removes the images of other recipes (~700 MiB each): a new recipe replaces the old one, and
+    nothing else reads the cache. Runs under the build lock, only after a build succeeded."""
+    for old in cache.glob("debian12-*"):
+        if old != keep and old.is_dir() and re.fullmatch(r"debian12-[0-9a-f]{16}", old.name):
+            log.info("removing %s (an earlier recipe)", old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build(cache: Path = DEFAULT_CACHE) -> DebianImage:
     """The cached image for this recipe, built first when missing (~2-4 min here)."""
     img = image_paths(cache)
@@ -216,6 +225,7 @@ def build(cache: Path = DEFAULT_CACHE) -> DebianImage:
             for f in ("vmlinuz", "initrd.img", "kernel.release", "debian12-disk.qcow2", "debian12.qcow2"):
                 os.chmod(work / f, 0o444)
                 os.replace(work / f, img.disk.parent / f)
+        prune_other_recipes(cache, keep=img.disk.parent)
     log.info("built %s (%d MiB)", img.disk, img.disk.stat().st_size >> 20)
     return img
 

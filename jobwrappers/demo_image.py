@@ -2,7 +2,8 @@
 
 Real sites boot their own images (cloud images with cloud-init). The demo image exists so the whole
 system runs on one machine in seconds: its init (files under `jobwrappers/guest/`) reads the NoCloud
-config drive the wrapper builds and runs the role's service on the role's port. Nothing here needs
+config drive the wrapper builds, runs the role's service on the role's port and an SSH server
+(dropbear) for root with the spec's keys, and reports its host key on the host channel. Nothing here needs
 root or a loop mount: `mkfs.ext4 -d` fills the filesystem from a directory and `cpio` packs the
 initramfs.
 """
@@ -129,6 +130,34 @@ def _busybox() -> Path:
     raise SpecError("busybox not found (install busybox-static: scripts/setup)")
 
 
+# The demo guest's SSH server (Debian's dropbear-bin) and its key tool, copied with the shared
+# libraries they link (dropbear is a few hundred KiB; libc is most of the ~3 MiB they add).
+SSH_BINARIES = (Path("/usr/sbin/dropbear"), Path("/usr/bin/dropbearkey"))
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    """What `ldd` says `binary` loads (its libraries and the dynamic loader), absolute paths."""
+    libs = []
+    for line in _run("ldd", binary).decode().splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def _install_ssh_server(root: Path) -> None:
+    missing = [str(b) for b in SSH_BINARIES if not b.is_file()]
+    if missing:
+        raise SpecError(f"{', '.join(missing)} not found (install dropbear-bin: scripts/setup)")
+    for binary in SSH_BINARIES:
+        for f in (binary, *_shared_libraries(binary)):
+            dest = root / f.relative_to("/")
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)  # follows symlinks: the guest gets the files themselves
+
+
 def _write_initramfs(work: Path, moddir: Path, dest: Path) -> None:
     tree = work / "initramfs"
     (tree / "bin").mkdir(parents=True)
@@ -157,14 +186,16 @@ def _populate_root(root: Path) -> None:
             (root / "bin" / applet).symlink_to("busybox")
     (root / "sbin" / "init").symlink_to("/bin/busybox")
     shutil.copy2(GUEST_DIR / "inittab", root / "etc" / "inittab")
-    for script in ("rc.boot", "poweroff", "service", "channel", "reach"):
+    for script in ("rc.boot", "poweroff", "service", "channel", "sshd", "reach"):
         shutil.copy2(GUEST_DIR / script, root / "etc" / "salvus" / script)
     for script in (GUEST_DIR / "roles").iterdir():
         shutil.copy2(script, root / "etc" / "salvus" / "roles" / script.name)
     # busybox acpid runs CONFDIR/PWRF/00000080 when the ACPI power button is pressed.
     (root / "etc" / "acpi" / "PWRF" / "00000080").symlink_to("/etc/salvus/poweroff")
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "etc" / "group").write_text("root:x:0:\ntty:x:5:\n")
+    (root / "etc" / "shells").write_text("/bin/sh\n")
+    _install_ssh_server(root)
 
 
 def build_demo_image(out_dir: Path, name: str = DEMO_NAME, version: str = DEMO_VERSION,

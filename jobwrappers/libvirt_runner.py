@@ -99,7 +99,8 @@ def render_domain_xml(m: Machine, template: Path | None = None) -> str:
         "disks": _disks_xml(m), "console_log": xml_text(m.console_log),
         "channel_path": xml_text(m.channel_path), "channel_name": xml_text(CHANNEL_NAME),
         "uid": str(os.getuid()), "gid": str(os.getgid()),
-        "netdev": xml_text(f"user,id=salvusnet,hostfwd=tcp:{m.host_addr}:{m.host_port}-:{m.guest_port}"),
+        "console_socket": xml_text(m.console_socket),
+        "netdev": xml_text("user,id=salvusnet" + "".join(f",hostfwd={r}" for r in m.hostfwds())),
     }
     try:
         return string.Template(text).substitute(fields)

@@ -57,6 +57,20 @@ class Machine:
     # Without a kernel: what starts the root disk's own bootloader (the root disk is the boot device).
     firmware: Firmware = DIRECT
     net: Optional[SiteNic] = None  # None: user-mode networking with the host port forward
+    # A second forward to the guest's sshd (port 22) when the role's own port is another one.
+    ssh_host_port: Optional[int] = None
+
+    @property
+    def console_socket(self) -> Path:
+        """The serial console's unix socket (`salvus_jobs console` attaches to it), beside the channel's."""
+        return self.channel_path.with_name("console.sock")
+
+    def hostfwds(self) -> list[str]:
+        """QEMU user-mode `hostfwd` rules: the role's port, and sshd's when it is another."""
+        rules = [f"tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}"]
+        if self.ssh_host_port is not None:
+            rules.append(f"tcp:{self.host_addr}:{self.ssh_host_port}-:22")
+        return rules
 
 
 class VmRunner(abc.ABC):

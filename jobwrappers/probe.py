@@ -12,7 +12,7 @@ from typing import Callable
 
 from cluster.spec import ProbeSpec
 
-MAX_LINE = 16384  # no line of the protocol is longer (an RSA-16384 HOSTKEY is ~2.8 KiB)
+MAX_LINE = 4096  # no line of the protocol is longer (an RSA-16384 HOSTKEY is ~2.8 KiB)
 
 
 class HostChannel:

@@ -73,11 +73,12 @@ def _firmware_args(m: Machine) -> tuple[str, list[str]]:
     return "pc,pflash0=ovmf-code,pflash1=ovmf-vars", [a for n in nodes for a in ("-blockdev", json.dumps(n))]
 
 
-def _nic_args(m: Machine, hostfwd: str) -> list[str]:
-    """User-mode networking with the port forward, or (network: site) a tap on the site bridge from
+def _nic_args(m: Machine) -> list[str]:
+    """User-mode networking with the port forwards, or (network: site) a tap on the site bridge from
     qemu-bridge-helper, which runs setuid for a job user and checks /etc/qemu/bridge.conf."""
     if m.net is None:
-        return ["-netdev", f"user,id=net0,hostfwd={opt(hostfwd)}", "-device", "virtio-net-pci,netdev=net0"]
+        netdev = "user,id=net0" + "".join(f",hostfwd={opt(rule)}" for rule in m.hostfwds())
+        return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
     return ["-netdev", f"bridge,id=net0,br={opt(m.net.bridge)},helper={opt(BRIDGE_HELPER)}",
             "-device", f"virtio-net-pci,netdev=net0,mac={opt(m.net.mac)},host_mtu={m.net.mtu}"]
 
@@ -85,16 +86,18 @@ def _nic_args(m: Machine, hostfwd: str) -> list[str]:
 def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], list[int]]:
     """The command line and the descriptors the child must inherit. Every path reaches QEMU either
     as JSON (-blockdev) or with commas doubled (`opt`)."""
-    hostfwd = f"tcp:{m.host_addr}:{m.host_port}-:{m.guest_port}"
     machine, flash = _firmware_args(m)
     argv = [qemu, "-name", f"guest={opt(m.name)},process=salvus-{opt(m.name)}", *m.accel.qemu_args,
             "-machine", machine, *flash, "-m", str(m.memory_mb), "-smp", str(m.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-qmp", f"unix:{opt(qmp_path)},server=on,wait=off",
-            # append=on: keep the wrapper's header and earlier boots (QEMU truncates otherwise), and
-            # let consolelog.py cut the file in place under QEMU's O_APPEND descriptor.
-            "-chardev", f"file,id=console,path={opt(m.console_log)},append=on", "-serial", "chardev:console",
-            *_nic_args(m, hostfwd),
+            # The console is a socket `salvus_jobs console` attaches to, and everything the guest
+            # writes also goes to the log. logappend=on: keep the wrapper's header and earlier boots
+            # (QEMU truncates otherwise), and let consolelog.py cut the file in place under QEMU's
+            # O_APPEND descriptor. With no client attached QEMU still logs (and drops) the output.
+            "-chardev", f"socket,id=console,path={opt(m.console_socket)},server=on,wait=off,"
+                        f"logfile={opt(m.console_log)},logappend=on", "-serial", "chardev:console",
+            *_nic_args(m),
             "-chardev", f"socket,id=channel0,path={opt(m.channel_path)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
             "-device", f"virtserialport,bus=vser0.0,chardev=channel0,name={CHANNEL_NAME}"]

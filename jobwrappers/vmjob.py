@@ -76,6 +76,8 @@ class Job:
     runner: VmRunner | None = None
     channel: HostChannel | None = None
     endpoint: tuple[str, int] | None = None
+    ssh_port: int = 0  # where the guest's sshd is forwarded (the endpoint's port when the role's is 22)
+    console_socket: Path | None = None
     console_log: Path | None = None
     console_cap: ConsoleLogCap | None = None
     started: float = field(default_factory=time.time)
@@ -94,7 +96,8 @@ class Job:
         endpoint = f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else ""
         jobstatus.write(Store.of(self.spec), JobStatus(
             self.service_id, self.role_name, self.env.job_id, os.getpid(), state, endpoint,
-            str(self.console_log or ""), self.started, self.role.image, str(self.workdir or "")))
+            str(self.console_log or ""), self.started, self.role.image, str(self.workdir or ""),
+            str(self.console_socket or "")))
 
     def cleanup(self) -> None:
         if self.channel:
@@ -212,12 +215,15 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     job.console_cap.start()
     advertise = spec.hypervisor.advertise_host
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
-    return Machine(
+    machine = Machine(
         name=job.service_id, vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel, disks=disks,
         guest_port=role.port, host_addr=host_addr, host_port=0 if nic else free_port(host_addr), net=nic,
         channel_path=job.sockdir / "channel.sock", console_log=job.console_log, workdir=job.workdir,
         kernel=boot.get("kernel"), initrd=boot.get("initrd"), cmdline=role.boot.cmdline if role.boot else "",
-        firmware=prepare_firmware(spec, job.role_name, job.workdir))
+        firmware=prepare_firmware(spec, job.role_name, job.workdir),
+        ssh_host_port=None if role.port == 22 or nic else free_port(host_addr))
+    job.console_socket = machine.console_socket
+    return machine
 
 
 def start_vm(job: Job, machine: Machine) -> None:
@@ -235,15 +241,19 @@ def start_vm(job: Job, machine: Machine) -> None:
         if machine.net is not None:
             raise TempFailure(f"VM for {job.service_id} failed to start: {detail}")
         machine.host_port = free_port(machine.host_addr)
+        if machine.ssh_host_port is not None:
+            machine.ssh_host_port = free_port(machine.host_addr)
         log.info("forwarded port was taken; retrying on %d", machine.host_port)
     if machine.net is not None:
         # The VM's own address is its endpoint: the filter rules bound to its tap come first.
         nethelper.call("attach", job.service_id, str(job.runner.pid))
         job.endpoint = job.probe_target = (job.site["ip"], job.role.port)
+        job.ssh_port = 22  # the guest's own sshd at its own address (the site's hosts may reach it)
         return
     host = job.spec.hypervisor.advertise_host or "127.0.0.1"
     job.endpoint = (host, machine.host_port)
     job.probe_target = ("127.0.0.1", machine.host_port)
+    job.ssh_port = machine.ssh_host_port or machine.host_port
 
 
 
@@ -394,7 +404,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         beat = Heartbeater(registry, Service(
             role=args.role, service_id=service_id, host=job.endpoint[0], port=job.endpoint[1],
             hypervisor=job.hypervisor, scheduler=env.scheduler, job_id=env.job_id,
-            image=role.image, host_keys=job.reports.host_keys),
+            image=role.image, host_keys=job.reports.host_keys, ssh_port=job.ssh_port),
             interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
         job.reports.keys_changed = False
         try:

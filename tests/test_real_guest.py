@@ -11,8 +11,12 @@ The hub's one forwarded port serves the probe, the host-key check and an SSH log
 sage service (port 6000) is asked through that login."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -22,6 +26,7 @@ from jobwrappers import debian_image
 from tests.guest_ssh import new_key, spec_line, ssh_run
 from tests.polling import wait_for
 
+REPO = Path(__file__).resolve().parents[1]
 # ~2-3 min on an idle 2-core host; three times that while other suites share the cores.
 BOOT_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 120  # measured 31 s under load (README "Your own images"); generous for CI's load
@@ -35,7 +40,7 @@ RELOAD_MARK = "/run/salvus-reloaded"
 def guests(tmp_path_factory, run_wrapper_module):
     img = debian_image.build()
     tmp = tmp_path_factory.mktemp("real-guest")
-    key = new_key()
+    key = new_key(tmp / "guest_key")  # the file for `salvus_jobs ssh -i`
     boot = f"kernel: {img.kernel}, initrd: {img.initrd}"
     spec = tmp / "cluster.yaml"
     spec.write_text(f"""\
@@ -126,6 +131,17 @@ def test_ssh_login_with_the_spec_key_and_the_sage_service_answers(hub):
     _, svc, key = hub
     out = ssh_run(svc, key, "hostname; printf '6*7\\n' | socat -t 30 - TCP:127.0.0.1:6000")
     assert out.split() == ["hub-real-1", "42"]
+
+
+def test_salvus_jobs_ssh_into_the_real_guest_pins_the_recorded_host_key(hub):
+    run, _, _ = hub
+    _recorded_keys(run, "hub-real-1")  # the agent reports them after READY: wait until recorded
+    key_file = Path(run.spec.source).parent / "guest_key"
+    argv = [sys.executable, str(REPO / "salvus_jobs.py"), "--spec", run.spec.source, "ssh", "hub-real-1",
+            "-i", str(key_file), "--"]  # as the image's cloud-init user, `debian` (the default)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([*argv, "hostname; exit 4"], capture_output=True, text=True, timeout=300, env=env)
+    assert (r.returncode, r.stdout) == (4, "hub-real-1\n"), r.stderr
 
 
 def test_readiness_probe_registers_an_image_without_agent_and_keys_differ(hub, sage):

@@ -57,6 +57,11 @@ def test_libvirt_boot_register_stop_and_sigkill(libvirt_spec, libvirt_uri, run_w
         assert [n["drv"] for n in nodes["return"] if n["file"].startswith("/dev/fdset/")] == ["qcow2", "file"], \
             "libvirt's QEMU must read the base from the verified descriptor (FDAssociate), not by name"
         assert ask(svc.host, svc.port, "2**10") == "1024\n"
+        # The serial console is a socket with its log (`salvus_jobs console`), sshd a second forward.
+        status = json.loads(Path(run.spec.store, "state", "jobs", "sage-lv.json").read_text())
+        assert Path(status["console_socket"]).is_socket()
+        wait_for(lambda: b"BusyBox" in Path(status["console_log"]).read_bytes(), 30, "the guest's console in its log")
+        assert svc.host_keys.startswith("ssh-ed25519 ") and svc.ssh_port not in (0, svc.port)
         pid = qemu_pid("salvus-sage-lv")
         assert pid and pid_alive(pid)
         t0 = time.monotonic()

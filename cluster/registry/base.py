@@ -63,6 +63,9 @@ class Service:
     # The guest's SSH host public keys as its agent reported them, one "TYPE BASE64" per line
     # (schema 2), so operators and tools can pin them; "" when unknown.
     host_keys: str = ""
+    # Where the guest's sshd answers (schema 3): a port on `host` (a forward on the hypervisor, or
+    # 22 at a VM's own address); 0 when unknown (a wrapper from before it).
+    ssh_port: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -80,7 +83,7 @@ class Service:
 
 
 # Bumped whenever a backend's schema changes (a column added); see the module docstring.
-SCHEMA_VERSION = 2  # 2: host_keys
+SCHEMA_VERSION = 3  # 2: host_keys; 3: ssh_port
 
 
 def column_default(f: dataclasses.Field) -> object:

@@ -77,7 +77,7 @@ SCHEMA_COMMENT = "salvus-jobs registry schema {}"
 COLUMNS: dict[str, str] = {
     "role": "text", "service_id": "text", "host": "text", "port": "int", "hypervisor": "text",
     "scheduler": "text", "job_id": "text", "image": "text", "started": "double",
-    "last_heartbeat": "double", "host_keys": "text",
+    "last_heartbeat": "double", "host_keys": "text", "ssh_port": "int",
 }
 KEYS = {BY_ROLE: (["role"], ["service_id"]), BY_ID: (["service_id"], [])}
 GC_GRACE_SECONDS = 900

@@ -25,7 +25,7 @@ from cluster.files import PRIVATE_MODE
 from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default, valid_services
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
-            "started", "last_heartbeat", "host_keys")
+            "started", "last_heartbeat", "host_keys", "ssh_port")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS services (
     started        REAL NOT NULL,
     last_heartbeat REAL NOT NULL,
     host_keys      TEXT NOT NULL DEFAULT '',
+    ssh_port       INTEGER NOT NULL DEFAULT 0,
     expires_at     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);

@@ -1,10 +1,11 @@
 #!/bin/sh
 # One-time boot of the demo guest: filesystems, the config drive (NoCloud, label cidata), hostname,
-# network (slirp's fixed addresses, or network: site's static one; no DHCP wait), SSH keys,
-# persistent disks, ACPI power button.
+# network (slirp's fixed addresses, or network: site's static one; no DHCP wait), SSH keys
+# (authorized and the host's own), persistent disks, ACPI power button.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /run /tmp
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /run/salvus /run/cidata
@@ -42,6 +43,10 @@ if [ -f /run/cidata/authorized_keys ]; then
   chmod 600 /root/.ssh/authorized_keys
 fi
 printf '%s\n' $SALVUS_UPSTREAMS > /run/salvus/upstreams
+# SSH: a host key of this VM's own (none is baked into the image; ed25519 takes milliseconds even
+# under TCG), which the channel reports to the host before READY (HOSTKEY, HOSTKEYS-DONE).
+mkdir -p /etc/dropbear
+dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key >/dev/null 2>&1
 # Persistent disks: the host sets each disk's virtio serial to its name; format on first use.
 for entry in $SALVUS_DISKS; do
   name="${entry%%:*}"; mnt="${entry#*:}"
