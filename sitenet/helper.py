@@ -124,19 +124,20 @@ def published_ports() -> dict[int, str]:
 
 
 def detach_rules(tap: str, ip: str, published: list[int] = ()) -> None:
+    """This VM's chain and map entries. Tap names are reused: an entry under `tap` that points at
+    another VM's chain is that VM's, and stays."""
     chain = rules.vm_chain(ip)
     ops = []
     mine = [p for p, addr in published_ports().items() if addr == ip and p in published]
     if mine:
         ops.append(rules.publish_elements("delete", ip, mine).strip())
+    targets: dict[str, str] = {}
     for item in nft_json("map", "bridge", rules.TABLE, "vm_ports"):
-        m = item.get("map")
-        if m:
-            for key, verdict in m.get("elem", []):
-                if verdict.get("jump", {}).get("target") == chain or key == tap:
-                    ops.append(f"delete element bridge {rules.TABLE} vm_ports {{ {rules.q(key)} }}")
+        for key, verdict in item.get("map", {}).get("elem", []):
+            targets[key] = verdict.get("jump", {}).get("target", "")
+    ops += [f"delete element bridge {rules.TABLE} vm_ports {{ {rules.q(k)} }}" for k, t in targets.items() if t == chain]
     for item in nft_json("set", "bridge", rules.TABLE, "vm_ifs"):
-        if tap and tap in item.get("set", {}).get("elem", []):
+        if tap and tap in item.get("set", {}).get("elem", []) and targets.get(tap, chain) == chain:
             ops.append(f"delete element bridge {rules.TABLE} vm_ifs {{ {rules.q(tap)} }}")
     if nft_json("chain", "bridge", rules.TABLE, chain):
         ops += [f"flush chain bridge {rules.TABLE} {chain}", f"delete chain bridge {rules.TABLE} {chain}"]
@@ -226,6 +227,7 @@ def attach(service_id: str, qemu_pid: int) -> dict:
     if master != state["bridge"]:
         raise TempFailure(f"tap {tap} of QEMU {qemu_pid} is not on {state['bridge']} (on {master or 'no bridge'})")
     with leases.lock():
+        leases.reap()  # a dead VM's entries under this tap's name go before this one's go in
         lease = _own_lease(leases, service_id)
         if lease["state"] != "reserved" or proc_uid(qemu_pid) != lease["uid"]:
             raise SpecError(f"QEMU {qemu_pid} is not a process of the user who reserved {service_id}'s address")

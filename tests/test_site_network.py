@@ -4,13 +4,16 @@ VXLAN and nftables, real demo guests under plain QEMU (TCG), one wrapper per VM 
 namespace. Slow: a multi-host network (the suite's convention)."""
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+import os
 import signal
 
 import pytest
 
 from sitenet.layout import mac_for
+from tests.fixtures.site_lab import BIN
 from tests.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -124,6 +127,19 @@ def test_hub_on_host_1_reaches_sage_on_host_2_and_sage_refuses_other_roles(site,
 
 def ask_sage(site, i, svc) -> str:
     return site.ask(i, svc.host, svc.port, "1+1\n")
+
+
+def test_a_bulk_transfer_crosses_the_overlay_at_the_set_mtu(site, sage):
+    """2 MiB from host 3 to the sage on host 2 through `salvus_jobs ssh` (the registry's endpoint:
+    the VM's address, port 22, the host key the guest reported): full-size segments through VXLAN,
+    the guest's NIC and its tap at the underlay's 1500 minus 50."""
+    _, svc = sage
+    data = base64.b64encode(os.urandom(3 << 19)).decode()  # 2 MiB of text
+    proc = site.run_in(3, str(BIN / "salvus_jobs"), "ssh", svc.service_id, "--spec", str(site.spec_path),
+                       "-l", "root", "-i", str(site.key_file), "--", "wc -c; cat /sys/class/net/eth0/mtu",
+                       input=data, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == [str(len(data)), "1450"], proc.stdout + proc.stderr
+    assert {d["mtu"] for d in json.loads(site.run_in(2, "ip", "-j", "link", "show", "type", "tun").stdout)} == {1450}
 
 
 def test_a_vm_under_another_vms_ip_or_mac_gets_nothing_through(site, sage):
