@@ -313,6 +313,8 @@ class SiteNetworkSpec:
     underlay_mtu: Annotated[StrictInt, Field(ge=1330, le=9216)] = 1500
     # Addresses per role per host: at most this many VMs of one role on one hypervisor at once.
     role_block: Literal[4, 8, 16, 32, 64, 128] = 16
+    # QEMU's tap maker for job users who are not root (setuid root, or with CAP_NET_ADMIN).
+    bridge_helper: SingleLine = "/usr/lib/qemu/qemu-bridge-helper"
 
     @property
     def mtu(self) -> int:

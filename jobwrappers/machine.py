@@ -36,6 +36,7 @@ class SiteNic:
     bridge: str
     mac: str
     mtu: int
+    helper: str = "/usr/lib/qemu/qemu-bridge-helper"
 
 
 @dataclass

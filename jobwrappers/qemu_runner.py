@@ -21,7 +21,6 @@ from jobwrappers.qmp import Qmp, QmpError
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
-BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -79,7 +78,7 @@ def _nic_args(m: Machine) -> list[str]:
     if m.net is None:
         netdev = "user,id=net0" + "".join(f",hostfwd={opt(rule)}" for rule in m.hostfwds())
         return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
-    return ["-netdev", f"bridge,id=net0,br={opt(m.net.bridge)},helper={opt(BRIDGE_HELPER)}",
+    return ["-netdev", f"bridge,id=net0,br={opt(m.net.bridge)},helper={opt(m.net.helper)}",
             "-device", f"virtio-net-pci,netdev=net0,mac={opt(m.net.mac)},host_mtu={m.net.mtu}"]
 
 

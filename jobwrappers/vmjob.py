@@ -193,7 +193,7 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
         if job.site["host"] != job.hypervisor:  # this host's set-up, not the job's: 75, run elsewhere
             raise TempFailure(f"--hypervisor {job.hypervisor}: this host's site network was set up as "
                             f"{job.site['host']!r} (salvus_jobs network up --host)")
-        nic = SiteNic(job.site["bridge"], job.site["mac"], job.site["mtu"])
+        nic = SiteNic(job.site["bridge"], job.site["mac"], job.site["mtu"], spec.site_network.bridge_helper)
     site = job.site or {}
     cfg = GuestConfig(service_id=job.service_id, role=job.role_name, hostname=hostname_for(job.service_id),
                       port=role.port, instance_id=f"{job.service_id}.{job.env.job_id}",

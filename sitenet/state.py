@@ -18,9 +18,9 @@ LIB_DIR = Path("/var/lib/salvus-net")
 
 
 def _test_dir() -> Path | None:
-    """$SALVUS_NET_DIR, never under sudo: a job user must not point the helper at state of its own
-    (sudo's env_reset drops it anyway; a site's env_keep must not bring it back)."""
-    if os.environ.get(DIR_ENV) and "SUDO_UID" not in os.environ:
+    """$SALVUS_NET_DIR, never under sudo or setuid: a job user must not point the helper at state
+    of its own (sudo's env_reset drops it anyway; a site's env_keep must not bring it back)."""
+    if os.environ.get(DIR_ENV) and "SUDO_UID" not in os.environ and os.getuid() == os.geteuid():
         return Path(os.environ[DIR_ENV])
     return None
 

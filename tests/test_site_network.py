@@ -13,7 +13,8 @@ import signal
 import pytest
 
 from sitenet.layout import mac_for
-from tests.fixtures.site_lab import BIN
+from sitenet.state import lease_dir
+from tests.fixtures.site_lab import BIN, JOB_UID, JobUserKit
 from tests.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -190,5 +191,30 @@ def test_sigkill_of_a_wrapper_leaves_no_tap_and_no_rules(site):
     run.proc.wait(10)
     # QEMU dies with its wrapper (PDEATHSIG); the helper's watcher removes the rules it bound.
     wait_for(lambda: site.taps(3) == taps and site.vm_rules(3) == rules, 20, "hub-k's tap and rules to go")
-    leases = [json.loads(p.read_text()) for p in (site.tmp / "net" / "lib" / "h3").glob("*.json")]
+    leases = [json.loads(p.read_text()) for p in lease_dir("h3").glob("*.json")]
     assert "hub-k" not in [x["service_id"] for x in leases]  # a hub keeps no address: not persistent
+
+
+def test_a_job_user_who_is_not_root_gets_its_tap_and_rules_from_the_helpers(site):
+    """The wrapper as nobody: the tap from a setuid qemu-bridge-helper (bridge.conf allows the site
+    bridge), the address and rules from salvus-nethelper through `sudo -n`; its own store."""
+    kit = JobUserKit.make(site.image, site.ssh_key)
+    try:
+        run = site.wrapper(1, "sage", "sage-nobody", spec=kit.spec_path, kit=kit)
+        line = wait_for(lambda: next((x for x in run.err.read_text().splitlines() if "registered sage-nobody at" in x),
+                                     None) if run.proc.poll() is None else run.output(), 150, "sage-nobody to register")
+        assert "registered sage-nobody at 10.78.1." in line, line
+        ip = line.split(" at ")[1].split(":")[0]
+        qemu = run.qemu_pids()
+        assert len(qemu) == 1 and os.stat(f"/proc/{qemu[0]}").st_uid == JOB_UID
+        lease = json.loads((lease_dir("h1") / f"{ip}.json").read_text())
+        assert (lease["uid"], lease["state"], lease["service_id"]) == (JOB_UID, "attached", "sage-nobody")
+        assert site.ask(2, ip, 6000, "1+1\n") == "2\n"  # an operator on host 2, over the overlay
+        assert run.terminate() == 0, run.output()
+        assert rules_gone(site, 1, ip)
+    finally:
+        kit.remove()
+
+
+def rules_gone(site, i: int, ip: str) -> bool:
+    return not any(ip.replace(".", "_") in r or ip in r for r in site.vm_rules(i))
