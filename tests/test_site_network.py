@@ -46,7 +46,7 @@ def differences(a, b, path="") -> list[str]:
 
 
 def drops(site, i: int, chain: str) -> int:
-    """Packets the final `counter drop` of `chain` on host i has dropped."""
+    """Packets the `counter drop` rules of `chain` on host i have dropped."""
     total = 0
     for item in site.ruleset(i)["nftables"]:
         rule = item.get("rule")
