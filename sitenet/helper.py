@@ -245,7 +245,7 @@ def attach(service_id: str, qemu_pid: int) -> dict:
         lease.update(state="attached", tap=tap, qemu_pid=qemu_pid, qemu_start=start, published=publish)
         leases.save(lease)
     # The reaper for this VM: it outlives this call and the wrapper, and ends with the QEMU.
-    subprocess.Popen([sys.executable, "-m", "sitenet.helper", "watch", service_id, str(qemu_pid)],
+    subprocess.Popen([sys.executable, "-P", "-m", "sitenet.helper", "watch", service_id, str(qemu_pid)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
     return {"tap": tap, "ip": lease["ip"]}

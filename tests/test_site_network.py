@@ -61,8 +61,9 @@ def reach_line(site, service_id: str, target: str) -> str:
     """The demo guest's `salvus-reach TARGET ...` console line (waits for it)."""
     def line():
         for text in site.console(service_id).splitlines():
-            if text.startswith(f"salvus-reach {target} "):
-                return text
+            # The console's root shell may have printed its prompt first on the same line.
+            if f"salvus-reach {target} " in text:
+                return text[text.index("salvus-reach "):]
         return None
     return wait_for(line, 60, f"{service_id} to try {target}")
 
