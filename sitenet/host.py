@@ -193,8 +193,12 @@ def _drop_bridge_conf(bridge: str, ch: Changes) -> None:
         return
     if kept:
         BRIDGE_CONF.write_text("\n".join(kept) + "\n")
-    else:
-        BRIDGE_CONF.unlink()
+        return
+    BRIDGE_CONF.unlink()
+    try:  # up made the directory when it had to (Debian ships none); nothing else is in it
+        BRIDGE_CONF.parent.rmdir()
+    except OSError:
+        pass
 
 
 def publishing(spec: ClusterSpec) -> bool:
