@@ -555,6 +555,35 @@ class ImgdistSpec:
     tracker_hosts_only: StrictBool = False
 
 
+# HOST:PORT a controller's status server binds (an IPv6 literal in brackets).
+ListenAddress = full_match(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", "HOST:PORT such as 127.0.0.1:9108", 300)
+
+
+@dataclass(config=STRICT)
+class ControllerSpec:
+    """`salvus_jobs controller` (README "The controller")."""
+
+    interval: Seconds = 5  # seconds between reconciliations
+    lease: Annotated[StrictInt, Field(ge=2, le=3600)] = 10  # seconds the lease lasts unless renewed
+    listen: ListenAddress = "127.0.0.1:9108"  # status and metrics over HTTP; port 0: none
+    unhealthy_after: PositiveInt = 3  # consecutive failed probes that make a service unhealthy
+    probe_concurrency: PositiveInt = 16
+    probe_timeout: Seconds = 5  # cap on each probe (the role's probe.timeout when shorter)
+    max_submit: PositiveInt = 10  # jobs submitted per cycle at most
+    cancel_after: PositiveInt = 2  # cycles a surplus must persist before jobs are cancelled
+    events: PositiveInt = 50  # recent events /status shows
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_cycle(self) -> "ControllerSpec":
+        if self.lease <= self.interval:
+            raise ValueError(f"lease ({self.lease}) must be longer than interval ({self.interval}) "
+                             "or the controller would lose it between cycles")
+        port = int(self.listen.rpartition(":")[2])
+        if port > 65535:
+            raise ValueError(f"listen: port {port} is above 65535")
+        return self
+
+
 @dataclass(config=STRICT)
 class ClusterSpec:
     roles: dict[StrictStr, RoleSpec]
@@ -566,6 +595,7 @@ class ClusterSpec:
     hypervisor: HypervisorSpec = dataclasses.field(default_factory=HypervisorSpec)
     catalogue: CatalogueSpec = dataclasses.field(default_factory=CatalogueSpec)
     imgdist: ImgdistSpec = dataclasses.field(default_factory=ImgdistSpec)
+    controller: ControllerSpec = dataclasses.field(default_factory=ControllerSpec)
     site_network: Optional[SiteNetworkSpec] = None
     ssh_keys: list[SshPublicKey] = dataclasses.field(default_factory=list)  # public keys for guests
     # Absolute path of the file this spec was loaded from (set by load_spec, not by YAML).

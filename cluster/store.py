@@ -20,10 +20,10 @@ trust/hash-cache.json               sha256 of base images per file stamp
 state/ (runtime: what is running here; job users write it; safe to lose when nothing runs):
 state/jobs/SERVICE_ID.json          a running wrapper's status (`cluster.jobstatus`)
 state/local-jobs/JOB_ID.*           the local executor's job records
-state/submitted/BACKEND/JOB_ID.json the ledger of jobs `scale` submitted
-state/submitted/BACKEND/pending/TOKEN.json  a submission under way (its job id not read yet)
+state/submitted/BACKEND/cancelled/  DRMAA's cancel marks (the ledger itself is registry rows now;
+                                    an older version's JOB_ID.json and pending/ files are moved in)
 state/scripts/                      rendered job scripts (PBS)
-state/desired.json, scale.lock      the counts `scale` last asked for; one `scale` at a time
+state/desired.json                  an older version's desired counts: moved into the registry
 state/registry.sqlite               the SQLite registry (unless registry.sqlite names a file)
 state/imgdist.json, imgdist-status.json, imgdist.lock   imgdist's toggle, progress and lock
 ```
@@ -115,11 +115,8 @@ class RuntimePaths:
 
     @property
     def desired(self) -> Path:
+        """An older version's desired counts (moved into the registry on first read)."""
         return self.dir / "desired.json"
-
-    @property
-    def scale_lock(self) -> Path:
-        return self.dir / "scale.lock"
 
     @property
     def registry_sqlite(self) -> Path:

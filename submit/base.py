@@ -16,20 +16,23 @@ import math
 import os
 import shlex
 import shutil
+import stat
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SchedulerError, SpecError
-from cluster.files import STATE_MODE, write_atomic_text
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
 from cluster.yamlmodel import is_service_id
 from submit.runner import CommandResult, CommandRunner, runner_for
+
+if TYPE_CHECKING:
+    from cluster.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -131,55 +134,105 @@ def checked_service_id(service_id: str | None) -> str | None:
 
 
 class Ledger:
-    """Jobs this site submitted through one backend, one small JSON file per job under
-    STORE/state/submitted/BACKEND/, so `scale` can notice jobs the queue no longer shows (finished
-    or removed behind our back) and DRMAA, which cannot list a queue, knows what to ask about."""
+    """Jobs this site submitted through one backend, so `scale` and the controller can notice jobs
+    the queue no longer shows (finished or removed behind our back) and DRMAA, which cannot list a
+    queue, knows what to ask about. The rows live in the registry (`ledger:BACKEND`, and
+    `pending:BACKEND` for submissions under way), so every controller of the site sees the same
+    ledger; files an older version kept under STORE/state/submitted/BACKEND/ are moved in once."""
 
-    def __init__(self, spec: ClusterSpec, backend: str) -> None:
-        self.dir = Store.of(spec).runtime.submitted_dir(backend)
+    def __init__(self, spec: ClusterSpec, backend: str, registry: "Registry | None" = None) -> None:
+        self.spec = spec
+        self.dir = Store.of(spec).runtime.submitted_dir(backend)  # DRMAA's cancel marks, legacy files
         self.pending = Store.of(spec).runtime.pending_dir(backend)
+        self.kind, self.pending_kind = f"ledger:{backend}", f"pending:{backend}"
+        self._registry = registry
+        self._owned = False
 
-    def _path(self, job_id: str) -> Path:
-        return self.dir / f"{job_id.replace('/', '_')}.json"
+    @property
+    def registry(self) -> "Registry":
+        if self._registry is None:
+            from cluster.registry import open_registry
+
+            self._registry, self._owned = open_registry(self.spec), True
+            self._move_legacy_files()
+        return self._registry
+
+    def use(self, registry: "Registry") -> None:
+        """Shares the caller's open registry (one connection per process, not one per ledger)."""
+        if self._registry is None:
+            self._registry = registry
+            self._move_legacy_files()
+
+    def close(self) -> None:
+        if self._owned and self._registry is not None:
+            self._registry.close()
+        self._registry, self._owned = None, False
+
+    def _move_legacy_files(self) -> None:
+        for directory, kind, key in ((self.dir, self.kind, "job_id"), (self.pending, self.pending_kind, "token")):
+            for p in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+                try:
+                    st = os.lstat(p)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                        raise TypeError  # job users may write state/: only our own files are believed
+                    d = json.loads(p.read_text())
+                    self._registry.write_state(kind, str(d[key]), json.dumps(d))
+                    log.info("ledger: moved %s into the registry", p)
+                except (ValueError, TypeError, KeyError):
+                    log.warning("ledger: dropping legacy entry %s (unreadable, or not ours)", p)
+                except OSError:
+                    continue
+                try:
+                    p.unlink()
+                except OSError as e:
+                    log.warning("ledger: could not remove %s: %s", p, e.strerror or e)
 
     def add(self, job: Job, **extra: object) -> None:
-        write_atomic_text(self._path(job.job_id), json.dumps({**job.to_dict(), **extra}), STATE_MODE)
+        self.registry.write_state(self.kind, job.job_id, json.dumps({**job.to_dict(), **extra}))
 
     def forget(self, job_id: str) -> None:
-        self._path(job_id).unlink(missing_ok=True)
+        self.registry.write_state(self.kind, job_id, None)
 
     def intend(self, role: str, service_id: str | None) -> str:
         """Records a submission before it is made and returns its token: if the connection drops
         after the scheduler accepted the job but before we read its id, the next listing finds
         the job by this token (`Backend.adopt`) instead of a second one being submitted."""
         token = uuid.uuid4().hex[:16]
-        write_atomic_text(self.pending / f"{token}.json",
-                          json.dumps({"token": token, "role": role, "service_id": service_id,
-                                      "submitted": time.time()}), STATE_MODE)
+        self.registry.write_state(self.pending_kind, token, json.dumps(
+            {"token": token, "role": role, "service_id": service_id, "submitted": time.time()}))
         return token
 
     def intents(self) -> list[dict]:
         out = []
-        for p in sorted(self.pending.glob("*.json")) if self.pending.is_dir() else []:
+        for key, value in sorted(self.registry.read_state(self.pending_kind).items()):
             try:
-                d = json.loads(p.read_text())
+                d = json.loads(value)
                 out.append({"token": str(d["token"]), "role": str(d["role"]), "service_id": d.get("service_id")})
-            except (OSError, ValueError, TypeError, KeyError):
-                log.warning("ignoring unreadable pending submission %s", p)
+            except (ValueError, TypeError, KeyError):
+                log.warning("ignoring unreadable pending submission %r", key)
         return out
 
     def settle(self, token: str) -> None:
-        (self.pending / f"{token}.json").unlink(missing_ok=True)
+        self.registry.write_state(self.pending_kind, token, None)
 
     def jobs(self) -> list[Job]:
-        out: list[Job] = []
-        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
-            try:
-                d = json.loads(p.read_text())
-                out.append(Job(**{f.name: d[f.name] for f in dataclasses.fields(Job) if f.name in d}))
-            except (OSError, ValueError, TypeError, KeyError):
-                log.warning("ignoring unreadable ledger entry %s", p)
-        return out
+        return parse_ledger(self.registry.read_state(self.kind))
+
+
+def parse_ledger(rows: dict[str, str]) -> list[Job]:
+    """Ledger rows as Jobs (registry rows are anyone's writing: fields are checked, bad rows skipped)."""
+    out: list[Job] = []
+    for key, value in sorted(rows.items()):
+        try:
+            d = json.loads(value)
+            job = Job(**{f.name: d[f.name] for f in dataclasses.fields(Job) if f.name in d})
+            if not (isinstance(job.job_id, str) and isinstance(job.role, str) and isinstance(job.state, str)
+                    and isinstance(job.submitted, (int, float))):
+                raise TypeError
+            out.append(job)
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring unreadable ledger entry %r", key)
+    return out
 
 
 class Backend(abc.ABC):
@@ -280,6 +333,12 @@ class Backend(abc.ABC):
 
     def kill(self, job: Job) -> None:
         """Last resort after the grace period; schedulers escalate to SIGKILL themselves."""
+
+    def reap(self, roles: Iterable[str] | None = None) -> list[str]:
+        """Stops what runs on this host without the scheduler's part of its job (a wrapper whose
+        supervisor is gone); returns one line per action. A batch scheduler's own job starter
+        does this on its nodes: nothing to do here."""
+        return []
 
     def recorded_ids(self) -> set[str]:
         """Ids of the jobs in our records (submitted by us and not yet forgotten)."""

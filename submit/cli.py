@@ -34,6 +34,15 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="seconds to wait before killing (default: the roles' stop_timeout + 40)")
     p.set_defaults(func=cmd_stop)
 
+    p = sub.add_parser("controller", parents=[common], help="keep every role at its count (long-running)",
+                       description="Every controller.interval seconds: reconcile every role against the "
+                                   "desired counts (`scale` records them), probe every registered service, "
+                                   "replace unhealthy and dead VMs, reap orphans. One controller acts at a "
+                                   "time (a registry lease); others stand by. Logs to stderr; status and "
+                                   "metrics on http://controller.listen/.",
+                       epilog="example: salvus_jobs controller -v")
+    p.set_defaults(func=cmd_controller)
+
     p = sub.add_parser("render", parents=[common], help="print a role's job description for a scheduler",
                        epilog="example: salvus_jobs render sage --scheduler slurm > sage.sbatch")
     p.add_argument("role")
@@ -50,7 +59,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     plan, submitted = scale(spec, parse_desired(spec, args.counts), dry_run=args.dry_run)
     for line in plan.describe():
         print(printable(line))  # hold reasons come from the scheduler, any user's text
-    if args.dry_run:
+    if plan.controller:
+        print(printable(f"{'would record' if args.dry_run else 'recorded'} the desired counts: "
+                        f"{plan.controller} holds the lease and acts on them"))
+    elif args.dry_run:
         print("(dry run: nothing changed)")
     elif plan.noop:
         print("nothing to do")
@@ -60,10 +72,39 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_controller(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from submit.controller import Controller
+    from submit.controller_http import serve
+
+    # Its events are its output: info by default, -v for debug.
+    logging.getLogger().setLevel(max(logging.INFO - 10 * (args.verbose or 0), logging.DEBUG))
+    controller = Controller(load_spec(args.spec))
+
+    def request_stop(signum: int, _frame: object) -> None:
+        controller.stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server = serve(controller)
+    try:
+        controller.run()
+    finally:
+        if server is not None:
+            threading.Thread(target=server.shutdown, daemon=True).start()
+            server.server_close()
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from submit.controller_http import controller_report
     from submit.scale import status_report
 
-    report = status_report(load_spec(args.spec))
+    spec = load_spec(args.spec)
+    report = controller_report(spec) or status_report(spec)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -76,8 +117,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def status_lines(report: dict) -> list[str]:
     """`status_report`'s data as the lines `status` prints (the demo prints them too)."""
     lines = [f"backend: {report['backend']}"]
-    lines += format_table(["ROLE", "DESIRED", "QUEUED", "RUNNING", "HELD", "STOPPING", "REGISTERED"],
-                          [[role, *(str(c[k]) for k in ("desired", "queued", "running", "held", "stopping", "registered"))]
+    figures = ["desired", "queued", "running", "held", "stopping", "registered"]
+    if report.get("leader"):  # the controller's report: its health figures too
+        lines.append(printable(f"controller: {report['leader']} (token {report.get('token')})"))
+        figures += ["healthy", "unhealthy", "draining"]
+    lines += format_table(["ROLE", *(f.upper() for f in figures)],
+                          [[role, *(str(c.get(k, 0)) for k in figures)]
                            for role, c in report["roles"].items()]).splitlines()
     if report["jobs"]:
         lines.append("")

@@ -17,12 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Iterable
 
 from cluster.errors import SpecError
 from cluster.spec import ClusterSpec
 from cluster.files import STATE_MODE, open_append, process_start_time, write_atomic_text
 from cluster.store import Store
-from submit.base import Backend, Job, quote, wrapper_path
+from submit.base import CLEANUP_GRACE_S, Backend, Job, quote, wrapper_path
 from submit.runner import CommandRunner
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,24 @@ class LocalBackend(Backend):
         pid, started = rec.get("pid"), rec.get("pid_start")
         return bool(pid) and started is not None and process_start_time(pid) == started
 
+    def _orphan_pid(self, rec: dict, st: dict) -> int | None:
+        """The pid of the job's wrapper when it runs on without its supervisor (SIGKILLed): its VM
+        heartbeats on, and nobody would stop it."""
+        pid, started = st.get("wrapper_pid"), st.get("wrapper_start")
+        if st.get("state") in ("done", "failed", "held") or self._alive(rec):
+            return None
+        if not (isinstance(pid, int) and pid > 1 and started is not None and process_start_time(pid) == started):
+            return None
+        # The records are files in state/, which job users may write: signal only a process of
+        # ours that is this job's wrapper by its own command line, whatever a record claims.
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            mine = os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+        except OSError:
+            return None
+        sid = str(rec.get("service_id") or "").encode()
+        return pid if mine and sid and b"--service-id" in argv and sid in argv else None
+
     def _job(self, rec: dict) -> Job:
         st = self._state(rec["job_id"])
         job = Job(rec["job_id"], rec["role"], "queued", rec.get("service_id"), rec["submitted"],
@@ -101,6 +121,11 @@ class LocalBackend(Backend):
         final = st.get("state") in ("done", "failed", "held")
         if final:
             job.state, job.hold_reason = st["state"], st.get("reason", "")
+        elif self._orphan_pid(rec, st) is not None:
+            # Still capacity (a second VM beside it would be a duplicate) until the reaper stops it.
+            cancelled = (self.dir / f"{rec['job_id']}.cancel").exists()
+            job.state = "stopping" if cancelled else "running"
+            job.hold_reason = "its supervisor is gone; the reaper stops it"
         elif self._alive(rec):
             if (self.dir / f"{rec['job_id']}.cancel").exists():
                 job.state = "stopping"
@@ -121,6 +146,9 @@ class LocalBackend(Backend):
         rec = self._record(job.job_id)
         if rec is None:
             return
+        if self._orphan_pid(rec, self._state(job.job_id)) is not None:
+            self._stop_orphan(rec, "cancelled")
+            return
         if job.state in ("held", "failed", "done") or not self._alive(rec):
             self.forget(job)
             return
@@ -135,6 +163,66 @@ class LocalBackend(Backend):
                 os.killpg(rec["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        elif rec and (pid := self._orphan_pid(rec, self._state(job.job_id))) is not None:
+            os.kill(pid, signal.SIGKILL)  # its QEMU dies with it (PR_SET_PDEATHSIG)
+
+    def _stop_orphan(self, rec: dict, why: str) -> None:
+        """SIGTERM to the wrapper itself: it shuts its guest down and deregisters as on a cancel."""
+        pid = self._orphan_pid(rec, self._state(rec["job_id"]))
+        if pid is None:
+            return
+        (self.dir / f"{rec['job_id']}.cancel").touch()
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        log.info("local job %s: %s: wrapper pid %d runs without its supervisor: SIGTERM", rec["job_id"], why, pid)
+
+    def reap(self, roles: Iterable[str] | None = None) -> list[str]:
+        """Wrappers whose supervisor is gone get SIGTERM (a clean guest shutdown), SIGKILL once
+        the role's stop_timeout and the clean-up grace have passed; once a wrapper is gone the job
+        gets the final state its supervisor would have written, and its registry row (if the
+        wrapper could not deregister) is removed."""
+        wanted = set(roles) if roles is not None else None
+        events = []
+        for rec in self._records():
+            job_id, role = rec.get("job_id"), rec.get("role")
+            if not isinstance(job_id, str) or (wanted is not None and role not in wanted):
+                continue
+            st = self._state(job_id)
+            cancel = self.dir / f"{job_id}.cancel"
+            pid = self._orphan_pid(rec, st)
+            if pid is not None:
+                if not cancel.exists():
+                    self._stop_orphan(rec, "reaped")
+                    events.append(f"reaped {role} job {job_id} ({rec.get('service_id')}): its supervisor is "
+                                  f"gone; SIGTERM to its wrapper (pid {pid})")
+                elif time.time() - cancel.stat().st_mtime > self.spec.stop_timeout(role) + CLEANUP_GRACE_S:
+                    os.kill(pid, signal.SIGKILL)
+                    events.append(f"reaped {role} job {job_id}: its wrapper (pid {pid}) outlived its "
+                                  "stop_timeout: SIGKILL")
+            elif (st.get("wrapper_pid") and st.get("state") not in ("done", "failed", "held")
+                  and not self._alive(rec) and cancel.exists()):
+                # The orphan we stopped is gone: record what its supervisor would have.
+                write_atomic_text(self.dir / f"{job_id}.state", json.dumps(
+                    {**st, "state": "failed", "updated": time.time(),
+                     "reason": "reaped: its supervisor was gone; the wrapper was stopped"}), STATE_MODE)
+                self._deregister_if_ours(rec)
+                events.append(f"reaped {role} job {job_id} ({rec.get('service_id')}): its wrapper is gone")
+        return events
+
+    def _deregister_if_ours(self, rec: dict) -> None:
+        from cluster.errors import RegistryUnavailable
+        from cluster.registry import open_registry
+
+        sid = rec.get("service_id")
+        try:
+            with open_registry(self.spec) as reg:
+                row = reg.get(sid) if isinstance(sid, str) else None
+                if row is not None and row.scheduler == self.name and row.job_id == rec["job_id"]:
+                    reg.deregister(sid)
+        except RegistryUnavailable as e:
+            log.warning("local job %s: could not deregister %s (its row expires by itself): %s", rec["job_id"], sid, e)
 
     def forget(self, job: Job) -> None:
         for suffix in (".json", ".state", ".cancel"):

@@ -2,8 +2,8 @@
 
 It plays the part a batch scheduler's job starter plays: runs the wrapper, forwards SIGTERM/SIGINT to
 it, and applies the job contract's retry policy (75 -> run again, 65/78 -> held with a reason,
-0 -> done). It writes `JOB_ID.state` (only it writes that file) so `list` knows what happened after
-the CLI that started it is long gone.
+0 -> done). It writes `JOB_ID.state` (only it, and the reaper once it is gone: `LocalBackend.reap`)
+so `list` knows what happened after the CLI that started it is long gone.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.files import STATE_MODE, write_atomic_text
+from cluster.files import STATE_MODE, process_start_time, write_atomic_text
 from submit.base import EXIT_HOLD, EXIT_RETRY
 
 
@@ -53,7 +53,8 @@ def supervise(job_dir: Path, job_id: str, max_retries: int, cmd: list[str]) -> i
         attempt += 1
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child["p"] = p
-        write(state="running", wrapper_pid=p.pid, attempt=attempt)
+        # The wrapper's start time with its pid: the reaper finds an orphaned wrapper by both.
+        write(state="running", wrapper_pid=p.pid, wrapper_start=process_start_time(p.pid), attempt=attempt)
         if stop["requested"]:
             p.send_signal(signal.SIGTERM)
         rc = p.wait()

@@ -4,23 +4,31 @@ The plan is computed from one query of the queue (all roles at once, so 2,000 jo
 `squeue`), the registry (which jobs' VMs are registered and healthy) and our ledger (jobs we
 launched that the queue no longer shows). Applying it cancels the surplus — held and queued before
 running, never-registered before registered, newest first — and submits the shortfall. Held jobs
-count as capacity: they are reported with their hold reason, never silently replaced.
+count as capacity: they are reported with their hold reason, never silently replaced. A job the
+scheduler reports failed or gone whose VM still heartbeats counts as present too (a local job whose
+supervisor was killed): replacing it would start a duplicate; the reaper stops it instead.
+
+Desired counts and the ledger live in the registry, and one reconciler acts at a time: `scale`
+takes the registry's `controller` lease for its run. When a `salvus_jobs controller` holds it,
+`scale` only records the desired counts and the controller acts on them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import ContextManager
+from typing import Iterator
 
 from cluster import jobstatus
 from cluster.errors import RegistryUnavailable, SpecError, TempFailure
-from cluster.files import STATE_MODE, locked, write_atomic_text
-from cluster.registry import Service, open_registry
+from cluster.registry import Registry, Service, open_registry
+from cluster.registry.lease import CONTROLLER_LEASE, HeldLease, holder_kind, holder_name
 from cluster.spec import MAX_ROLE_COUNT, ClusterSpec
 from cluster.store import Store
 from submit import open_backend
@@ -51,12 +59,15 @@ class RolePlan:
 class ScalePlan:
     backend: str
     roles: list[RolePlan]
+    controller: str = ""  # the controller holding the lease: it acts, this plan only recorded counts
 
     @property
     def noop(self) -> bool:
         return not any(r.submit or r.cancel for r in self.roles)
 
     def describe(self) -> list[str]:
+        if self.controller:
+            return [f"{r.role}: desired {r.desired}" for r in self.roles]
         lines = []
         for r in self.roles:
             have = sum(r.count(s) for s in ACTIVE_STATES)
@@ -124,25 +135,46 @@ def parse_desired(spec: ClusterSpec, items: list[str]) -> dict[str, int]:
     return desired
 
 
-def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | None = None) -> ScalePlan:
+def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | None = None,
+               services: list[Service] | None = None, adopt: bool = True) -> ScalePlan:
+    """The plan from one listing of the queue; `adopt` (under the lease) settles lost submissions."""
     backend = backend or open_backend(spec)
     for role, n in desired.items():
         spec.role(role)
         if n < 0:
             raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
     queue = backend.list()
-    backend.adopt(queue, forget_unmatched=True)  # before reading our records: they count as ours
-    services = live_services(spec)
+    if adopt:
+        backend.adopt(queue, forget_unmatched=True)  # before reading our records: they count as ours
+    services = live_services(spec) if services is None else services
+    return plan_from(desired, backend, queue, services)
+
+
+def still_heartbeating(job: Job, services: list[Service], backend: str) -> bool:
+    return bool(registered_ids([job], services, backend))
+
+
+def plan_from(desired: dict[str, int], backend: Backend, queue: list[Job], services: list[Service],
+              leaving: frozenset[str] = frozenset()) -> ScalePlan:
+    """The plan for `queue` and `services` as read; jobs in `leaving` (by service id: unhealthy,
+    being replaced) are not counted."""
     recorded = backend.recorded_ids()
     plans = []
     for role, n in desired.items():
         listed = [j for j in queue if j.role == role]
         rp = RolePlan(role, n)
-        rp.jobs = [j for j in listed if j.state not in ("done", "failed")]
+        # A job the scheduler calls finished while its VM still heartbeats is not gone: counting
+        # it out would start a duplicate beside it.
+        alive = [j if j.state not in ("done", "failed") else
+                 dataclasses.replace(j, state="running", hold_reason=f"the scheduler says {j.state}, "
+                                     "but its VM still heartbeats")
+                 for j in listed if j.state not in ("done", "failed") or still_heartbeating(j, services, backend.name)]
+        rp.jobs = alive
         # Finished jobs the queue still shows are news only once: while they are in our records.
-        rp.gone = [j for j in listed if j.state in ("done", "failed") and j.job_id in recorded] \
-            + backend.known_but_not_listed(role, listed)
-        active = [j for j in rp.jobs if j.state in ACTIVE_STATES]
+        rp.gone = [j for j in listed if j.state in ("done", "failed") and j.job_id in recorded
+                   and not still_heartbeating(j, services, backend.name)] \
+            + [j for j in backend.known_but_not_listed(role, listed) if not still_heartbeating(j, services, backend.name)]
+        active = [j for j in rp.jobs if j.state in ACTIVE_STATES and (j.service_id or j.job_id) not in leaving]
         rp.registered = registered_ids(rp.jobs, services, backend.name)
         if n > len(active):
             rp.submit = n - len(active)
@@ -152,54 +184,127 @@ def plan_scale(spec: ClusterSpec, desired: dict[str, int], backend: Backend | No
     return ScalePlan(backend.name, plans)
 
 
-def desired_path(spec: ClusterSpec) -> Path:
-    return Store.of(spec).runtime.desired
+DESIRED = "desired"  # the registry's state kind: role -> count
 
 
-def read_desired(spec: ClusterSpec) -> dict[str, int]:
+def read_desired(spec: ClusterSpec, registry: Registry) -> dict[str, int]:
     """The counts the last `scale` asked for; the spec's `count` for roles never scaled."""
     counts = {name: r.count for name, r in spec.roles.items()}
-    try:
-        saved = json.loads(desired_path(spec).read_text())
-        counts.update({k: int(v) for k, v in saved.items() if k in counts})
-    except (OSError, ValueError, AttributeError):
-        pass
+    _move_legacy_desired(spec, registry)
+    for role, value in registry.read_state(DESIRED).items():
+        # Registry rows are anyone's writing: a role of this spec and a plain count only.
+        if role in counts and re.fullmatch(r"[0-9]{1,9}", value) and int(value) <= MAX_ROLE_COUNT:
+            counts[role] = int(value)
     return counts
 
 
-def record_desired(spec: ClusterSpec, desired: dict[str, int]) -> None:
-    counts = read_desired(spec)
-    counts.update(desired)
-    write_atomic_text(desired_path(spec), json.dumps(counts, indent=1, sort_keys=True), STATE_MODE)
+def _move_legacy_desired(spec: ClusterSpec, registry: Registry) -> None:
+    """An older version kept the counts in STORE/state/desired.json: moved into the registry once.
+    Only a plain file of our own is believed (job users may write `state/`)."""
+    path = Store.of(spec).runtime.desired
+    try:
+        st = os.lstat(path)
+        saved = json.loads(path.read_text()) if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() else {}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        saved = {}
+    if isinstance(saved, dict):
+        have = registry.read_state(DESIRED)
+        for role, n in saved.items():
+            if role in spec.roles and type(n) is int and 0 <= n <= MAX_ROLE_COUNT and role not in have:
+                registry.write_state(DESIRED, role, str(n))
+    try:
+        path.unlink()
+        log.info("moved %s into the registry", path)
+    except OSError as e:
+        log.warning("could not remove %s (already in the registry): %s", path, e.strerror or e)
 
 
-def scale_lock(spec: ClusterSpec) -> ContextManager[None]:
-    """One reconciliation at a time per store, so two `scale` runs never both submit a shortfall."""
-    return locked(Store.of(spec).open().runtime.scale_lock)
+def record_desired(registry: Registry, desired: dict[str, int], lease: HeldLease | None = None) -> None:
+    for role, n in desired.items():
+        if lease is not None:
+            lease.fence(f"record {role}={n}")
+        registry.write_state(DESIRED, role, str(n))
 
 
-def apply_plan(spec: ClusterSpec, plan: ScalePlan, backend: Backend | None = None) -> list[Job]:
-    """Cancels and submits what `plan` says; returns the jobs submitted. Does not wait."""
+SCALE_LEASE_TTL = 60  # a one-shot `scale` renews it while it works (HeldLease.fence)
+SCALE_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def reconciler_lease(registry: Registry, wait: float = SCALE_WAIT_S) -> Iterator[HeldLease | str]:
+    """The `controller` lease for one `scale`/`stop` run, or, when a controller holds it, that
+    controller's name (it acts; the caller only records). Another `scale` holding it is waited for
+    (up to `wait` seconds, then TempFailure), as the per-store lock file was."""
+    me = holder_name("scale")
+    deadline = time.monotonic() + wait
+    while True:
+        lease = HeldLease.try_acquire(registry, CONTROLLER_LEASE, me, SCALE_LEASE_TTL)
+        if lease is not None:
+            break
+        info = registry.lease(CONTROLLER_LEASE)
+        if info is not None and holder_kind(info.holder) == "controller":
+            yield info.holder
+            return
+        if time.monotonic() >= deadline:
+            raise TempFailure(f"scale: {info.holder if info else 'another scale'} has held the lease for "
+                              f"{wait:.0f}s; try again later")
+        time.sleep(0.5)
+    try:
+        yield lease
+    finally:
+        try:
+            lease.release()
+        except RegistryUnavailable as e:
+            log.warning("could not release the lease (it expires in %ds): %s", lease.ttl, e)
+
+
+def apply_plan(spec: ClusterSpec, plan: ScalePlan, backend: Backend | None = None,
+               lease: HeldLease | None = None, registry: Registry | None = None,
+               max_submit: int | None = None) -> list[Job]:
+    """Cancels and submits what `plan` says (at most `max_submit` jobs); returns the jobs
+    submitted. Does not wait. With `lease`, every action is fenced first (StaleLease)."""
     backend = backend or open_backend(spec, plan.backend)
     submitted: list[Job] = []
     for rp in plan.roles:
         for job in rp.gone:
             backend.forget(job)
         for job in rp.cancel:
+            if lease is not None:
+                lease.fence(f"cancel {job.job_id}")
             log.info("cancelling %s job %s (%s, %s)", backend.name, job.job_id, job.role, job.state)
             backend.cancel(job)
-        if rp.submit:
-            submitted += backend.submit(rp.role, rp.submit)
-    record_desired(spec, {rp.role: rp.desired for rp in plan.roles})
+        n = rp.submit if max_submit is None else min(rp.submit, max(0, max_submit - len(submitted)))
+        if n:
+            if lease is not None:
+                lease.fence(f"submit {n} {rp.role}")
+            submitted += backend.submit(rp.role, n)
+    if registry is not None:
+        record_desired(registry, {rp.role: rp.desired for rp in plan.roles}, lease)
     return submitted
 
 
 def scale(spec: ClusterSpec, desired: dict[str, int], dry_run: bool = False) -> tuple[ScalePlan, list[Job]]:
-    """plan + apply under the store's lock (the CLI's and `demo`'s entry point)."""
+    """plan + apply holding the lease (the CLI's and `demo`'s entry point). When a controller
+    holds it, the counts are recorded for it and the plan says which controller acts."""
+    for role, n in desired.items():
+        spec.role(role)
+        if n < 0:
+            raise SpecError(f"scale: {role}: count must be 0 or more, got {n}")
+    Store.of(spec).open()  # refuses a store a newer version wrote before anything is changed
     backend = open_backend(spec)
-    with scale_lock(spec):
-        plan = plan_scale(spec, desired, backend)
-        return plan, ([] if dry_run else apply_plan(spec, plan, backend))
+    with open_registry(spec) as registry, contextlib.closing(backend.ledger):
+        backend.ledger.use(registry)
+        with reconciler_lease(registry) as lease:
+            if isinstance(lease, str):
+                # The controller acts on the counts: no scheduler query here (it may be unreachable
+                # from this machine while the controller's is fine).
+                if not dry_run:
+                    record_desired(registry, desired)
+                return ScalePlan(backend.name, [RolePlan(r, n) for r, n in desired.items()], controller=lease), []
+            plan = plan_scale(spec, desired, backend, services=registry.all())
+            return plan, ([] if dry_run else apply_plan(spec, plan, backend, lease, registry))
 
 
 def stop_roles(spec: ClusterSpec, roles: list[str], wait: bool = True, timeout: float | None = None) -> list[Job]:
@@ -208,16 +313,23 @@ def stop_roles(spec: ClusterSpec, roles: list[str], wait: bool = True, timeout: 
     fails, TempFailure names them."""
     for role in roles:
         spec.role(role)
+    Store.of(spec).open()
     backend = open_backend(spec)
     timeout = timeout if timeout is not None else max((spec.stop_timeout(r) for r in roles), default=spec.hypervisor.stop_timeout) + 40
-    with scale_lock(spec):
-        jobs = [j for j in backend.list() if j.role in roles]
-        for job in jobs:
-            if job.state in ACTIVE_STATES:
-                backend.cancel(job)
-            elif job.state in ("done", "failed"):
-                backend.forget(job)
-        record_desired(spec, {r: 0 for r in roles})
+    with open_registry(spec) as registry:
+        backend.ledger.use(registry)
+        with reconciler_lease(registry) as lease:
+            # With a controller running, the counts go to 0 first so it submits nothing more; the
+            # cancels are ours even so: `stop` is the operator's brake and waits for the VMs.
+            record_desired(registry, {r: 0 for r in roles}, lease if isinstance(lease, HeldLease) else None)
+            backend.reap(roles)  # wrappers whose supervisor is gone are stopped too
+            jobs = [j for j in backend.list() if j.role in roles]
+            for job in jobs:
+                if job.state in ACTIVE_STATES:
+                    backend.cancel(job)
+                elif job.state in ("done", "failed"):
+                    backend.forget(job)
+        backend.ledger.close()
     targets = [j for j in jobs if j.state in ACTIVE_STATES + ("stopping",)]
     if not wait or not targets:
         return targets
@@ -249,11 +361,14 @@ def job_endpoint(spec: ClusterSpec, job: Job, services: dict[str, Service]) -> s
 def status_report(spec: ClusterSpec) -> dict:
     """Per role desired/queued/running/held/stopping/registered, and every job with its endpoint."""
     backend = open_backend(spec)
-    listed = backend.list()
-    backend.adopt(listed)  # unmatched submissions are left to `scale`, which holds the lock
+    with open_registry(spec) as registry:
+        backend.ledger.use(registry)
+        listed = backend.list()
+        backend.adopt(listed)  # unmatched submissions are left to `scale`, which holds the lease
+        services = {s.service_id: s for s in registry.all()}
+        desired = read_desired(spec, registry)
+        backend.ledger.close()
     jobs = [j for j in listed if j.state not in ("done",)]
-    services = {s.service_id: s for s in live_services(spec)}
-    desired = read_desired(spec)
     now = time.time()
     roles = {}
     for role in spec.roles:

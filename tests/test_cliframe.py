@@ -12,7 +12,7 @@ from jobwrappers import vmjob
 
 IMGDIST_COMMANDS = [["sync"], ["daemon"], ["list"], ["gc"], ["enable"], ["disable"], ["unknown-files"],
                     ["classad"], ["slurm-features"], ["origin", "catdir"]]
-SALVUS_JOBS_COMMANDS = [["services"], ["scale", "sage=1"], ["status"], ["stop", "--all"], ["render", "sage"],
+SALVUS_JOBS_COMMANDS = [["services"], ["scale", "sage=1"], ["status"], ["stop", "--all"], ["render", "sage"], ["controller"],
                         ["image", "build-demo"], ["demo"], ["catalogue", "approve", "demo@1"],
                         ["catalogue", "accept"]]
 

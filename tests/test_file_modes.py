@@ -53,8 +53,9 @@ def test_job_status_and_the_ledger_are_closed_to_others_and_trust_state_stays_re
     status = jobstatus.write(store, jobstatus.JobStatus("sage-1", "sage", "7", os.getpid(), "booting", "", ""))
     spec = parse_spec(f"store: {store.root}\nroles: {{sage: {{image: demo@1, port: 6000}}}}\n", tmp_path / "c.yaml")
     ledger = Ledger(spec, "slurm")
-    ledger.add(Job("7", "sage", "queued", "sage-7", 0.0))
-    assert (mode(status), mode(ledger._path("7"))) == (0o640, 0o640)
+    ledger.add(Job("7", "sage", "queued", "sage-7", 0.0))  # a registry row: the registry is 0600
+    ledger.close()
+    assert (mode(status), mode(spec.sqlite_path)) == (0o640, 0o600)
     # Every job user's wrapper reads the layout and trust state: public, as before.
     write_atomic(store.trust.approvals, b"{}\n")
     assert mode(store.trust.approvals) == 0o644

@@ -115,3 +115,53 @@ def test_rows_with_an_invalid_endpoint_are_not_read(registry_spec_factory, host,
         assert [s.service_id for s in reg.lookup("sage")] == ["sage-ok"]
         assert [s.service_id for s in reg.all()] == ["sage-ok"]
         assert reg.get("sage-bad") is None
+
+
+def test_shared_state_rows_are_kept_by_kind(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        assert reg.read_state("desired") == {}
+        reg.write_state("desired", "sage", "2")
+        reg.write_state("desired", "hub", "1")
+        reg.write_state("ledger:slurm", "42", '{"job_id": "42"}')
+        reg.write_state("desired", "sage", "3")  # replaces
+        assert reg.read_state("desired") == {"sage": "3", "hub": "1"}
+        reg.write_state("desired", "hub", None)
+        assert reg.read_state("desired") == {"sage": "3"}
+        assert reg.read_state("ledger:slurm") == {"42": '{"job_id": "42"}'}
+    with open_registry(registry_spec_factory()) as other:
+        assert other.read_state("desired") == {}  # a fresh registry shares nothing
+
+
+def test_a_lease_has_one_holder_and_each_new_holder_a_greater_token(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        assert reg.lease("controller") is None
+        a = reg.acquire_lease("controller", "a", 30)
+        assert a is not None and reg.acquire_lease("controller", "b", 30) is None
+        info = reg.lease("controller")
+        assert (info.holder, info.token) == ("a", a) and 0 < info.remaining <= 30
+        assert reg.renew_lease("controller", "a", a, 30) and reg.lease_valid("controller", "a", a)
+        assert not reg.renew_lease("controller", "b", a, 30)  # not b's
+        reg.release_lease("controller", "b", a)  # not b's to release: nothing happens
+        assert reg.lease_valid("controller", "a", a)
+        reg.release_lease("controller", "a", a)
+        assert reg.lease("controller") is None
+        b = reg.acquire_lease("controller", "b", 30)
+        assert b is not None and b > a
+        assert not reg.renew_lease("controller", "a", a, 30) and not reg.lease_valid("controller", "a", a)
+        assert reg.lease_valid("controller", "b", b)
+        assert reg.acquire_lease("other", "a", 30) is not None  # leases are by name
+
+
+def test_an_expired_lease_passes_on_and_the_old_token_stays_stale(registry_spec_factory):
+    with open_registry(registry_spec_factory()) as reg:
+        a = reg.acquire_lease("controller", "a", 2)
+        assert a is not None
+        deadline = time.time() + 6
+        while reg.lease("controller") is not None and time.time() < deadline:
+            time.sleep(0.25)
+        assert reg.lease("controller") is None
+        assert not reg.renew_lease("controller", "a", a, 2)  # paused past its lease: cannot renew
+        b = reg.acquire_lease("controller", "b", 30)
+        assert b is not None and b > a
+        a2 = reg.acquire_lease("controller", "a", 30)
+        assert a2 is None and not reg.lease_valid("controller", "a", a)

@@ -76,9 +76,13 @@ def test_registry_written_by_an_older_version_is_read_and_written(registry_spec_
         reg.register(Service("sage", "sage-new", "127.0.0.1", 6001, image="demo@1", host_keys=KEY, ssh_port=2222))
         assert reg.heartbeat("sage-old") is True
         assert {s.service_id: s.image for s in reg.lookup("sage")} == {"sage-old": "", "sage-new": "demo@1"}
+        # Schema 4's tables, added in place: shared state and leases work on the old registry.
+        reg.write_state("desired", "sage", "2")
+        assert reg.acquire_lease("controller", "a", 30) == 1
     with open_registry(spec) as reg:  # stamped now: opens again without changes
         assert reg.get("sage-new").image == "demo@1"
         assert reg.get("sage-new").host_keys == KEY and reg.get("sage-new").ssh_port == 2222
+        assert reg.read_state("desired") == {"sage": "2"} and reg.lease("controller").holder == "a"
 
 
 def test_registry_written_by_a_newer_version_is_refused(registry_spec_factory):

@@ -221,7 +221,6 @@ echo "$out"
     assert backend.recorded_ids() == {job_id} and backend.ledger.intents() == []
     listed = slurm_cluster.run("squeue", "-h", "-t", "all", "-n", backend.job_name("sage"), "-o", "%i").stdout.split()
     assert listed == [job_id]
-    assert not list(Store.of(load_spec(spec)).runtime.pending_dir("slurm").glob("*.json"))
 
 
 @pytest.mark.slurm

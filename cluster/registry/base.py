@@ -3,9 +3,16 @@
 Versioning: the registry carries `SCHEMA_VERSION` (SQLite `PRAGMA user_version`, Cassandra the
 comment of its tables). A backend opening a registry written by an older version
 adds the project's own missing columns in place (`ALTER TABLE ... ADD`) and stamps the version;
-rows written before a column existed read as the field's default (`Service.from_row`). A registry
-stamped with a newer version than this code knows is refused (RegistryMisconfigured, exit 78):
-this code would drop what it does not know when it rewrites a row.
+rows written before a column existed read as the field's default (`Service.from_row`); tables a
+newer schema added (schema 4: `state`, `leases`) are created in place. A registry stamped with a
+newer version than this code knows is refused (RegistryMisconfigured, exit 78): this code would
+drop what it does not know when it rewrites a row.
+
+Besides services the registry holds what every controller and `scale` must see alike (schema 4):
+small state rows by kind and key (`desired` counts per role, each backend's `ledger:BACKEND` of
+submitted jobs and `pending:BACKEND` submissions), and leases: one holder at a time per name, with
+an expiry and a fencing token that grows with every change of holder, so a holder that was paused
+past its lease and resumes finds its token stale (`lease_valid`) and does nothing.
 """
 from __future__ import annotations
 
@@ -83,7 +90,17 @@ class Service:
 
 
 # Bumped whenever a backend's schema changes (a column added); see the module docstring.
-SCHEMA_VERSION = 3  # 2: host_keys; 3: ssh_port
+SCHEMA_VERSION = 4  # 2: host_keys; 3: ssh_port; 4: state and leases tables
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A lease as the registry holds it: who, the fencing token, and seconds left (about)."""
+
+    name: str
+    holder: str
+    token: int
+    remaining: float
 
 
 def column_default(f: dataclasses.Field) -> object:
@@ -125,6 +142,40 @@ class Registry(abc.ABC):
 
     def get(self, service_id: str) -> Service | None:
         return next((s for s in self.all() if s.service_id == service_id), None)
+
+    # --- shared state (schema 4) ------------------------------------------------------------------
+    @abc.abstractmethod
+    def read_state(self, kind: str) -> dict[str, str]:
+        """Every row of `kind` as key -> value."""
+
+    @abc.abstractmethod
+    def write_state(self, kind: str, key: str, value: str | None) -> None:
+        """Sets a row of `kind` (None deletes it)."""
+
+    # --- leases ---------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl: int) -> int | None:
+        """Takes the lease `name` for `ttl` seconds when it is free or expired and returns its new
+        fencing token (greater than every token before it); None while another holder has it. A
+        holder asking again gets a new token too: renewing is `renew_lease`."""
+
+    @abc.abstractmethod
+    def renew_lease(self, name: str, holder: str, token: int, ttl: int) -> bool:
+        """Extends the lease by `ttl` seconds from now if `holder` still has it with `token`;
+        False when it expired or passed on (the holder must stop acting)."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, holder: str, token: int) -> None:
+        """Gives the lease up at once (only while `holder` has it with `token`)."""
+
+    @abc.abstractmethod
+    def lease(self, name: str) -> LeaseInfo | None:
+        """The lease's live holder, None when it is free."""
+
+    def lease_valid(self, name: str, holder: str, token: int) -> bool:
+        """The fencing check each action makes: is the lease still `holder`'s with `token`?"""
+        info = self.lease(name)
+        return info is not None and (info.holder, info.token) == (holder, token)
 
     def close(self) -> None:
         pass

@@ -31,6 +31,17 @@ Tombstones — why reads stay small:
   price is that every heartbeat of a role lands on the same replicas (about 1,000 writes/s for
   10,000 services at a 10 s interval, well within a Cassandra node).
 
+Shared state and leases (schema 4) — two small tables beside the services:
+
+    state   PRIMARY KEY ((kind), item)  desired counts, ledgers: a kind is one partition, read whole
+    leases  PRIMARY KEY (name)          holder (written USING TTL: the expiry), fencing_token (no TTL)
+
+A lease is taken and renewed by lightweight transactions (Paxos, serial consistency): taking it is
+one conditional batch that sets the holder with the lease's TTL only while no holder is live and
+the token is still the one read, and raises the token by one; renewing sets the holder with a fresh
+TTL only while it and the token are unchanged. The token carries no TTL, so it keeps growing across
+expiries and a paused holder's token never comes back.
+
 Client: one Cluster/Session per registry object, reused for every request (the process opens its
 registry once; never a connection per request), prepared statements, token-aware routing over
 DC-aware round robin, consistency and request timeout from the spec (defaults LOCAL_QUORUM, 1 s),
@@ -63,7 +74,7 @@ from cassandra.query import BatchStatement, BatchType, tuple_factory
 from cassandra.policies import ConstantSpeculativeExecutionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError, SpecError
-from cluster.registry.base import SCHEMA_VERSION, Registry, Service, same_owner, valid_services
+from cluster.registry.base import SCHEMA_VERSION, LeaseInfo, Registry, Service, same_owner, valid_services
 from cluster.spec import CassandraSpec, CassandraTlsSpec
 
 log = logging.getLogger(__name__)
@@ -80,6 +91,13 @@ COLUMNS: dict[str, str] = {
     "last_heartbeat": "double", "host_keys": "text", "ssh_port": "int",
 }
 KEYS = {BY_ROLE: (["role"], ["service_id"]), BY_ID: (["service_id"], [])}
+STATE = "state"
+LEASES = "leases"
+# Schema 4's tables: columns (CQL types as the driver reports them), partition and clustering key.
+EXTRA_TABLES: dict[str, tuple[dict[str, str], list[str], list[str]]] = {
+    STATE: ({"kind": "text", "item": "text", "value": "text"}, ["kind"], ["item"]),
+    LEASES: ({"name": "text", "holder": "text", "fencing_token": "bigint"}, ["name"], []),
+}
 GC_GRACE_SECONDS = 900
 TWCS_WINDOW_MINUTES = 5
 SCHEMA_SETTLE_ATTEMPTS = 5  # many wrappers starting at once on a new keyspace race to create it
@@ -108,6 +126,14 @@ def _table_ddl(keyspace: str, table: str) -> str:
             f"gc_grace_seconds = {GC_GRACE_SECONDS} AND compaction = {{'class': "
             f"'TimeWindowCompactionStrategy', 'compaction_window_unit': 'MINUTES', "
             f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}} AND comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
+
+
+def _extra_table_ddl(keyspace: str, table: str) -> str:
+    columns, partition, clustering = EXTRA_TABLES[table]
+    cols = ", ".join(f"{c} {t}" for c, t in columns.items())
+    key = f"(({', '.join(partition)}){''.join(', ' + c for c in clustering)})"
+    return (f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} ({cols}, PRIMARY KEY {key}) WITH "
+            f"comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
 
 
 def comment_version(comment: str | None) -> int:
@@ -332,7 +358,30 @@ class CassandraRegistry(Registry):
             else:
                 self._add_missing_columns(table)
             self._check_table(table)
+        for table in EXTRA_TABLES:
+            # Schema 4's tables; a keyspace an older version made gets them in place.
+            if self._table_meta(table) is None:
+                log.info("creating table %s.%s", self.keyspace, table)
+                self._ddl(_extra_table_ddl(self.keyspace, table))
+            self._check_extra_table(table)
         return version
+
+    def _check_extra_table(self, table: str) -> None:
+        columns, partition, clustering = EXTRA_TABLES[table]
+        for attempt in range(SCHEMA_SETTLE_ATTEMPTS):
+            meta = self._table_meta(table)
+            if (meta is not None and [c.name for c in meta.partition_key] == partition
+                    and [c.name for c in meta.clustering_key] == clustering
+                    and all(c in meta.columns and meta.columns[c].cql_type == t for c, t in columns.items())):
+                return
+            if attempt + 1 < SCHEMA_SETTLE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                self._cluster.refresh_schema_metadata(max_schema_agreement_wait=DDL_TIMEOUT_S)
+        if meta is None:
+            raise RegistryUnavailable(f"{self.where}: table {table} missing after creating it")
+        raise RegistryMisconfigured(f"{self.where}: table {table} exists with another schema (expected "
+                                    f"{', '.join(f'{c} {t}' for c, t in columns.items())}); is "
+                                    f"registry.cassandra.keyspace another application's?")
 
     def _stamp_schema(self, version: int) -> None:
         """Records SCHEMA_VERSION in the comment of tables an older version made (new tables are
@@ -447,11 +496,33 @@ class CassandraRegistry(Registry):
             "delete_by_role": f"DELETE FROM {ks}.{BY_ROLE} WHERE role = ? AND service_id = ?",
             "delete_by_id": f"DELETE FROM {ks}.{BY_ID} WHERE service_id = ?",
         }
+        statements.update({
+            "select_state": f"SELECT item, value FROM {ks}.{STATE} WHERE kind = ?",
+            "insert_state": f"INSERT INTO {ks}.{STATE} (kind, item, value) VALUES (?, ?, ?)",
+            "delete_state": f"DELETE FROM {ks}.{STATE} WHERE kind = ? AND item = ?",
+        })
         self._stmt = {}
         for name, cql in statements.items():
             stmt = self._prepare_settled(cql)
             stmt.is_idempotent = True  # upserts/deletes with client timestamps: safe to send twice
             self._stmt[name] = stmt
+        # Lightweight transactions: not idempotent (never sent twice by speculative execution).
+        lwt = {
+            "select_lease": f"SELECT holder, fencing_token, TTL(holder) FROM {ks}.{LEASES} WHERE name = ?",
+            "create_lease": f"INSERT INTO {ks}.{LEASES} (name, fencing_token) VALUES (?, 0) IF NOT EXISTS",
+            "take_lease": f"UPDATE {ks}.{LEASES} USING TTL ? SET holder = ? WHERE name = ? "
+                          "IF holder = null AND fencing_token = ?",
+            "bump_token": f"UPDATE {ks}.{LEASES} SET fencing_token = ? WHERE name = ?",
+            "renew_lease": f"UPDATE {ks}.{LEASES} USING TTL ? SET holder = ? WHERE name = ? "
+                           "IF holder = ? AND fencing_token = ?",
+            "release_lease": f"DELETE holder FROM {ks}.{LEASES} WHERE name = ? IF holder = ? AND fencing_token = ?",
+        }
+        for name, cql in lwt.items():
+            stmt = self._prepare_settled(cql)
+            stmt.serial_consistency_level = ConsistencyLevel.LOCAL_SERIAL
+            self._stmt[name] = stmt
+        # A serial read sees every transaction accepted before it (a plain read might not yet).
+        self._stmt["select_lease"].consistency_level = ConsistencyLevel.LOCAL_SERIAL
 
     def _prepare_settled(self, cql: str) -> Any:
         """Prepares `cql`, waiting out a node that has not applied a just-created table yet."""
@@ -529,6 +600,54 @@ class CassandraRegistry(Registry):
     @_translate
     def get(self, service_id: str) -> Service | None:
         return self._valid_row(service_id)
+
+    @_translate
+    def read_state(self, kind: str) -> dict[str, str]:
+        return {k: v for k, v in self._session.execute(self._stmt["select_state"], (kind,))}
+
+    @_translate
+    def write_state(self, kind: str, key: str, value: str | None) -> None:
+        if value is None:
+            self._session.execute(self._stmt["delete_state"], (kind, key))
+        else:
+            self._session.execute(self._stmt["insert_state"], (kind, key, value))
+
+    def _lease_row(self, name: str) -> tuple | None:
+        return self._session.execute(self._stmt["select_lease"], (name,)).one()
+
+    @_translate
+    def acquire_lease(self, name: str, holder: str, ttl: int) -> int | None:
+        row = self._lease_row(name)
+        if row is None:
+            self._session.execute(self._stmt["create_lease"], (name,))  # the token's row, kept for good
+            row = self._lease_row(name)
+        if row is None or row[0] is not None and row[0] != holder:
+            return None
+        token = int(row[1] or 0)
+        batch = BatchStatement(serial_consistency_level=ConsistencyLevel.LOCAL_SERIAL)
+        if row[0] == holder:
+            # Our own lease again: passes on only if it is still ours with that token.
+            batch.add(self._stmt["renew_lease"], (max(1, int(ttl)), holder, name, holder, token))
+        else:
+            batch.add(self._stmt["take_lease"], (max(1, int(ttl)), holder, name, token))
+        batch.add(self._stmt["bump_token"], (token + 1, name))
+        return token + 1 if self._session.execute(batch).was_applied else None
+
+    @_translate
+    def renew_lease(self, name: str, holder: str, token: int, ttl: int) -> bool:
+        return bool(self._session.execute(self._stmt["renew_lease"],
+                                          (max(1, int(ttl)), holder, name, holder, token)).was_applied)
+
+    @_translate
+    def release_lease(self, name: str, holder: str, token: int) -> None:
+        self._session.execute(self._stmt["release_lease"], (name, holder, token))
+
+    @_translate
+    def lease(self, name: str) -> LeaseInfo | None:
+        row = self._lease_row(name)
+        if row is None or row[0] is None:
+            return None
+        return LeaseInfo(name, row[0], int(row[1] or 0), float(row[2] or 0))
 
     def close(self) -> None:
         self._cluster.shutdown()

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from cluster.errors import RegistryMisconfigured, RegistryUnavailable, SalvusError
 from cluster.files import PRIVATE_MODE
-from cluster.registry.base import SCHEMA_VERSION, Registry, Service, column_default, valid_services
+from cluster.registry.base import SCHEMA_VERSION, LeaseInfo, Registry, Service, column_default, valid_services
 
 _COLUMNS = ("role", "service_id", "host", "port", "hypervisor", "scheduler", "job_id", "image",
             "started", "last_heartbeat", "host_keys", "ssh_port")
@@ -45,6 +45,18 @@ CREATE TABLE IF NOT EXISTS services (
 );
 CREATE INDEX IF NOT EXISTS services_role_expires ON services (role, expires_at);
 CREATE INDEX IF NOT EXISTS services_expires ON services (expires_at);
+CREATE TABLE IF NOT EXISTS state (
+    kind  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    token      INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL"}
 # SQLite's primary result codes for a file that is no database, or a damaged one: no retry mends
@@ -164,6 +176,48 @@ class SqliteRegistry(Registry):
     def get(self, service_id: str) -> Service | None:
         found = self._select("service_id = ? AND expires_at > ?", (service_id, time.time()))
         return found[0] if found else None
+
+    def read_state(self, kind: str) -> dict[str, str]:
+        with self._errors():
+            return dict(self._db.execute("SELECT key, value FROM state WHERE kind = ?", (kind,)))
+
+    def write_state(self, kind: str, key: str, value: str | None) -> None:
+        with self._errors(), self._write() as db:
+            if value is None:
+                db.execute("DELETE FROM state WHERE kind = ? AND key = ?", (kind, key))
+            else:
+                db.execute("INSERT OR REPLACE INTO state (kind, key, value) VALUES (?, ?, ?)", (kind, key, value))
+
+    def acquire_lease(self, name: str, holder: str, ttl: int) -> int | None:
+        now = time.time()
+        with self._errors(), self._write() as db:
+            row = db.execute("SELECT holder, token, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[2] > now and row[0] != holder:
+                return None
+            # The row outlives its expiry so the next token is greater than every one before.
+            token = (row[1] if row is not None else 0) + 1
+            db.execute("INSERT OR REPLACE INTO leases (name, holder, token, expires_at) VALUES (?, ?, ?, ?)",
+                       (name, holder, token, now + ttl))
+            return token
+
+    def renew_lease(self, name: str, holder: str, token: int, ttl: int) -> bool:
+        now = time.time()
+        with self._errors(), self._write() as db:
+            cur = db.execute("UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ? AND token = ? "
+                             "AND expires_at > ?", (now + ttl, name, holder, token, now))
+            return cur.rowcount == 1
+
+    def release_lease(self, name: str, holder: str, token: int) -> None:
+        with self._errors(), self._write() as db:
+            db.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ? AND token = ?",
+                       (name, holder, token))
+
+    def lease(self, name: str) -> LeaseInfo | None:
+        now = time.time()
+        with self._errors():
+            row = self._db.execute("SELECT holder, token, expires_at FROM leases WHERE name = ? AND expires_at > ?",
+                                   (name, now)).fetchone()
+        return LeaseInfo(name, row[0], row[1], row[2] - now) if row else None
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,70 @@
+"""The controller's cycle in-process, on the real local executor and SQLite registry, with a wrapper
+that only sleeps (these tests are about decisions, not VMs): bounded submissions, hysteresis, and
+a stale token refusing every action."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.registry.lease import CONTROLLER_LEASE, StaleLease
+from cluster.spec import load_spec
+from submit.controller import Controller
+from submit.scale import DESIRED, stop_roles
+from submit.base import ACTIVE_STATES
+
+
+@pytest.fixture
+def spec(tmp_path: Path):
+    wrapper = tmp_path / "sleepy-vmjob"
+    wrapper.write_text("#!/bin/sh\nexec sleep 300\n")
+    wrapper.chmod(0o755)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"site: cyc\nstore: {tmp_path}/store\nscheduler: {{backend: local, wrapper: {wrapper}}}\n"
+                    "controller: {interval: 1, lease: 30, listen: '127.0.0.1:0', max_submit: 2, cancel_after: 3}\n"
+                    "roles: {sage: {image: demo@1, port: 6000}}\n")
+    spec = load_spec(path)
+    yield spec
+    stop_roles(spec, ["sage"], wait=True, timeout=10)
+
+
+def active(c: Controller) -> list:
+    return [j for j in c.backend.list("sage") if j.state in ACTIVE_STATES]
+
+
+def test_submissions_are_bounded_per_cycle_and_a_surplus_waits_cancel_after_cycles(spec):
+    c = Controller(spec)
+    c.registry.write_state(DESIRED, "sage", "3")
+    c.cycle()
+    assert len(active(c)) == 2  # max_submit
+    c.cycle()
+    assert len(active(c)) == 3
+    c.cycle()
+    assert len(active(c)) == 3  # steady: nothing more
+    c.registry.write_state(DESIRED, "sage", "1")
+    c.cycle()
+    c.cycle()
+    assert len(active(c)) == 3  # a surplus seen twice is not acted on yet
+    c.cycle()
+    assert len(active(c)) == 1
+    kinds = [e["kind"] for e in c.events]
+    assert kinds.count("cancel") == 2 and kinds.count("submitted") == 3
+    assert c.status["roles"]["sage"]["desired"] == 1
+
+
+def test_a_controller_whose_lease_passed_on_does_nothing(spec):
+    c = Controller(spec)
+    c.cycle()
+    assert c.lease is not None
+    # Another holder took the lease (ours ran out while we were paused, say).
+    c.registry.release_lease(CONTROLLER_LEASE, c.holder, c.lease.token)
+    assert c.registry.acquire_lease(CONTROLLER_LEASE, "controller other:1:x", 30) is not None
+    c.registry.write_state(DESIRED, "sage", "2")
+    c.lease.renewed = time.monotonic()  # by its own clock it still has time: only the token is stale
+    with pytest.raises(StaleLease, match="is stale"):
+        c._reconcile()  # refused before its first action
+    assert active(c) == []
+    c.cycle()  # the next cycle finds the lease lost and stands by
+    assert c.status["role"] == "standby" and active(c) == []
+    assert any(e["kind"] == "lease" and "lost" in e["text"] for e in c.events)
