@@ -42,6 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.netlab import join_lan  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 MiB = 1 << 20
@@ -97,18 +99,9 @@ class Lan:
         sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
         for i, node in enumerate(self.nodes()):
             ns = self.ns(node)
-            sh("ip", "netns", "add", ns)
             self.made.append(ns)
             outer, inner = f"{self.prefix[-6:]}b{i}", f"{self.prefix[-6:]}n{i}"
-            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
-            sh("ip", "link", "set", outer, "netns", self.bridge_ns)
-            sh("ip", "link", "set", inner, "netns", ns)
-            sh("ip", "-n", ns, "link", "set", inner, "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip(node)}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", self.bridge_ns, "link", "set", outer, "master", "br0")
-            sh("ip", "-n", self.bridge_ns, "link", "set", outer, "up")
+            join_lan(self.bridge_ns, "br0", ns, outer, inner, f"{self.ip(node)}/24")
             # Both directions of every link: a node's upload (eth0) and its download (outer end).
             for where, dev in ((ns, "eth0"), (self.bridge_ns, outer)):
                 sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",

@@ -150,6 +150,15 @@ UserName = full_match(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", "a user name ([A-Za-z_][
 
 
 @dataclass(config=STRICT)
+class AllowSpec:
+    """One `roles.R.allow` entry: VMs of role `from` may connect to R's VMs on these TCP ports
+    (`all`: every port and protocol)."""
+
+    from_: Annotated[StrictStr, Field(alias="from")]
+    ports: Annotated[list[Port], Field(min_length=1)] | Literal["all"]
+
+
+@dataclass(config=STRICT)
 class RoleSpec:
     image: ImageRef  # NAME@VERSION, resolved in the store as images/base/NAME-VERSION.qcow2
     port: Port  # the service port inside the guest
@@ -157,8 +166,14 @@ class RoleSpec:
     memory_mb: Annotated[StrictInt, Field(ge=96)] = 160
     disk_mb: NonNegativeInt = 2048  # scratch the job asks the scheduler for (overlay growth)
     count: RoleCount = 0  # desired number of running services
-    network: Literal["user", "bridge"] = "user"
+    # "site": a tap on the hypervisor's site bridge, an address of the role's block (README "The
+    # site network"); "user": QEMU's user-mode networking and one host port forward.
+    network: Literal["user", "bridge", "site"] = "user"
     bridge: Optional[StrictStr] = None
+    # network: site only. Who may connect to this role's VMs (nothing but the site's hosts, to
+    # `port`, without an entry), and guest ports forwarded from the hypervisor's own address.
+    allow: list[AllowSpec] = dataclasses.field(default_factory=list)
+    publish: list[Port] = dataclasses.field(default_factory=list)
     # An explicit image file instead of the store (demo, development). Trust checks still apply
     # when the catalogue section is configured.
     image_path: Optional[StrictStr] = None
@@ -193,6 +208,8 @@ class RoleSpec:
     def _bridge_named(self) -> "RoleSpec":
         if self.network == "bridge" and not self.bridge:
             raise ValueError("network 'bridge' needs 'bridge: BRIDGE_NAME'")
+        if self.network != "site" and (self.allow or self.publish):
+            raise ValueError("allow and publish apply to 'network: site' roles only")
         if self.boot is not None and self.firmware == "uefi":
             raise ValueError("firmware 'uefi' applies to images booted by firmware: remove 'boot:' "
                              "(direct kernel boot starts the kernel without firmware) or the firmware")
@@ -246,6 +263,13 @@ def _ip_address(v: str) -> str:
         raise ValueError(f"expected an IPv4 or IPv6 address, got {v!r}") from None
 
 
+def _ipv4_network(v: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(v, strict=True))
+    except ValueError as e:
+        raise ValueError(f"expected an IPv4 network such as 10.77.0.0/16 (no host bits set), got {v!r}: {e}") from None
+
+
 @dataclass(config=STRICT)
 class HostSpec:
     """One hypervisor of the site: the one place per-host facts live (README "Image distribution").
@@ -255,6 +279,9 @@ class HostSpec:
     # The address it reaches the origin from; the origin derives the host's stripe from it (and,
     # with imgdist.tracker_hosts_only, admits only listed addresses). Default: the name when it is one.
     address: Optional[Annotated[IpAddress, AfterValidator(_ip_address)]] = None
+    # network: site: this host's part of site_network.subnet (e.g. 10.77.1.0/24); its VMs' addresses
+    # come from it, so no two hosts ever hand out the same one.
+    vm_range: Optional[Annotated[StrictStr, AfterValidator(_ipv4_network)]] = None
 
     @property
     def ip(self) -> str | None:
@@ -265,6 +292,33 @@ class HostSpec:
             return str(ipaddress.ip_address(self.name))
         except ValueError:
             return None
+
+
+InterfaceName = full_match(r"[A-Za-z][A-Za-z0-9_-]{0,14}", "a network interface name (a letter, then letters, "
+                           "digits, '_' or '-'; at most 15 characters)")
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+
+
+@dataclass(config=STRICT)
+class SiteNetworkSpec:
+    """`network: site` (README "The site network"): one bridge per hypervisor, the bridges joined by
+    VXLAN over the site's hosts, VM addresses from each host's `vm_range`."""
+
+    subnet: Annotated[StrictStr, AfterValidator(_ipv4_network)]
+    bridge: InterfaceName = "salvusbr0"
+    vxlan_device: InterfaceName = "salvusvx0"
+    vxlan_id: Annotated[StrictInt, Field(ge=1, le=(1 << 24) - 1)] = 4242
+    vxlan_port: Port = 4789
+    # The site network's MTU; guests get this minus VXLAN's 50 bytes.
+    underlay_mtu: Annotated[StrictInt, Field(ge=1330, le=9216)] = 1500
+    # Addresses per role per host: at most this many VMs of one role on one hypervisor at once.
+    role_block: Literal[4, 8, 16, 32, 64, 128] = 16
+    # QEMU's tap maker for job users who are not root (setuid root, or with CAP_NET_ADMIN).
+    bridge_helper: SingleLine = "/usr/lib/qemu/qemu-bridge-helper"
+
+    @property
+    def mtu(self) -> int:
+        return self.underlay_mtu - VXLAN_OVERHEAD
 
 
 def _host_entry(v: Any) -> Any:
@@ -542,6 +596,7 @@ class ClusterSpec:
     catalogue: CatalogueSpec = dataclasses.field(default_factory=CatalogueSpec)
     imgdist: ImgdistSpec = dataclasses.field(default_factory=ImgdistSpec)
     controller: ControllerSpec = dataclasses.field(default_factory=ControllerSpec)
+    site_network: Optional[SiteNetworkSpec] = None
     ssh_keys: list[SshPublicKey] = dataclasses.field(default_factory=list)  # public keys for guests
     # Absolute path of the file this spec was loaded from (set by load_spec, not by YAML).
     source: StrictStr = ""
@@ -563,6 +618,41 @@ class ClusterSpec:
                 if h.ip is None:
                     raise ValueError(f"hypervisor.hosts[{i}] ({h.name}) has no address: with "
                                      "imgdist.tracker_hosts_only the tracker would refuse it (add 'address')")
+        return self
+
+    @model_validator(mode="after")
+    def _site_network(self) -> "ClusterSpec":
+        site_roles = [n for n, r in self.roles.items() if r.network == "site"]
+        for name, r in self.roles.items():
+            for i, a in enumerate(r.allow):
+                if a.from_ not in self.roles:
+                    raise ValueError(f"roles.{name}.allow[{i}].from: no role {a.from_!r} in this spec")
+        if not site_roles:
+            return self
+        net = self.site_network
+        if net is None:
+            raise ValueError(f"roles.{site_roles[0]}: network 'site' needs a site_network section (subnet)")
+        subnet = ipaddress.IPv4Network(net.subnet)
+        if not self.hypervisor.hosts:
+            raise ValueError("network 'site' needs hypervisor.hosts, each with address and vm_range")
+        ranges: list[tuple[ipaddress.IPv4Network, int]] = []
+        for i, h in enumerate(self.hypervisor.hosts):
+            where = f"hypervisor.hosts[{i}] ({h.name})"
+            if h.ip is None or h.vm_range is None:
+                raise ValueError(f"{where}: network 'site' needs 'address' (its site LAN address, the "
+                                 f"VXLAN endpoint) and 'vm_range' (its part of {subnet})")
+            vr = ipaddress.IPv4Network(h.vm_range)
+            if not vr.subnet_of(subnet):
+                raise ValueError(f"{where}: vm_range {vr} is not inside site_network.subnet {subnet}")
+            for other, j in ranges:
+                if vr.overlaps(other):
+                    raise ValueError(f"{where}: vm_range {vr} overlaps hypervisor.hosts[{j}]'s {other}")
+            # Block 0 holds the host's own address on the bridge; role k has block k + 1.
+            blocks = vr.num_addresses // net.role_block
+            if blocks < len(self.roles) + 1:
+                raise ValueError(f"{where}: vm_range {vr} holds {blocks} blocks of site_network.role_block "
+                                 f"{net.role_block}: the host's own and one per role need {len(self.roles) + 1}")
+            ranges.append((vr, i))
         return self
 
     def role(self, name: str) -> RoleSpec:

@@ -44,6 +44,11 @@ class GuestConfig:
     ssh_keys: list[str] = field(default_factory=list)
     role_config: dict[str, Any] = field(default_factory=dict)
     reload: str = ""  # the role's reload command, run by the agent after an UPSTREAMS update
+    # network: site: the VM's static address (ADDRESS/PREFIX), its MAC and the MTU; empty for
+    # user-mode networking (the guest takes slirp's fixed addresses).
+    address: str = ""
+    mac: str = ""
+    mtu: int = 0
 
     def service_json(self) -> dict[str, Any]:
         return {"service_id": self.service_id, "role": self.role, "port": self.port,
@@ -60,6 +65,8 @@ class GuestConfig:
             "SALVUS_DATA": next(iter(self.disks.values()), ""),
             "SALVUS_RELOAD": self.reload,
         }
+        if self.address:
+            env.update(SALVUS_NET_ADDRESS=self.address, SALVUS_NET_MAC=self.mac, SALVUS_NET_MTU=str(self.mtu))
         for key, value in self.role_config.items():
             if isinstance(value, (str, int, float, bool)) and re.fullmatch(r"[A-Za-z0-9_]+", key):
                 env[f"SALVUS_CONFIG_{key.upper()}"] = str(value)
@@ -109,6 +116,15 @@ def user_data(cfg: GuestConfig) -> str:
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
+def network_config(cfg: GuestConfig) -> str:
+    """cloud-init network-config v2 (NoCloud reads it from the drive): the leased address on the NIC
+    with the leased MAC, no gateway (the site network is one link; nothing routes off it)."""
+    doc = {"version": 2, "ethernets": {"site0": {
+        "match": {"macaddress": cfg.mac}, "set-name": "eth0", "dhcp4": False, "dhcp6": False,
+        "accept-ra": False, "addresses": [cfg.address], "mtu": cfg.mtu}}}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def authorized_keys(keys: list[str]) -> str:
     """One line per key. The spec allows only single-line OpenSSH public keys (cluster.spec); a key
     with a line break would add an authorized_keys line of its own (`command=...`), so it is refused
@@ -127,6 +143,8 @@ def build_config_drive(dest: Path, cfg: GuestConfig) -> Path:
         "salvus.env": env_file(cfg),
         "authorized_keys": authorized_keys(cfg.ssh_keys),
     }
+    if cfg.address:
+        files["network-config"] = network_config(cfg)
     with tempfile.TemporaryDirectory(prefix="cidata-", dir=dest.parent) as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)

@@ -186,7 +186,7 @@ def _populate_root(root: Path) -> None:
             (root / "bin" / applet).symlink_to("busybox")
     (root / "sbin" / "init").symlink_to("/bin/busybox")
     shutil.copy2(GUEST_DIR / "inittab", root / "etc" / "inittab")
-    for script in ("rc.boot", "poweroff", "service", "channel", "sshd"):
+    for script in ("rc.boot", "poweroff", "service", "channel", "sshd", "reach"):
         shutil.copy2(GUEST_DIR / script, root / "etc" / "salvus" / script)
     for script in (GUEST_DIR / "roles").iterdir():
         shutil.copy2(script, root / "etc" / "salvus" / "roles" / script.name)

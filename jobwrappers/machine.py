@@ -29,6 +29,16 @@ class Disk:
     backing: Optional[OpenImage] = None
 
 
+@dataclass(frozen=True)
+class SiteNic:
+    """network: site: a tap on `bridge` (made by qemu-bridge-helper) with the VM's leased MAC."""
+
+    bridge: str
+    mac: str
+    mtu: int
+    helper: str = "/usr/lib/qemu/qemu-bridge-helper"
+
+
 @dataclass
 class Machine:
     name: str
@@ -47,6 +57,7 @@ class Machine:
     cmdline: str = ""
     # Without a kernel: what starts the root disk's own bootloader (the root disk is the boot device).
     firmware: Firmware = DIRECT
+    net: Optional[SiteNic] = None  # None: user-mode networking with the host port forward
     # A second forward to the guest's sshd (port 22) when the role's own port is another one.
     ssh_host_port: Optional[int] = None
 

@@ -72,10 +72,19 @@ def _firmware_args(m: Machine) -> tuple[str, list[str]]:
     return "pc,pflash0=ovmf-code,pflash1=ovmf-vars", [a for n in nodes for a in ("-blockdev", json.dumps(n))]
 
 
+def _nic_args(m: Machine) -> list[str]:
+    """User-mode networking with the port forwards, or (network: site) a tap on the site bridge from
+    qemu-bridge-helper, which runs setuid for a job user and checks /etc/qemu/bridge.conf."""
+    if m.net is None:
+        netdev = "user,id=net0" + "".join(f",hostfwd={opt(rule)}" for rule in m.hostfwds())
+        return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    return ["-netdev", f"bridge,id=net0,br={opt(m.net.bridge)},helper={opt(m.net.helper)}",
+            "-device", f"virtio-net-pci,netdev=net0,mac={opt(m.net.mac)},host_mtu={m.net.mtu}"]
+
+
 def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], list[int]]:
     """The command line and the descriptors the child must inherit. Every path reaches QEMU either
     as JSON (-blockdev) or with commas doubled (`opt`)."""
-    netdev = "user,id=net0" + "".join(f",hostfwd={opt(rule)}" for rule in m.hostfwds())
     machine, flash = _firmware_args(m)
     argv = [qemu, "-name", f"guest={opt(m.name)},process=salvus-{opt(m.name)}", *m.accel.qemu_args,
             "-machine", machine, *flash, "-m", str(m.memory_mb), "-smp", str(m.vcpus),
@@ -87,7 +96,7 @@ def qemu_argv(m: Machine, qmp_path: Path, qemu: str = QEMU) -> tuple[list[str], 
             # O_APPEND descriptor. With no client attached QEMU still logs (and drops) the output.
             "-chardev", f"socket,id=console,path={opt(m.console_socket)},server=on,wait=off,"
                         f"logfile={opt(m.console_log)},logappend=on", "-serial", "chardev:console",
-            "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
+            *_nic_args(m),
             "-chardev", f"socket,id=channel0,path={opt(m.channel_path)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
             "-device", f"virtserialport,bus=vser0.0,chardev=channel0,name={CHANNEL_NAME}"]

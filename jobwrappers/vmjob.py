@@ -1,6 +1,6 @@
 """`salvus-vmjob`: the process a scheduler runs; its life is one VM's life.
 
-    salvus-vmjob --spec cluster.yaml --role ROLE [--service-id ID]
+    salvus-vmjob --spec cluster.yaml --role ROLE [--service-id ID] [--hypervisor NAME]
 
 check image -> overlay -> config drive -> boot -> ready (the role's `readiness`: the agent's READY,
 its CLOUD-INIT-FINAL, or the probe alone) + probe -> register (with the host keys the agent reports) -> heartbeat ->
@@ -41,9 +41,12 @@ from jobwrappers.disks import create_overlay, ensure_persistent_disk
 from jobwrappers.firmware import prepare_firmware
 from jobwrappers.heartbeat import Heartbeater
 from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job_from_env
-from jobwrappers.machine import Disk, Machine, VmRunner, free_port
+from jobwrappers.machine import Disk, Machine, SiteNic, VmRunner, free_port
 from jobwrappers.probe import HostChannel, probe_until
 from jobwrappers.runners import open_runner
+from sitenet import client as nethelper
+from sitenet.host import check_ready as site_bridge_ready
+from sitenet.layout import SiteLayout, host_identity
 
 log = logging.getLogger("salvus-vmjob")
 
@@ -82,6 +85,9 @@ class Job:
     upstreams_checked: float = 0.0
     here: frozenset[str] = frozenset()
     reports: GuestReports = field(default_factory=GuestReports)
+    hypervisor: str = ""  # this host's identity (--hypervisor, the scheduler's node name)
+    site: dict | None = None  # network: site: the address the helper reserved for this VM
+    probe_target: tuple[str, int] | None = None  # where the wrapper probes the guest's service
 
     def keep_going(self) -> bool:
         return not self.stop.is_set() and self.runner is not None and self.runner.alive()
@@ -99,6 +105,11 @@ class Job:
         if self.runner:
             self.runner.destroy()
             self.runner.close()
+        if self.site is not None:
+            try:  # the helper's watcher would do it when QEMU is gone; at once is better
+                nethelper.call("release", self.service_id)
+            except Exception as e:
+                log.warning("site network: releasing %s's address failed: %s", self.service_id, e)
         if self.console_cap:
             self.console_cap.stop()
         for d in (self.workdir, self.sockdir):
@@ -121,13 +132,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec", help=SPEC_HELP)
     p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
+    p.add_argument("--hypervisor", help="this host's name in hypervisor.hosts (default $SALVUS_HYPERVISOR, "
+                                        "$SLURMD_NODENAME, then the hostname)")
     add_verbose(p, help_text="debug log output")
     return p.parse_args(argv)
 
 
-def local_names(spec: ClusterSpec) -> frozenset[str]:
+def local_names(spec: ClusterSpec, hypervisor: str = "") -> frozenset[str]:
     """Names under which registered endpoints are on this very host (no DNS: it may be slow)."""
-    names = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    names = {"127.0.0.1", "localhost", "::1", socket.gethostname(), *filter(None, [hypervisor])}
     if spec.hypervisor.advertise_host:
         names.add(spec.hypervisor.advertise_host)
     return frozenset(names)
@@ -149,6 +162,16 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
     return out
 
 
+def check_site_host(spec: ClusterSpec, hypervisor: str) -> None:
+    """This host is in hypervisor.hosts (78 if not) and has the site bridge (75 if not: a host's
+    set-up missing; the scheduler retries the job elsewhere)."""
+    SiteLayout(spec).host(hypervisor)
+    bridge = spec.site_network.bridge
+    if not site_bridge_ready(bridge):
+        raise TempFailure(f"{hypervisor}: no site network bridge {bridge}: run `salvus_jobs network up "
+                          f"--spec {spec.source} --host {hypervisor}` as root on this host")
+
+
 def prepare_machine(job: Job, registry: Registry) -> Machine:
     spec, role = job.spec, job.role
     accel = choose_accel(spec.hypervisor.accel, spec.hypervisor.tcg)
@@ -164,10 +187,20 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
         disks.append(Disk(ensure_persistent_disk(Store.of(spec), job.service_id, d), "qcow2", serial=d.name))
     upstreams = guest_upstreams(job, registry)
     job.sent_upstreams = upstreams
+    nic = None
+    if role.network == "site":
+        job.site = nethelper.call("reserve", job.role_name, job.service_id, str(os.getpid()))
+        if job.site["host"] != job.hypervisor:  # this host's set-up, not the job's: 75, run elsewhere
+            raise TempFailure(f"--hypervisor {job.hypervisor}: this host's site network was set up as "
+                            f"{job.site['host']!r} (salvus_jobs network up --host)")
+        nic = SiteNic(job.site["bridge"], job.site["mac"], job.site["mtu"], spec.site_network.bridge_helper)
+    site = job.site or {}
     cfg = GuestConfig(service_id=job.service_id, role=job.role_name, hostname=hostname_for(job.service_id),
                       port=role.port, instance_id=f"{job.service_id}.{job.env.job_id}",
                       upstreams=upstreams, disks={d.name: d.mount for d in role.persistent},
-                      ssh_keys=list(spec.ssh_keys), role_config=dict(role.config), reload=role.reload or "")
+                      ssh_keys=list(spec.ssh_keys), role_config=dict(role.config), reload=role.reload or "",
+                      address=f"{site['ip']}/{site['prefixlen']}" if site else "", mac=site.get("mac", ""),
+                      mtu=site.get("mtu", 0))
     drive = build_config_drive(job.workdir / "cidata.iso", cfg)
     disks.append(Disk(drive, "raw", readonly=True))
     job.console_log = Store.of(spec).console_log(job.service_id)
@@ -184,11 +217,11 @@ def prepare_machine(job: Job, registry: Registry) -> Machine:
     host_addr = "0.0.0.0" if advertise else "127.0.0.1"
     machine = Machine(
         name=job.service_id, vcpus=role.vcpus, memory_mb=role.memory_mb, accel=accel, disks=disks,
-        guest_port=role.port, host_addr=host_addr, host_port=free_port(host_addr),
+        guest_port=role.port, host_addr=host_addr, host_port=0 if nic else free_port(host_addr), net=nic,
         channel_path=job.sockdir / "channel.sock", console_log=job.console_log, workdir=job.workdir,
         kernel=boot.get("kernel"), initrd=boot.get("initrd"), cmdline=role.boot.cmdline if role.boot else "",
         firmware=prepare_firmware(spec, job.role_name, job.workdir),
-        ssh_host_port=None if role.port == 22 else free_port(host_addr))
+        ssh_host_port=None if role.port == 22 or nic else free_port(host_addr))
     job.console_socket = machine.console_socket
     return machine
 
@@ -205,12 +238,21 @@ def start_vm(job: Job, machine: Machine) -> None:
         job.runner.close()
         if attempt == START_ATTEMPTS or "forward" not in detail:
             raise TempFailure(f"VM for {job.service_id} failed to start: {detail}")
+        if machine.net is not None:
+            raise TempFailure(f"VM for {job.service_id} failed to start: {detail}")
         machine.host_port = free_port(machine.host_addr)
         if machine.ssh_host_port is not None:
             machine.ssh_host_port = free_port(machine.host_addr)
         log.info("forwarded port was taken; retrying on %d", machine.host_port)
+    if machine.net is not None:
+        # The VM's own address is its endpoint: the filter rules bound to its tap come first.
+        nethelper.call("attach", job.service_id, str(job.runner.pid))
+        job.endpoint = job.probe_target = (job.site["ip"], job.role.port)
+        job.ssh_port = 22  # the guest's own sshd at its own address (the site's hosts may reach it)
+        return
     host = job.spec.hypervisor.advertise_host or "127.0.0.1"
     job.endpoint = (host, machine.host_port)
+    job.probe_target = ("127.0.0.1", machine.host_port)
     job.ssh_port = machine.ssh_host_port or machine.host_port
 
 
@@ -237,7 +279,7 @@ def wait_until_ready(job: Job, machine: Machine) -> float:
             # No agent to ask: the port answering is taken as the service being up (a guess).
             awaited = "no answer from the probe (readiness: probe)"
             job.channel.connect(deadline, job.keep_going)  # upstreams/host keys, if an agent is there
-            probe_until("127.0.0.1", machine.host_port, job.role.probe, deadline, job.keep_going,
+            probe_until(*job.probe_target, job.role.probe, deadline, job.keep_going,
                         max_interval=PROBE_BACKOFF_MAX_S)
             return time.monotonic()
         word, awaited = AWAITED[mode]
@@ -248,7 +290,7 @@ def wait_until_ready(job: Job, machine: Machine) -> float:
         if mode == "cloud-init-final":
             job.reports.take(line)
         awaited, detail = f"{word} arrived but the probe never answered", True
-        probe_until("127.0.0.1", machine.host_port, job.role.probe, deadline, job.keep_going)
+        probe_until(*job.probe_target, job.role.probe, deadline, job.keep_going)
     except (TimeoutError, ConnectionError) as e:
         if job.stop.is_set():
             raise
@@ -326,9 +368,12 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     image = verified_image(spec, args.role)
     try:
         boot_files = verified_boot_files(spec, args.role)
-        if role.network != "user":
-            raise SpecError(f"roles.{args.role}.network: salvus-vmjob supports only 'user' networking "
-                            f"(a host port forward) so far, got {role.network!r}")
+        if role.network == "bridge":
+            raise SpecError(f"roles.{args.role}.network: salvus-vmjob supports 'user' (a host port forward) "
+                            f"and 'site' networking, got {role.network!r}")
+        hypervisor = host_identity(args.hypervisor)
+        if role.network == "site":
+            check_site_host(spec, hypervisor)
         for up in role.upstreams:
             spec.role(up)
         Store.of(spec).open()
@@ -336,7 +381,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     except BaseException:
         image.close()
         raise
-    job = Job(spec, args.role, role, service_id, env, image, boot_files, stop, here=local_names(spec))
+    job = Job(spec, args.role, role, service_id, env, image, boot_files, stop,
+              here=local_names(spec, hypervisor), hypervisor=hypervisor)
     beat: Heartbeater | None = None
     try:
         try:
@@ -357,7 +403,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             return 0
         beat = Heartbeater(registry, Service(
             role=args.role, service_id=service_id, host=job.endpoint[0], port=job.endpoint[1],
-            hypervisor=socket.gethostname(), scheduler=env.scheduler, job_id=env.job_id,
+            hypervisor=job.hypervisor, scheduler=env.scheduler, job_id=env.job_id,
             image=role.image, host_keys=job.reports.host_keys, ssh_port=job.ssh_port),
             interval=spec.registry.heartbeat_interval, ttl=spec.registry.ttl)
         job.reports.keys_changed = False

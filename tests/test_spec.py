@@ -49,7 +49,7 @@ BAD = [
     ("two registries", "roles: {}\nregistry: {sqlite: /tmp/x, cassandra: {contact_points: [a]}}",
      "registry: give either 'sqlite' or 'cassandra', not both"),
     ("unknown host key", "roles: {}\nhypervisor: {hosts: [hv0, {name: hv1, rack: 3}]}",
-     "hypervisor.hosts[1].rack: unknown key (expected one of: name, address)"),
+     "hypervisor.hosts[1].rack: unknown key (expected one of: name, address, vm_range)"),
     ("bad host address", "roles: {}\nhypervisor: {hosts: [{name: hv1, address: '10.0.0.300'}]}",
      "hypervisor.hosts[0].address: expected an IPv4 or IPv6 address, got '10.0.0.300'"),
     ("host listed twice", "roles: {}\nhypervisor: {hosts: [hv1, hv2, hv1]}",

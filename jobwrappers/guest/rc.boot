@@ -1,7 +1,7 @@
 #!/bin/sh
 # One-time boot of the demo guest: filesystems, the config drive (NoCloud, label cidata), hostname,
-# network (slirp's fixed addresses, no DHCP wait), SSH keys (authorized and the host's own),
-# persistent disks, ACPI power button.
+# network (slirp's fixed addresses, or network: site's static one; no DHCP wait), SSH keys
+# (authorized and the host's own), persistent disks, ACPI power button.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /run /tmp
@@ -26,9 +26,17 @@ cp /run/cidata/salvus.env /run/salvus/env
 hostname "$SALVUS_HOSTNAME"
 echo "$SALVUS_HOSTNAME" > /etc/hostname
 ip link set lo up
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
+if [ -n "$SALVUS_NET_ADDRESS" ]; then
+  # network: site: the address the host leased, on one link (no gateway), at the overlay's MTU.
+  echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+  ip link set eth0 mtu "$SALVUS_NET_MTU"
+  ip link set eth0 up
+  ip addr add "$SALVUS_NET_ADDRESS" dev eth0
+else
+  ip link set eth0 up
+  ip addr add 10.0.2.15/24 dev eth0
+  ip route add default via 10.0.2.2
+fi
 mkdir -p /root/.ssh && chmod 700 /root/.ssh
 if [ -f /run/cidata/authorized_keys ]; then
   cp /run/cidata/authorized_keys /root/.ssh/authorized_keys
