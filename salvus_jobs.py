@@ -18,7 +18,7 @@ from pathlib import Path
 
 import catalogue.cli
 import cluster.cli
-import sitenet.cli
+import jobwrappers.sitenet.cli
 import submit.cli
 from cluster.cliframe import common_options, parse, run_command, setup_logging
 from cluster.errors import SpecError, TempFailure
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.cli.add_commands(sub, common)
     add_demo_commands(sub, common)
     catalogue.cli.add_commands(sub, common)
-    sitenet.cli.add_commands(sub, common)
+    jobwrappers.sitenet.cli.add_commands(sub, common)
     return parser
 
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.spec import load_spec  # noqa: E402
 from jobwrappers.demo_image import build_demo_image  # noqa: E402
-from sitenet import rules  # noqa: E402
-from sitenet.layout import SiteLayout, mac_for  # noqa: E402
+from jobwrappers.sitenet import rules  # noqa: E402
+from jobwrappers.sitenet.layout import SiteLayout, mac_for  # noqa: E402
 from tests.fixtures.site_lab import BIN, Site, site_spec_text, sh  # noqa: E402
 from tests.guest_ssh import new_key, spec_line  # noqa: E402
 

@@ -44,9 +44,9 @@ from jobwrappers.jobenv import JobEnv, check_service_id, default_service_id, job
 from jobwrappers.machine import Disk, Machine, SiteNic, VmRunner, free_port
 from jobwrappers.probe import HostChannel, probe_until
 from jobwrappers.runners import open_runner
-from sitenet import client as nethelper
-from sitenet.host import check_ready as site_bridge_ready
-from sitenet.layout import SiteLayout, host_identity
+from jobwrappers.sitenet import client as nethelper
+from jobwrappers.sitenet.host import check_ready as site_bridge_ready
+from jobwrappers.sitenet.layout import SiteLayout, host_identity
 
 log = logging.getLogger("salvus-vmjob")
 

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from sitenet.layout import mac_for
-from sitenet.state import lease_dir
+from jobwrappers.sitenet.layout import mac_for
+from jobwrappers.sitenet.state import lease_dir
 from tests.fixtures.site_lab import BIN, JOB_UID, JobUserKit
 from tests.polling import wait_for
 

@@ -13,8 +13,8 @@ import yaml
 from cluster.errors import SpecError
 from cluster.spec import parse_spec
 from jobwrappers.configdrive import GuestConfig, network_config
-from sitenet import rules
-from sitenet.layout import SiteLayout, mac_for
+from jobwrappers.sitenet import rules
+from jobwrappers.sitenet.layout import SiteLayout, mac_for
 from tests.fixtures.demo_image import WRAPPER
 from tests.fixtures.site_lab import site_spec_text
 

@@ -30,10 +30,10 @@ from cluster.cliframe import run_command
 from cluster.errors import SpecError, TempFailure
 from cluster.files import locked, process_start_time, write_atomic_text
 from jobwrappers.jobenv import check_service_id
-from sitenet import rules
-from sitenet.host import nft_json, sh
-from sitenet.layout import mac_for
-from sitenet.state import current_host_state, lease_dir
+from jobwrappers.sitenet import rules
+from jobwrappers.sitenet.host import nft_json, sh
+from jobwrappers.sitenet.layout import mac_for
+from jobwrappers.sitenet.state import current_host_state, lease_dir
 
 log = logging.getLogger("salvus-nethelper")
 
@@ -245,7 +245,7 @@ def attach(service_id: str, qemu_pid: int) -> dict:
         lease.update(state="attached", tap=tap, qemu_pid=qemu_pid, qemu_start=start, published=publish)
         leases.save(lease)
     # The reaper for this VM: it outlives this call and the wrapper, and ends with the QEMU.
-    subprocess.Popen([sys.executable, "-P", "-m", "sitenet.helper", "watch", service_id, str(qemu_pid)],
+    subprocess.Popen([sys.executable, "-P", "-m", "jobwrappers.sitenet.helper", "watch", service_id, str(qemu_pid)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
     return {"tap": tap, "ip": lease["ip"]}

@@ -15,7 +15,7 @@ HELPER_TIMEOUT_S = 60
 
 def helper_argv() -> list[str]:
     if os.geteuid() == 0:
-        return [sys.executable, "-P", "-m", "sitenet.helper"]  # -P: nothing from the current directory
+        return [sys.executable, "-P", "-m", "jobwrappers.sitenet.helper"]  # -P: nothing from the current directory
     return ["sudo", "-n", str(Path(sys.executable).parent / "salvus-nethelper")]
 
 

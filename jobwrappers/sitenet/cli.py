@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from cluster.spec import load_spec
-from sitenet import host
-from sitenet.layout import host_identity
+from jobwrappers.sitenet import host
+from jobwrappers.sitenet.layout import host_identity
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from cluster.errors import SpecError, TempFailure
 from cluster.spec import ClusterSpec
-from sitenet import rules
-from sitenet.layout import SiteLayout
-from sitenet.state import host_state_path, lease_dir, netns_id, read_host_state, run_dir, write_host_state
+from jobwrappers.sitenet import rules
+from jobwrappers.sitenet.layout import SiteLayout
+from jobwrappers.sitenet.state import host_state_path, lease_dir, netns_id, read_host_state, run_dir, write_host_state
 
 log = logging.getLogger(__name__)
 

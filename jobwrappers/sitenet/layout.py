@@ -4,7 +4,7 @@ Each host's `vm_range` is cut into blocks of `site_network.role_block` addresses
 the host's own address on the bridge (its first usable one), role number k (its position among the
 spec's roles) has block k + 1. So "the addresses of role R" is one CIDR per host, the same on every
 hypervisor, and the filter rules are static: they change when the spec does, never when a VM comes
-or goes. Which slot of its block a VM takes is the host's business (`sitenet.helper`).
+or goes. Which slot of its block a VM takes is the host's business (`jobwrappers.sitenet.helper`).
 """
 from __future__ import annotations
 

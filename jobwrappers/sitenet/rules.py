@@ -14,7 +14,7 @@ import ipaddress
 import re
 
 from cluster.spec import ClusterSpec
-from sitenet.layout import SiteLayout
+from jobwrappers.sitenet.layout import SiteLayout
 
 TABLE = "salvus"
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
