@@ -1,6 +1,6 @@
 """`salvus-vmjob`: the process a scheduler runs; its life is one VM's life.
 
-    salvus-vmjob --spec cluster.yaml --role ROLE [--service-id ID] [--hypervisor NAME]
+    salvus-vmjob --spec cluster.yaml --role ROLE [--image NAME@VERSION] [--service-id ID] [--hypervisor NAME]
 
 check image -> overlay -> config drive -> boot -> ready (the role's `readiness`: the agent's READY,
 its CLOUD-INIT-FINAL, or the probe alone) + probe -> register (with the host keys the agent reports) -> heartbeat ->
@@ -10,6 +10,7 @@ contract: 0 stopped on request, 75 transient (retry), 65 image/trust failure, 78
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from cluster import jobstatus
 from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
 from cluster.store import Store
+from cluster.yamlmodel import split_image_ref
 from jobwrappers.accel import choose_accel
 from jobwrappers.agent import CLOUD_INIT_FINAL, GuestReports
 from jobwrappers.configdrive import GuestConfig, build_config_drive, hostname_for
@@ -131,11 +133,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "example: salvus-vmjob --spec examples/cluster.yaml --role sage --service-id sage-test")
     p.add_argument("--spec", help=SPEC_HELP)
     p.add_argument("--role", required=True, help="the role to boot (a key of the spec's roles)")
+    p.add_argument("--image", help="NAME@VERSION to boot, fixed when the job was submitted (default: the "
+                                   "role's image in the spec as it is now)")
     p.add_argument("--service-id", help="registry id (default ROLE-JOBID); persistent disks are keyed by it")
     p.add_argument("--hypervisor", help="this host's name in hypervisor.hosts (default $SALVUS_HYPERVISOR, "
                                         "$SLURMD_NODENAME, then the hostname)")
     add_verbose(p, help_text="debug log output")
     return p.parse_args(argv)
+
+
+def with_job_image(spec: ClusterSpec, role_name: str, image: str | None) -> ClusterSpec:
+    """The spec as this job sees it: the role's image is the one the job was submitted with
+    (`--image`), so an edit of the spec's `image:` never changes a queued or requeued job. The
+    trust checks, the boot, the status file and the registry all read it from here. Without
+    --image (a job script from before the contract named it) the spec's own."""
+    role = spec.role(role_name)
+    if image is None:
+        return spec
+    try:
+        split_image_ref(image)  # the spec's ImageRef rule: a full match, nothing escapes the store
+    except ValueError as e:
+        raise SpecError(f"--image: {e}") from None
+    if image != role.image:
+        log.info("booting %s as submitted; the spec's roles.%s.image is now %s", image, role_name, role.image)
+    # Copies, not an edit: the spec object may be shared (tests, a caller holding it).
+    chosen = copy.copy(role)
+    chosen.image = image
+    out = copy.copy(spec)
+    out.roles = {**spec.roles, role_name: chosen}
+    return out
 
 
 def local_names(spec: ClusterSpec, hypervisor: str = "") -> frozenset[str]:
@@ -359,7 +385,7 @@ def supervise(job: Job, beat: Heartbeater, registry: Registry) -> bool:
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    spec = load_spec(args.spec)
+    spec = with_job_image(load_spec(args.spec), args.role, args.image)
     role = spec.role(args.role)
     env = job_from_env(spec.scheduler.backend)
     service_id = check_service_id(args.service_id or default_service_id(args.role, env.job_id))

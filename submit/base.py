@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SchedulerError, SpecError
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
-from cluster.yamlmodel import is_service_id
+from cluster.yamlmodel import is_service_id, split_image_ref
 from submit.runner import CommandResult, CommandRunner, runner_for
 
 if TYPE_CHECKING:
@@ -373,6 +373,12 @@ class Backend(abc.ABC):
     def role(self, role: str) -> RoleSpec:
         return self.spec.role(role)
 
+    def job_image(self, role: str) -> str:
+        """The NAME@VERSION a job of `role` boots, fixed now and passed as `--image`: the wrapper
+        boots that, so an edit of the spec's `image:` reaches new jobs only, never queued or
+        requeued ones. A role with `image_path` passes it too (the name the trust checks use)."""
+        return self.role(role).image
+
     def job_name(self, role: str) -> str:
         """The tag that finds a job again: site and role (role names never contain a dot)."""
         return f"{self.spec.site}.{role}"
@@ -383,7 +389,6 @@ class Backend(abc.ABC):
 
     def template_values(self, role: str) -> dict[str, str]:
         """The spec's values for a job template, raw: each backend escapes them for its language."""
-        r = self.role(role)
         res = self.resources(role)
         return {
             "site": self.spec.site,
@@ -397,7 +402,7 @@ class Backend(abc.ABC):
             "grace": str(res.grace_s),
             "log_dir": str(self.log_dir()),
             "max_retries": str(self.spec.scheduler.max_retries),
-            "image": r.image,
+            "image": self.job_image(role),
         }
 
     def render_template(self, template: str, values: dict[str, str]) -> str:
@@ -429,10 +434,9 @@ class Backend(abc.ABC):
         imgdist neither pulls nor advertises."""
         from imagedist.classad import slurm_feature
 
-        r = self.role(role)
-        if not self.spec.scheduler.require_image or r.image_path:
+        if not self.spec.scheduler.require_image or self.role(role).image_path:
             return None
-        return slurm_feature(r.image_name, r.image_version)
+        return slurm_feature(*split_image_ref(self.job_image(role)))
 
     def host_for(self, role: str, service_id: str | None) -> str | None:
         """Where a persistent role's job must run: the host holding its disk (`hosts[K]`)."""
@@ -509,7 +513,7 @@ class ScriptBackend(Backend):
         say which image no host advertises yet."""
         feature = self.image_feature(role)
         if feature and "Invalid feature specification" in str(e):
-            return SchedulerError(f"{e}: no node advertises {feature} ({self.role(role).image}): pull it on "
+            return SchedulerError(f"{e}: no node advertises {feature} ({self.job_image(role)}): pull it on "
                                   "a host first (imgdist sync, then imgdist slurm-features), or set "
                                   "scheduler.require_image: false")
         return e

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from cluster.errors import SchedulerError, SchedulerUnavailable, SpecError
+from cluster.yamlmodel import split_image_ref
 from submit.base import Backend, Job, checked_service_id
 from submit.condor_check import command_key, submit_keys, validate_submit
 
@@ -40,10 +41,10 @@ class CondorBackend(Backend):
     template = "condor.sub.tmpl"
 
     def requirements(self, role: str, service_id: str | None) -> str:
-        r = self.role(role)
         parts = []
         if self.image_feature(role):  # the same rule as Slurm's --constraint; HTCondor has its own attribute
-            parts.append(f"stringListMember({classad_string(f'{r.image_name}-{r.image_version}')}, TARGET.SalvusImages)")
+            name, version = split_image_ref(self.job_image(role))
+            parts.append(f"stringListMember({classad_string(f'{name}-{version}')}, TARGET.SalvusImages)")
         host = self.host_for(role, service_id)
         if host:
             parts.append(f"TARGET.Machine == {classad_string(host)}")  # where the persistent disk lives
@@ -71,7 +72,8 @@ class CondorBackend(Backend):
                   "log_dir": self.macro_value("scheduler.log_dir", raw["log_dir"]),
                   "site_ad": classad_string(raw["site"]), "role_ad": classad_string(role),
                   "service_id_ad": classad_string(default), "image_ad": classad_string(raw["image"]),
-                  "arguments": condor_arguments(["--spec", "$(SALVUS_SPEC)", "--role", role, "--service-id", default]),
+                  "arguments": condor_arguments(["--spec", "$(SALVUS_SPEC)", "--role", role, "--image", raw["image"],
+                                                "--service-id", default]),
                   "requirements": self.requirements(role, service_id)}
         # The site's lines are checked against the keys the description sets without them.
         site_lines = self.extra_directive_lines(self.render_template(self.template, {**values, "extra": extra}))

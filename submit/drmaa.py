@@ -78,7 +78,7 @@ class DrmaaBackend(Backend):
     def job_template(self, role: str, service_id: str | None) -> dict:
         """The fields of a drmaa.JobTemplate, as the helper process sets them."""
         checked_service_id(service_id)
-        args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role]
+        args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--image", self.job_image(role)]
         if service_id:
             args += ["--service-id", service_id]  # else the wrapper's default: ROLE-$JOB_ID
         logs = self.log_dir()

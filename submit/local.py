@@ -42,7 +42,7 @@ class LocalBackend(Backend):
         self.role(role)
         sid = service_id or f"{role}-$SALVUS_LOCAL_JOB_ID"
         return (f"SALVUS_LOCAL_JOB_ID=<id> {quote(wrapper_path(self.spec))} --spec {quote(self.spec.source)} "
-                f"--role {role} --service-id {sid}\n")
+                f"--role {role} --image {quote(self.job_image(role))} --service-id {sid}\n")
 
     def prepare_submit(self, role: str) -> None:
         self.role(role)
@@ -63,7 +63,8 @@ class LocalBackend(Backend):
         env = {**self.job_env(job.service_id), "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_LOCAL_ERR_LOG": str(err)}
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
                str(self.spec.scheduler.max_retries), "--",
-               wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--service-id", job.service_id]
+               wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--image", self.job_image(role),
+               "--service-id", job.service_id]
         with open_append(out, STATE_MODE) as fo, open_append(err, STATE_MODE) as fe:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
                                     start_new_session=True, cwd="/")

@@ -4,6 +4,7 @@ dask-jobqueue's header tests; the shipped examples are fresh renders; client com
 the injected runner."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -63,7 +64,7 @@ def test_slurm_header_carries_the_spec(tmp_path):
         assert f"#SBATCH {directive}" in lines(text), directive
     assert f"KillWait (SIGTERM -> SIGKILL) must be at least {GRACE}s" in text
     assert "service_id=${SALVUS_SERVICE_ID:-sage-${SLURM_JOB_ID}}" in lines(text)
-    assert lines(text)[-1].endswith('--role sage --service-id "$service_id"')
+    assert lines(text)[-1].endswith('--role sage --image sage@10.2 --service-id "$service_id"')
 
 
 def test_pbs_header_carries_the_spec(tmp_path):
@@ -137,8 +138,8 @@ def test_drmaa_native_spec_carries_the_spec(tmp_path):
     # Memory stays the site's own complex (h_vmem would count QEMU's whole virtual size).
     assert "h_vmem" not in backend.render("sage")
     words = shlex.split(backend.render("sage").splitlines()[1])
-    assert words[:3] == ["qsub", "-N", "rt.sage"] and words[-4:] == ["--spec", str(tmp_path / "cluster.yaml"),
-                                                                     "--role", "sage"]
+    assert words[:3] == ["qsub", "-N", "rt.sage"] and words[-6:] == ["--spec", str(tmp_path / "cluster.yaml"),
+                                                                     "--role", "sage", "--image", "sage@10.2"]
 
 
 @pytest.mark.parametrize("scheduler, pinned", [("slurm", "#SBATCH --nodelist=hv1"), ("pbs", "#PBS -l host=hv1"),
@@ -164,6 +165,79 @@ def test_script_paths_survive_the_shell_and_are_overridable(tmp_path, scheduler)
     argv = subprocess.run(["bash", "-c", show], env={**env, "SALVUS_SPEC": "/x.yaml", "SALVUS_VMJOB": "/w"},
                           capture_output=True, text=True).stdout.splitlines()
     assert argv[:5] == ["/w", "--spec", "/x.yaml", "--role", "sage"] and argv[-1] == "sage-7"
+
+
+def wrapper_argv(backend, role: str, service_id: str | None = None) -> list[str]:
+    """The wrapper's argv as the job would run it: a script's tail run by bash, a submit
+    description's arguments split as HTCondor's new syntax does, the DRMAA and local commands
+    split as a shell would."""
+    text = backend.render(role, service_id)
+    if backend.name in ("slurm", "pbs"):
+        tail = lines(text)[lines(text).index(next(ln for ln in lines(text) if ln.startswith("wrapper="))):]
+        show = "job_id=7.srv\n" + "\n".join(tail[:-1]) + '\nprintf "%s\\n" ' + tail[-1][len("exec "):]
+        return subprocess.run(["bash", "-c", show], env={"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    if backend.name == "condor":
+        args = htcondor2.Submit(text)["arguments"]
+        assert args[0] == args[-1] == '"'
+        return [w.replace("''", "'") for w in shlex.split(args[1:-1])]
+    return shlex.split(lines(text)[-1].split("> ", 1)[-1])[1:] if backend.name == "local" else \
+        shlex.split(lines(text)[1])
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm", "pbs", "condor", "drmaa"])
+def test_every_job_names_its_image(tmp_path, scheduler):
+    """The job contract: each backend's job passes the role's image as `--image NAME@VERSION`,
+    fixed when it is rendered, so an edit of the spec later never changes a queued job."""
+    for role, image in (("sage", "sage@10.2"), ("hub", "hub@3.1"), ("cassandra", "cassandra@4.1")):
+        argv = wrapper_argv(open_backend(make_spec(tmp_path), scheduler), role)
+        i = argv.index("--image")
+        assert argv[i + 1] == image and argv[argv.index("--role") + 1] == role, (scheduler, argv)
+    # A role booting its own file (demo, development) still names its image: the trust checks' name.
+    own = parse_spec(f"store: {tmp_path}/s\nscheduler: {{wrapper: /w}}\n"
+                     f"roles: {{sage: {{image: demo@7, port: 6000, image_path: {tmp_path}/demo-7.qcow2}}}}\n",
+                     tmp_path / "own.yaml")
+    argv = wrapper_argv(open_backend(own, scheduler), "sage")
+    assert argv[argv.index("--image") + 1] == "demo@7"
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm", "pbs", "drmaa"])
+def test_the_image_reaches_the_job_quoted(tmp_path, scheduler, monkeypatch):
+    """The image is quoted as every other value is: even a value the spec would refuse (the
+    wrapper refuses it too) stays one word and runs nothing."""
+    from submit.base import Backend
+
+    hostile = "x'$(touch INJECTED) ;y@1"
+    monkeypatch.setattr(Backend, "job_image", lambda self, role: hostile)
+    spec = make_spec(tmp_path, ", require_image: false")
+    argv = wrapper_argv(open_backend(spec, scheduler), "sage")
+    assert argv[argv.index("--image") + 1] == hostile
+    assert not (Path.cwd() / "INJECTED").exists()
+
+
+def test_local_executor_starts_the_wrapper_with_the_image(tmp_path, monkeypatch):
+    """The local executor's own command line (no script): `--image` as submitted."""
+    import submit.local
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+            self.pid = os.getpid()
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(submit.local.subprocess, "Popen", FakePopen)
+    backend = open_backend(make_spec(tmp_path), "local")
+    backend.log_dir().mkdir(parents=True)
+    backend.dir.mkdir(parents=True)
+    backend.submit_one("hub", None)
+    [cmd] = started
+    wrapper = cmd[cmd.index("--") + 1:]
+    assert wrapper[:7] == ["/opt/salvus/bin/salvus-vmjob", "--spec", str(tmp_path / "cluster.yaml"),
+                           "--role", "hub", "--image", "hub@3.1"]
 
 
 def test_shipped_examples_are_fresh_renders():

@@ -198,3 +198,59 @@ def test_host_channel_bounds_a_line_trickled_in_small_chunks(tmp_path):
     t.join()
     assert line == "READY sage s1" and max(biggest) <= MAX_LINE + 4096
     peer.close(), server.close()
+
+
+def test_the_wrapper_boots_the_image_of_its_job_not_the_spec(tmp_path):
+    """`--image` (fixed at submit time) decides what the trust check opens and the job boots:
+    the spec's `image:` was edited since; without --image (older job scripts) the spec's own."""
+    from catalogue.trust import verified_image
+    from cluster.spec import parse_spec
+    from jobwrappers.vmjob import parse_args, with_job_image
+
+    store = tmp_path / "store"
+    base = store / "images" / "base"
+    base.mkdir(parents=True)
+    for v in ("1", "2"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base / f"demo-{v}.qcow2"), "16M"], check=True)
+    spec = parse_spec(f"store: {store}\ncatalogue: {{insecure_allow_unsigned: true}}\n"
+                      "roles: {sage: {image: demo@2, port: 6000}}\n", tmp_path / "cluster.yaml")
+    args = parse_args(["--spec", spec.source, "--role", "sage", "--image", "demo@1"])
+    job_spec = with_job_image(spec, args.role, args.image)
+    assert job_spec.role("sage").image == "demo@1" and spec.role("sage").image == "demo@2", "the spec is not edited"
+    opened = verified_image(job_spec, "sage")
+    assert opened.path == base / "demo-1.qcow2"
+    opened.close()
+    opened = verified_image(with_job_image(spec, "sage", None), "sage")
+    assert opened.path == base / "demo-2.qcow2"
+    opened.close()
+    # Full match, the spec's ImageRef rule: nothing else reaches a path or the registry.
+    for bad in ("demo", "demo@1\n", "demo@1 ", "../demo@1", "demo@1/x", "demo@..", "@1", "demo@1@2"):
+        with pytest.raises(SpecError, match=r"^--image: expected NAME@VERSION"):
+            with_job_image(spec, "sage", bad)
+
+
+def test_an_image_path_role_takes_the_file_from_image_path_and_the_name_from_image(tmp_path):
+    from catalogue.trust import verified_image
+    from cluster.spec import parse_spec
+    from jobwrappers.vmjob import with_job_image
+
+    own = tmp_path / "own.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(own), "16M"], check=True)
+    spec = parse_spec(f"store: {tmp_path}/store\ncatalogue: {{insecure_allow_unsigned: true}}\n"
+                      f"roles: {{sage: {{image: demo@2, port: 6000, image_path: {own}}}}}\n", tmp_path / "c.yaml")
+    job_spec = with_job_image(spec, "sage", "demo@1")
+    assert job_spec.role("sage").image == "demo@1"
+    opened = verified_image(job_spec, "sage")
+    assert opened.path == own
+    opened.close()
+
+
+def test_a_bad_image_argument_is_one_line_and_exit_78(tmp_path, capsys, monkeypatch):
+    from jobwrappers import vmjob
+
+    monkeypatch.setattr(vmjob.signal, "signal", lambda *_a: None)  # keep pytest's own SIGINT/SIGTERM handlers
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(f"store: {tmp_path}/store\nroles: {{sage: {{image: demo@2, port: 6000}}}}\n")
+    assert vmjob.main(["--spec", str(spec), "--role", "sage", "--image", "demo/../x@1"]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("salvus-vmjob: --image: expected NAME@VERSION"), err
