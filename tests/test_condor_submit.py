@@ -44,7 +44,7 @@ def test_rendered_submit_file_matches_the_spec(tmp_path, demo_image, cli):
     assert sub["request_cpus"] == "1" and sub["request_memory"] == str(128 + 256)
     assert sub["request_disk"] == "2048M"
     assert sub["MY.SalvusServiceId"] == '"cassandra-1"'
-    assert sub.expand("arguments").endswith("--role cassandra --service-id cassandra-1\"")
+    assert sub.expand("arguments").endswith("--role cassandra --image demo@1 --service-id cassandra-1\"")
     # The demo role boots its own image_path, which no host advertises: only the site's requirement.
     assert sub["requirements"] == "(TARGET.HasKVM =?= true)"
     assert Path(sub.expand("executable")).name == "salvus-vmjob"
