@@ -21,7 +21,6 @@ from jobwrappers.firmware import DIRECT, Firmware, prepare_firmware
 from jobwrappers.libvirt_runner import render_domain_xml
 from jobwrappers.machine import Disk, Machine
 from jobwrappers.qemu_runner import qemu_argv
-from tests.polling import wait_for
 from tests.test_vmjob import ask
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -46,11 +45,6 @@ roles:
     return path
 
 
-def qemu_cmdline(run) -> list[str]:
-    pids = wait_for(run.qemu_pids, 30, "the wrapper's QEMU child")
-    return Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode().split("\0")
-
-
 @pytest.fixture(scope="module")
 def booted(demo_whole_disk, tmp_path_factory, run_wrapper_module):
     """One BIOS and one UEFI VM of the demo whole disk, booted together (plain QEMU)."""
@@ -69,7 +63,7 @@ def console_text(run) -> str:
 def test_bios_boots_the_disks_own_bootloader_and_kernel(booted):
     run, svc = booted["bios"]
     assert ask(svc.host, svc.port, "6*7") == "42\n"
-    argv = qemu_cmdline(run)
+    argv = run.qemu_argv()
     assert "-kernel" not in argv and not any("pflash" in a for a in argv)
     assert any(a.startswith("virtio-blk-pci,drive=disk0") and a.endswith(",bootindex=0") for a in argv)
     log = console_text(run)
@@ -83,7 +77,7 @@ def test_bios_boots_the_disks_own_bootloader_and_kernel(booted):
 def test_uefi_boots_by_ovmf_with_a_private_variable_store(booted):
     run, svc = booted["uefi"]
     assert ask(svc.host, svc.port, "2**8") == "256\n"
-    argv = qemu_cmdline(run)
+    argv = run.qemu_argv()
     assert "-kernel" not in argv and "pc,pflash0=ovmf-code,pflash1=ovmf-vars" in argv
     nvram = [d / "OVMF_VARS.fd" for d in run.scratch.glob("salvus-sage-uefi-*")]
     assert nvram and nvram[0].is_file() and any(str(nvram[0]) in a for a in argv)

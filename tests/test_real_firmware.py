@@ -5,13 +5,11 @@ root partition by PARTUUID. Two VMs booted together and shared by every assertio
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from jobwrappers import debian_image
 from tests.guest_ssh import new_key, spec_line, ssh_run
-from tests.polling import wait_for
 
 BOOT_TIMEOUT_S = 900  # as tests/test_real_guest.py: minutes under TCG, more when the cores are shared
 pytestmark = [pytest.mark.slow, pytest.mark.vm, pytest.mark.timeout(BOOT_TIMEOUT_S + 600)]
@@ -50,11 +48,6 @@ roles:
 
 
 
-def _qemu_argv(run) -> list[str]:
-    pid = wait_for(run.qemu_pids, 30, "the wrapper's QEMU child")[0]
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-
-
 FACTS = "uname -r; findmnt -no SOURCE /; test -d /sys/firmware/efi && echo efi || echo no-efi"
 
 
@@ -66,7 +59,7 @@ def test_firmware_boot_runs_the_images_own_kernel_from_its_own_disk(guests, role
     assert release == img.kernel_release and release != os.uname().release
     assert root == "/dev/vda2"  # partition 2 of the whole disk, found by its PARTUUID
     assert firmware == efi  # /sys/firmware/efi exists only when UEFI started the kernel
-    argv = _qemu_argv(run)
+    argv = run.qemu_argv()
     assert "-kernel" not in argv and "-initrd" not in argv
     assert any("pflash" in a for a in argv) == (role == "uefi")
     assert f"{'bios' if role == 'legacy' else 'uefi'} firmware boot" in run.output()
