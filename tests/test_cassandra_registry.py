@@ -15,6 +15,7 @@ from cassandra.cluster import Cluster
 
 from cluster.errors import EXIT_CONFIG, EXIT_TEMPFAIL, RegistryMisconfigured, RegistryUnavailable, SpecError
 from cluster.registry import Service, open_registry
+from cluster.registry.cassandra import table_id
 from cluster.spec import load_spec
 from jobwrappers.heartbeat import Heartbeater
 from tests.fixtures.cassandra import (CassandraNode, cassandra_spec, free_loopback_addresses, free_port,
@@ -178,6 +179,18 @@ def test_heartbeats_leave_no_tombstones_for_lookups_to_skip(cassandra_node, tmp_
     assert counts, events
     live, tombstones = max(counts)  # the trace may also hold the authorizer's own small reads
     assert live == 8 and tombstones <= 2, counts
+
+
+def test_every_client_creates_a_table_under_the_same_id(cassandra_node, tmp_path):
+    """Wrappers creating a new keyspace at once must not make two versions of one table (the loser's
+    clients then fail with "Unknown CF"): each table's id is derived from its name, not random."""
+    with open_registry(node_spec(cassandra_node, tmp_path, "sameid")) as reg:
+        rows = reg._session.execute("SELECT table_name, id FROM system_schema.tables "
+                                    "WHERE keyspace_name = 'sameid'")
+        ids = dict(rows)  # the registry reads tuples
+    assert set(ids) == {"services_by_role", "services_by_id", "state", "leases"}
+    assert all(ids[t] == table_id("sameid", t) for t in ids), ids
+    assert len(set(ids.values())) == 4
 
 
 def test_reregistering_under_another_role_moves_the_row(cassandra_node, tmp_path):

@@ -61,6 +61,7 @@ import re
 import ssl
 import stat
 import time
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
 from cassandra import (AuthenticationFailed, ConsistencyLevel, DriverException, InvalidRequest, OperationTimedOut,
@@ -99,6 +100,7 @@ EXTRA_TABLES: dict[str, tuple[dict[str, str], list[str], list[str]]] = {
     LEASES: ({"name": "text", "holder": "text", "fencing_token": "bigint"}, ["name"], []),
 }
 GC_GRACE_SECONDS = 900
+TABLE_ID_NAMESPACE = uuid.UUID("6f1c2a4e-5a17-45e5-9b6e-3c0a1d2b7f10")  # salvus-jobs registry tables
 TWCS_WINDOW_MINUTES = 5
 SCHEMA_SETTLE_ATTEMPTS = 5  # many wrappers starting at once on a new keyspace race to create it
 DDL_TIMEOUT_S = 60.0  # schema changes wait for agreement between nodes; not the 1 s request budget
@@ -118,6 +120,13 @@ DRIVER_ERRORS = (NoHostAvailable, DriverException, ConnectionException, ErrorMes
 T = TypeVar("T")
 
 
+def table_id(keyspace: str, table: str) -> uuid.UUID:
+    """The id every client gives a table it creates. Cassandra otherwise picks a random id per CREATE,
+    and wrappers creating a new keyspace's tables at once each got "IF NOT EXISTS" past the check: one
+    id won, the others' clients failed with "Unknown CF". One id per name makes the race harmless."""
+    return uuid.uuid5(TABLE_ID_NAMESPACE, f"{keyspace}.{table}")
+
+
 def _table_ddl(keyspace: str, table: str) -> str:
     partition, clustering = KEYS[table]
     cols = ", ".join(f"{c} {t}" for c, t in COLUMNS.items())
@@ -125,7 +134,8 @@ def _table_ddl(keyspace: str, table: str) -> str:
     return (f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} ({cols}, PRIMARY KEY {key}) WITH "
             f"gc_grace_seconds = {GC_GRACE_SECONDS} AND compaction = {{'class': "
             f"'TimeWindowCompactionStrategy', 'compaction_window_unit': 'MINUTES', "
-            f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}} AND comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
+            f"'compaction_window_size': {TWCS_WINDOW_MINUTES}}} AND ID = {table_id(keyspace, table)} "
+            f"AND comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
 
 
 def _extra_table_ddl(keyspace: str, table: str) -> str:
@@ -133,7 +143,7 @@ def _extra_table_ddl(keyspace: str, table: str) -> str:
     cols = ", ".join(f"{c} {t}" for c, t in columns.items())
     key = f"(({', '.join(partition)}){''.join(', ' + c for c in clustering)})"
     return (f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} ({cols}, PRIMARY KEY {key}) WITH "
-            f"comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
+            f"ID = {table_id(keyspace, table)} AND comment = '{SCHEMA_COMMENT.format(SCHEMA_VERSION)}'")
 
 
 def comment_version(comment: str | None) -> int:
@@ -172,6 +182,15 @@ def describe_failure(exc: BaseException, where: str) -> str:
     if isinstance(exc, OperationTimedOut):
         return f"{where}: request timed out ({_reason(exc)})"
     return f"{where}: {type(exc).__name__}: {_reason(exc)}"
+
+
+def _schema_settling(e: BaseException) -> bool:
+    """A node that knows a just-created table only in part: not yet in its schema ("does not exist"),
+    or in its schema while the table's store is still opening (a server error "Unknown CF <id>", seen
+    when a second client's CREATE ... IF NOT EXISTS returned before the first one's had finished)."""
+    errors = getattr(e, "errors", None)
+    found = list(errors.values()) if isinstance(e, NoHostAvailable) and isinstance(errors, dict) else [e]
+    return bool(found) and all("does not exist" in str(x) or "Unknown CF" in str(x) for x in found)
 
 
 def _tls_refused(e: BaseException) -> bool:
@@ -529,8 +548,8 @@ class CassandraRegistry(Registry):
         for attempt in range(SCHEMA_SETTLE_ATTEMPTS):
             try:
                 return self._session.prepare(cql)
-            except InvalidRequest as e:  # "table ... does not exist" while the schema settles
-                if "does not exist" not in str(e) or attempt + 1 == SCHEMA_SETTLE_ATTEMPTS:
+            except (InvalidRequest, NoHostAvailable) as e:
+                if not _schema_settling(e) or attempt + 1 == SCHEMA_SETTLE_ATTEMPTS:
                     raise
                 time.sleep(0.2 * (attempt + 1))
                 self._cluster.control_connection.wait_for_schema_agreement(wait_time=DDL_TIMEOUT_S)
