@@ -73,6 +73,12 @@ class Job:
     hold_reason: str = ""
     backend: str = ""
     token: str = ""  # the submission's token, when the scheduler shows it (see Ledger.intend)
+    # When the current run started (epoch; None while queued) and its time limit as the scheduler
+    # holds it (seconds; None: unlimited or not shown): the controller's walltime clock.
+    started: float | None = None
+    walltime_s: float | None = None
+    image: str = ""  # the NAME@VERSION the job boots (--image), when the scheduler or our records show it
+    ended_by: str = ""  # for a finished job: "walltime", "cancel", "exit" (its own), "" unknown
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,6 +250,10 @@ class Backend(abc.ABC):
     unreachable_hints: tuple[str, ...] = ()
     # The scheduler shows a submission's token in its listing (Job.token): submit_one takes one.
     tokens: bool = False
+    # How much earlier than its job's --signal lead the scheduler may signal it (Slurm: up to 60 s).
+    signal_slack_s: float = 0.0
+    # The scheduler can queue a job to start once another has ended (submit_successor).
+    dependencies: bool = False
 
     def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
         self.spec = spec
@@ -326,6 +336,25 @@ class Backend(abc.ABC):
                 continue
             self.ledger.settle(intent["token"])
         return adopted
+
+    def signal_lead_s(self, role: str) -> float:
+        """How long before its walltime a job of `role` is told to stop (the job's --signal lead);
+        0: at the walltime itself."""
+        return 0.0
+
+    def earliest_signal(self, job: Job) -> float | None:
+        """The earliest moment (epoch) the scheduler may signal `job` because of its walltime:
+        walltime - the --signal lead - the scheduler's slack. None: no limit, or not running."""
+        limit = job.walltime_s if job.walltime_s is not None else self.resources(job.role).walltime_s
+        if job.started is None or not limit:
+            return None
+        return job.started + limit - self.signal_lead_s(job.role) - self.signal_slack_s
+
+    def submit_successor(self, job: Job) -> Job:
+        """Queues a job with `job`'s service id that starts once `job` has ended (a persistent
+        role's successor: it needs the disk `job` holds), on the same host; returns it. Only for
+        backends with `dependencies`."""
+        raise SchedulerError(f"{self.name}: cannot queue a job to start after another")
 
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""

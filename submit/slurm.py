@@ -41,6 +41,7 @@ class SlurmBackend(ScriptBackend):
                        "host": "--nodelist={}", "feature": "--constraint={}"}
     job_id_expr = "${SLURM_JOB_ID}"
     tokens = True
+    signal_slack_s = 60.0  # "the signal may be sent up to 60 seconds earlier than specified" (sbatch(1))
 
     def format_walltime(self, seconds: int) -> str:
         days, rest = divmod(seconds, 86400)
@@ -48,12 +49,15 @@ class SlurmBackend(ScriptBackend):
 
     def directives(self, role: str, service_id: str | None) -> list[str]:
         lines = super().directives(role, service_id)
-        res = self.resources(role)
-        if res.walltime_s:
+        if self.signal_lead_s(role):
             # SIGTERM to the batch shell (the wrapper, by exec) before the limit; Slurm may send
             # it up to 60 s early.
-            lines.append(f"--signal=B:TERM@{res.grace_s + 60}")
+            lines.append(f"--signal=B:TERM@{int(self.signal_lead_s(role))}")
         return lines
+
+    def signal_lead_s(self, role: str) -> float:
+        res = self.resources(role)
+        return float(res.grace_s + 60) if res.walltime_s else 0.0
 
     # --- submit / list / cancel ----------------------------------------------------------------
     def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
