@@ -203,6 +203,12 @@ class RoleSpec:
     # this private key (default: ssh-agent, then ~/.ssh/id_*).
     ssh_user: Optional[UserName] = None
     ssh_key_file: Optional[SingleLine] = None
+    # Succession and rolling upgrades (README "Succession and upgrades"): a VM being replaced is
+    # deregistered, serves what it has for drain_seconds, then stops; an upgrade replaces max_surge
+    # VMs at a time and halts after max_failures new VMs failed to become healthy.
+    drain_seconds: Annotated[StrictInt | StrictFloat, Field(ge=0, le=3600, allow_inf_nan=False)] = 10
+    max_surge: Annotated[StrictInt, Field(ge=1, le=MAX_ROLE_COUNT)] = 1
+    max_failures: Annotated[StrictInt, Field(ge=1, le=1000)] = 2
 
     @model_validator(mode="after")
     def _bridge_named(self) -> "RoleSpec":
@@ -572,6 +578,11 @@ class ControllerSpec:
     max_submit: PositiveInt = 10  # jobs submitted per cycle at most
     cancel_after: PositiveInt = 2  # cycles a surplus must persist before jobs are cancelled
     events: PositiveInt = 50  # recent events /status shows
+    # Walltime succession: a successor is submitted when a job's time to its earliest signal drops
+    # below the role's lead time: the p95 of submit-to-healthy over the last lead_samples jobs (at
+    # least lead_floor seconds), plus the role's drain_seconds and two intervals.
+    lead_floor: Seconds = 120
+    lead_samples: PositiveInt = 20
 
     @model_validator(mode="after")
     def _lease_outlasts_a_cycle(self) -> "ControllerSpec":

@@ -340,7 +340,7 @@ def take_reports(job: Job, beat: Heartbeater, registry: Registry) -> None:
     except OSError as e:
         log.debug("host channel read failed: %s", e)
         return
-    if job.reports.keys_changed:
+    if job.reports.keys_changed and not beat.draining:  # a drained service stays deregistered
         job.reports.keys_changed = False
         beat.service.host_keys = job.reports.host_keys
         try:

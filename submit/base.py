@@ -259,6 +259,8 @@ class Backend(abc.ABC):
         self.spec = spec
         self.runner = runner or runner_for(spec, self.name)
         self.ledger = Ledger(spec, self.name)
+        # Per role, the image new jobs boot when it is not the spec's: a rollout's (submit/rollout.py).
+        self.images: dict[str, str] = {}
 
     # --- what a backend implements -------------------------------------------------------------
     @abc.abstractmethod
@@ -306,7 +308,7 @@ class Backend(abc.ABC):
 
     def new_job(self, role: str, service_id: str | None, job_id: str) -> Job:
         return Job(job_id, role, "queued", service_id or self.default_service_id(role, job_id),
-                   time.time(), backend=self.name)
+                   time.time(), backend=self.name, image=self.job_image(role))
 
     def default_service_id(self, role: str, job_id: str) -> str:
         """The id of a job without a stable one, as its job script computes it: ROLE-JOBID."""
@@ -405,8 +407,9 @@ class Backend(abc.ABC):
     def job_image(self, role: str) -> str:
         """The NAME@VERSION a job of `role` boots, fixed now and passed as `--image`: the wrapper
         boots that, so an edit of the spec's `image:` reaches new jobs only, never queued or
-        requeued ones. A role with `image_path` passes it too (the name the trust checks use)."""
-        return self.role(role).image
+        requeued ones. A role with `image_path` passes it too (the name the trust checks use).
+        A rolling upgrade sets `images[role]` to the image it rolls out."""
+        return self.images.get(role) or self.role(role).image
 
     def job_name(self, role: str) -> str:
         """The tag that finds a job again: site and role (role names never contain a dot)."""

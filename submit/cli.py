@@ -43,6 +43,22 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                        epilog="example: salvus_jobs controller -v")
     p.set_defaults(func=cmd_controller)
 
+    p = sub.add_parser("upgrade", parents=[common], help="roll a role's VMs over to another image",
+                       description="Record that ROLE's VMs move to IMAGE (NAME@VERSION). The controller "
+                                   "replaces them roles.ROLE.max_surge at a time (default 1), each new VM "
+                                   "healthy before an old one is drained, so a role never has fewer healthy "
+                                   "VMs than desired; a version that fails to become healthy max_failures "
+                                   "times halts the rollout, and the old VMs keep serving. Editing the "
+                                   "spec's image: does the same. Jobs already queued boot what they were "
+                                   "submitted with. Without --image or --rollback: show the rollout.",
+                       epilog="example: salvus_jobs upgrade sage --image sage@2   |   "
+                              "salvus_jobs upgrade sage --rollback")
+    p.add_argument("role")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--image", metavar="NAME@VERSION", help="the image the role's VMs move to")
+    how.add_argument("--rollback", action="store_true", help="return to what the last rollout replaced")
+    p.set_defaults(func=cmd_upgrade)
+
     p = sub.add_parser("render", parents=[common], help="print a role's job description for a scheduler",
                        epilog="example: salvus_jobs render sage --scheduler slurm > sage.sbatch")
     p.add_argument("role")
@@ -99,6 +115,34 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from cluster.registry import open_registry
+    from cluster.registry.lease import CONTROLLER_LEASE, holder_kind
+    from submit.rollout import current, read_rollouts, rollback, start_upgrade
+
+    spec = load_spec(args.spec)
+    spec.role(args.role)
+    with open_registry(spec) as registry:
+        if args.image:
+            r = start_upgrade(spec, registry, args.role, args.image)
+        elif args.rollback:
+            r = rollback(spec, registry, args.role)
+        else:
+            r = current(spec, args.role, read_rollouts(spec, registry))
+            state = "halted: " + r.reason if r.halted else ("none" if r.target == r.previous else "rolling")
+            print(printable(f"{args.role}: new jobs boot {r.image}; rollout {r.previous} -> {r.target}: {state} "
+                            f"({r.failures} failure(s))"))
+            return 0
+        info = registry.lease(CONTROLLER_LEASE)
+    print(printable(f"{args.role}: recorded the rollout {r.previous} -> {r.target}"))
+    if info is not None and holder_kind(info.holder) == "controller":
+        print(printable(f"{info.holder} holds the lease and rolls it out; follow it with salvus_jobs status"))
+    else:
+        print("no controller is running: start `salvus_jobs controller` to roll it out (a one-shot `scale` "
+              "only submits new jobs with the new image)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from submit.controller_http import controller_report
     from submit.scale import status_report
@@ -120,7 +164,7 @@ def status_lines(report: dict) -> list[str]:
     figures = ["desired", "queued", "running", "held", "stopping", "registered"]
     if report.get("leader"):  # the controller's report: its health figures too
         lines.append(printable(f"controller: {report['leader']} (token {report.get('token')})"))
-        figures += ["healthy", "unhealthy", "draining"]
+        figures += ["healthy", "unhealthy", "retiring", "draining"]
     lines += format_table(["ROLE", *(f.upper() for f in figures)],
                           [[role, *(str(c.get(k, 0)) for k in figures)]
                            for role, c in report["roles"].items()]).splitlines()
@@ -130,6 +174,12 @@ def status_lines(report: dict) -> list[str]:
                               [[j["job_id"], j["role"], j["state"] + ("+registered" if j["registered"] else ""),
                                 j["service_id"] or "-", j["endpoint"] or "-", format_age(j["age"]), j["hold_reason"]]
                                for j in report["jobs"]]).splitlines()
+    for role, c in report["roles"].items():
+        r = c.get("rollout")
+        if r:
+            lines.append(printable(f"rollout of {role}: {r['previous']} -> {r['target']}: {r['state']}, "
+                                   f"{r['failures']}/{r['max_failures']} failures"
+                                   + (f" ({r['reason']})" if r.get("reason") else "")))
     return lines
 
 

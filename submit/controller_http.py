@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLE_FIGURES = ("desired", "queued", "running", "held", "stopping", "registered", "healthy", "unhealthy", "draining")
+ROLE_FIGURES = ("desired", "queued", "running", "held", "stopping", "registered", "healthy", "unhealthy", "retiring",
+                "draining")
 # Boots of the demo guest take seconds, a Debian guest under TCG minutes, a queue hours.
 BOOT_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 WAIT_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -54,6 +55,11 @@ class Metrics:
         self.cycle_failures = Counter("salvus_controller_cycle_failures", "Cycles that failed", registry=r)
         self.boot_to_registered = Histogram("salvus_boot_to_registered_seconds",
                                             "From submission to the service registered", buckets=BOOT_BUCKETS, registry=r)
+        self.successions = Counter("salvus_successions", "Jobs retired for their walltime or an upgrade",
+                                   ["role", "reason"], registry=r)
+        self.handover_gap = Gauge("salvus_handover_gap_seconds",
+                                  "A persistent role's last hand-over: deregistered to serving again", ["role"],
+                                  registry=r)
         self.queue_wait = Histogram("salvus_queue_wait_seconds", "From submission to the job running",
                                     buckets=WAIT_BUCKETS, registry=r)
 

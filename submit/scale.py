@@ -33,6 +33,7 @@ from cluster.spec import MAX_ROLE_COUNT, ClusterSpec
 from cluster.store import Store
 from submit import open_backend
 from submit.base import ACTIVE_STATES, Backend, Job
+from submit.rollout import current, read_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,10 @@ def still_heartbeating(job: Job, services: list[Service], backend: str) -> bool:
 
 
 def plan_from(desired: dict[str, int], backend: Backend, queue: list[Job], services: list[Service],
-              leaving: frozenset[str] = frozenset()) -> ScalePlan:
+              leaving: frozenset[str] = frozenset(), uncounted: frozenset[str] = frozenset()) -> ScalePlan:
     """The plan for `queue` and `services` as read; jobs in `leaving` (by service id: unhealthy,
-    being replaced) are not counted."""
+    being replaced) and in `uncounted` (by job id: retiring, or a persistent role's successor queued
+    behind its predecessor) are not counted."""
     recorded = backend.recorded_ids()
     plans = []
     for role, n in desired.items():
@@ -174,7 +176,8 @@ def plan_from(desired: dict[str, int], backend: Backend, queue: list[Job], servi
         rp.gone = [j for j in listed if j.state in ("done", "failed") and j.job_id in recorded
                    and not still_heartbeating(j, services, backend.name)] \
             + [j for j in backend.known_but_not_listed(role, listed) if not still_heartbeating(j, services, backend.name)]
-        active = [j for j in rp.jobs if j.state in ACTIVE_STATES and (j.service_id or j.job_id) not in leaving]
+        active = [j for j in rp.jobs if j.state in ACTIVE_STATES and (j.service_id or j.job_id) not in leaving
+                  and j.job_id not in uncounted]
         rp.registered = registered_ids(rp.jobs, services, backend.name)
         if n > len(active):
             rp.submit = n - len(active)
@@ -303,6 +306,8 @@ def scale(spec: ClusterSpec, desired: dict[str, int], dry_run: bool = False) -> 
                 if not dry_run:
                     record_desired(registry, desired)
                 return ScalePlan(backend.name, [RolePlan(r, n) for r, n in desired.items()], controller=lease), []
+            rollouts = read_rollouts(spec, registry)
+            backend.images = {r: current(spec, r, rollouts).image for r in spec.roles}
             plan = plan_scale(spec, desired, backend, services=registry.all())
             return plan, ([] if dry_run else apply_plan(spec, plan, backend, lease, registry))
 

@@ -52,6 +52,12 @@ def valid_services(services: Iterable["Service"]) -> list["Service"]:
     return out
 
 
+# The state kind of services a controller is draining: service id -> the job id being drained. Its
+# wrapper finds its row gone and, seeing its job here, stays deregistered instead of registering
+# again (jobwrappers/heartbeat.py); the controller removes the row once the job has ended.
+DRAINING = "draining"
+
+
 @dataclass
 class Service:
     """One live service instance (one VM): a row of the registry. A field added later must have a
