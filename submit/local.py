@@ -117,8 +117,9 @@ class LocalBackend(Backend):
 
     def _job(self, rec: dict) -> Job:
         st = self._state(rec["job_id"])
+        image = rec.get("image")
         job = Job(rec["job_id"], rec["role"], "queued", rec.get("service_id"), rec["submitted"],
-                  backend=self.name)
+                  backend=self.name, image=image if isinstance(image, str) else "")
         final = st.get("state") in ("done", "failed", "held")
         if final:
             job.state, job.hold_reason = st["state"], st.get("reason", "")
