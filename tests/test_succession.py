@@ -5,6 +5,7 @@ a broken version halts its rollout with the old VMs serving."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -139,3 +140,110 @@ def test_rolling_upgrade_keeps_the_count_and_a_broken_version_halts_with_the_old
     finally:
         sampler.close()
     assert sampler.low == 2 and not sampler.below(2), sampler.below(2)[:5]
+
+
+def job_states(spec: Path) -> dict[str, dict]:
+    """The local executor's final records by job id (state, ended_by)."""
+    import json
+
+    d = load_spec(spec).store_path / "state" / "local-jobs"
+    out = {}
+    for p in d.glob("*.state"):
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except ValueError:
+            pass
+    return out
+
+
+def soak(c: ControllerProc, sampler: HealthySampler, spec: Path, seconds: float, successions: int) -> None:
+    """Runs the role for `seconds` (at least until `successions` predecessors were drained), the
+    sampler armed once the count is first reached."""
+    wait_for(lambda: sampler.healthy_now()[0] == 2, 240, "two sage services healthy")
+    sampler.arm()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or c.text().count("drained: sage job") < successions:
+        assert time.monotonic() < deadline + 180, f"fewer than {successions} drains:\n{c.text()[-4000:]}"
+        assert c.proc.poll() is None, c.text()[-4000:]
+        time.sleep(1)
+
+
+def test_local_walltime_succession_never_dips_below_the_count(tmp_path, demo_image, controllers,
+                                                             stop_everything_after):
+    spec = store_image_spec(tmp_path, demo_image, scheduler="{backend: local, max_retries: 1, walltime: '01:00'}",
+                            sage="    stop_timeout: 5\n", controller=", lead_floor: 15")
+    stop_everything_after(spec)
+    c = controllers(spec, tmp_path / "controller.log")
+    sampler = HealthySampler(spec)
+    try:
+        soak(c, sampler, spec, 75, successions=3)
+    finally:
+        sampler.close()
+    log = c.text()
+    assert sampler.low == 2 and not sampler.below(2), sampler.below(2)[:5]
+    assert "walltime: sage job" not in log, log  # no job ended before it was drained
+    drained = [line.split("drained: sage job ")[1].split()[0] for line in log.splitlines() if "drained: sage job" in line]
+    states = job_states(spec)
+    # Every predecessor was stopped by its drain, not by the walltime kill (the local executor
+    # enforces the walltime as a batch scheduler does: SIGTERM at the limit).
+    assert drained and all(states[j].get("ended_by") == "cancel" for j in drained), \
+        {j: states.get(j) for j in drained}
+    status = c.status()["roles"]["sage"]
+    assert status["lead_s"] >= 15 + 2 + 2
+
+
+@pytest.mark.slurm
+def test_slurm_walltime_succession_never_dips_below_the_count(tmp_path, demo_image, controllers,
+                                                             stop_everything_after, slurm_cluster):
+    # Slurm: the job asks for --signal=B:TERM@(grace + 60) and may get it 60 s earlier still, so a
+    # 3-minute job with stop_timeout 5 (grace 20) can be signalled 40 s after it starts.
+    spec = store_image_spec(tmp_path, demo_image, scheduler="{backend: slurm, walltime: '3'}",
+                            sage="    stop_timeout: 5\n", controller=", lead_floor: 15")
+    stop_everything_after(spec)
+    c = controllers(spec, tmp_path / "controller.log")
+    sampler = HealthySampler(spec)
+    try:
+        soak(c, sampler, spec, 60, successions=2)
+    finally:
+        sampler.close()
+    log = c.text()
+    assert sampler.low == 2 and not sampler.below(2), sampler.below(2)[:5]
+    assert "walltime: sage job" not in log, log
+    drained = {line.split("drained: sage job ")[1].split()[0] for line in log.splitlines() if "drained: sage job" in line}
+    r = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %T"], capture_output=True, text=True)
+    ended = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+    assert drained and all(ended.get(j) in ("CANCELLED", "COMPLETED", None) for j in drained), (drained, ended)
+    assert not any(ended.get(j) == "TIMEOUT" for j in drained)
+
+
+def test_a_persistent_role_hands_its_disk_to_its_successor_and_the_gap_is_reported(
+        tmp_path, demo_image, controllers, stop_everything_after):
+    spec = tmp_path / "cluster.yaml"
+    text = demo_spec_text(demo_image, tmp_path / "store").replace(
+        "    port: 9042\n", "    port: 9042\n    count: 1\n    drain_seconds: 1\n    stop_timeout: 5\n", 1)
+    spec.write_text(f"site: hand{tmp_path.name[-6:].replace('_', '')}\n"
+                    "scheduler: {backend: local, max_retries: 1, walltime: '00:50'}\n"
+                    f"controller: {{interval: 1, lease: 4, listen: '127.0.0.1:{free_port()}', unhealthy_after: 2, "
+                    "probe_timeout: 1, lead_floor: 10}\n" + text)
+    stop_everything_after(spec)
+    c = controllers(spec, tmp_path / "controller.log")
+    sampler = HealthySampler(spec, role="cassandra")
+    try:
+        wait_for(lambda: sampler.healthy_now()[0] == 1, 240, "cassandra-0 healthy")
+        first = sampler.healthy_now()[1]
+        c.wait_log("successor job", timeout=120)
+        at = c.wait_log("handover: cassandra: cassandra-0 serves again from job", timeout=120)
+        gap = float(c.text()[at:].split(",")[1].split("s after")[0])
+        status = c.status()["roles"]["cassandra"]
+        assert status["handover_gap_s"] == pytest.approx(gap, abs=0.2)
+    finally:
+        sampler.close()
+    log = c.text()
+    assert "walltime: cassandra job" not in log, log
+    with open_registry(load_spec(spec)) as reg:
+        (row,) = reg.lookup("cassandra")
+    assert row.service_id == "cassandra-0" and first
+    # The successor found the predecessor's data: the demo guest counts its boots on the disk.
+    with socket.create_connection((row.host, row.port), timeout=5) as s:
+        assert b"boots=2" in s.recv(200)
+    assert 0 < gap < 60
