@@ -91,6 +91,7 @@ class Controller:
         self.handover_gap: dict[str, float] = {}  # persistent role -> the last hand-over's gap (s)
         self._spec_stamp = self._stamp()
         self._handover: list[Retiring] = []  # persistent predecessors gone, successor not yet registered
+        self._drains_adopted = False  # the registry's draining rows taken over since the lease was acquired
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.probe_concurrency, thread_name_prefix="probe")
         from submit.controller_http import Metrics
 
@@ -158,6 +159,7 @@ class Controller:
                 self.metrics.leader.set(0)
                 return False
             self.event("lease", f"acquired with token {self.lease.token}: this controller acts")
+            self._drains_adopted = False
             self.status = {**self.status, "role": "leader", "leader": self.holder, "token": self.lease.token}
         self.metrics.leader.set(1)
         return True
@@ -185,6 +187,8 @@ class Controller:
                 self._replace_unhealthy(sid, h, by_sid.get(sid), queue)
         self._escalate(queue)
         self._count_rollout_failures(queue)
+        if not self._drains_adopted:
+            self._adopt_drains(queue)
         self._retire(queue, services, desired)
         plan = plan_from(desired, self.backend, queue, services, leaving=frozenset(self.leaving),
                          uncounted=self._uncounted(queue))
@@ -527,6 +531,24 @@ class Controller:
                     x.earliest_signal, spec_role.drain_seconds, stop_s, self.cfg.interval):
                 self._drain(x, "the last safe moment before its signal" if x.reason == "walltime"
                             else "its successor boots the new image once the disk is free")
+
+    def _adopt_drains(self, queue: list[Job]) -> None:
+        """Drains another controller (or this one, before a restart) began: their jobs stay
+        deregistered, so they are stopped now; rows of jobs that have ended are removed."""
+        self._drains_adopted = True
+        present = {j.job_id: j for j in queue if j.state in ACTIVE_STATES + ("stopping",)}
+        now = time.time()
+        for sid, jid in self.registry.read_state(DRAINING).items():
+            job = present.get(jid)
+            assert self.lease is not None
+            self.lease.fence(f"adopt the drain of {sid}")
+            if job is None or job.role not in self.spec.roles:
+                self.registry.write_state(DRAINING, sid, None)
+            elif jid not in self.retiring:
+                self.retiring[jid] = Retiring(jid, job.role, sid, "adopted", now, self.backend.earliest_signal(job),
+                                              drain_started=now)
+                self.event("drain", f"{job.role} job {jid} ({sid}): was being drained (a draining row): stopping it "
+                                    f"in {self.spec.roles[job.role].drain_seconds:g}s")
 
     def _drain(self, x: Retiring, why: str) -> None:
         assert self.lease is not None

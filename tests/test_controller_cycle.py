@@ -68,3 +68,30 @@ def test_a_controller_whose_lease_passed_on_does_nothing(spec):
     c.cycle()  # the next cycle finds the lease lost and stands by
     assert c.status["role"] == "standby" and active(c) == []
     assert any(e["kind"] == "lease" and "lost" in e["text"] for e in c.events)
+
+
+def test_a_new_leader_finishes_the_drains_it_finds_and_drops_stale_rows(spec):
+    from cluster.registry.base import DRAINING
+
+    spec.roles["sage"].drain_seconds = 0
+    c = Controller(spec)
+    c.registry.write_state(DESIRED, "sage", "1")
+    c.cycle()
+    (job,) = active(c)
+    # A controller that died mid-drain left its row; another row names a job long gone.
+    c.registry.write_state(DRAINING, job.service_id, job.job_id)
+    c.registry.write_state(DRAINING, "sage-gone", "12345-abcdef")
+    c.lease.release()
+    c2 = Controller(spec)
+    c2.cycle()
+    assert any(e["kind"] == "drain" and job.job_id in e["text"] for e in c2.events)
+    assert c2.registry.read_state(DRAINING) == {job.service_id: job.job_id}
+    c2.cycle()  # drain_seconds 0: stopped now; its replacement is the plan's shortfall
+    states = {j.job_id: j.state for j in c2.backend.list("sage")}
+    assert states.get(job.job_id, "gone") in ("stopping", "done", "gone")
+    assert any(j != job.job_id and s in ACTIVE_STATES for j, s in states.items())
+    wait_until_gone = time.monotonic() + 10
+    while c2.registry.read_state(DRAINING) and time.monotonic() < wait_until_gone:
+        c2.cycle()
+        time.sleep(0.2)
+    assert c2.registry.read_state(DRAINING) == {}  # removed once the job ended
