@@ -9,7 +9,7 @@ job's local supervisor SIGKILLed: its VM runs on, unsupervised). On Slurm the th
 `exec`) with no grace. That is what a real site sees: a user's or an admin's `scancel -s KILL`, or
 the kernel's OOM killer picking the step. Killing slurmstepd itself is not: Slurm protects it from
 the OOM killer, it dies only of its own bugs, and when it does slurmctld keeps the job RUNNING
-(minutes, measured) with nothing of it left on the node, which no controller of ours can see.
+(over 3 minutes, measured) whatever became of its processes: no scheduler query shows it.
 
 Healthy again: two services registered, each answering its probe (asked by this script, not the
 controller), none of them the hung one, every job supervised (local: a live supervisor; Slurm: the
