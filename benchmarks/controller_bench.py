@@ -1,15 +1,24 @@
 """Controller benchmark: time from a fault to healthy again, per fault kind, with the controller and
-the naive way (a cron-style `scale` every interval), on the local executor with demo VMs, count 2.
+the naive way (a cron-style `scale` every interval), with demo VMs, count 2, on the local executor
+and on a real one-node Slurm (started as the tests start theirs: tests/fixtures/slurm.py).
 
 Faults, one at a time, each once the role is healthy: `kill` (a VM's QEMU SIGKILLed), `hang` (a
-VM's QEMU SIGSTOPped: the wrapper still heartbeats), `supervisor` (a job's local supervisor
-SIGKILLed: its VM runs on, unsupervised). Healthy again: two services registered, each answering
-its probe (asked by this script, not the controller), none of them the hung one, every job with a
-live supervisor, at most two QEMU processes (more, sampled throughout, count as duplicates). A
-fault not recovered within --timeout is `inf`. Real VMs (TCG here): figures move with the machine's
-load; printed, not asserted. The last line is `key=value` pairs.
+VM's QEMU SIGSTOPped: the wrapper still heartbeats), and on the local executor `supervisor` (a
+job's local supervisor SIGKILLed: its VM runs on, unsupervised). On Slurm the third is `batchkill`:
+`scancel --batch --signal=KILL` of the job, SIGKILL to its batch step's process (the wrapper, by
+`exec`) with no grace. That is what a real site sees: a user's or an admin's `scancel -s KILL`, or
+the kernel's OOM killer picking the step. Killing slurmstepd itself is not: Slurm protects it from
+the OOM killer, it dies only of its own bugs, and when it does slurmctld keeps the job RUNNING
+(over 3 minutes, measured) whatever became of its processes: no scheduler query shows it.
 
-    .venv/bin/python benchmarks/controller_bench.py [--interval 2] [--timeout 60]
+Healthy again: two services registered, each answering its probe (asked by this script, not the
+controller), none of them the hung one, every job supervised (local: a live supervisor; Slurm: the
+job RUNNING in squeue), at most two QEMU processes (more, sampled throughout, count as duplicates).
+A fault not recovered within the timeout is `inf`. Real VMs (TCG here): figures move with the
+machine's load; printed, not asserted. The last line is `key=value` pairs.
+
+    .venv/bin/python benchmarks/controller_bench.py [--backend local|slurm|all] [--interval 2]
+        [--timeout 60] [--slurm-timeout 240]
 """
 from __future__ import annotations
 
@@ -36,12 +45,14 @@ from tests.fixtures.demo_image import demo_spec_text, store_qemu_pids  # noqa: E
 
 SALVUS_JOBS = str(Path(sys.executable).parent / "salvus_jobs")
 COUNT = 2
-FAULTS = ("kill", "hang", "supervisor")
+FAULTS = {"local": ("kill", "hang", "supervisor"), "slurm": ("kill", "hang", "batchkill")}
 
 
-def write_spec(work: Path, interval: float) -> Path:
+def write_spec(work: Path, interval: float, backend: str, mode: str) -> Path:
     path = work / "cluster.yaml"
-    path.write_text(f"site: bench\ncontroller: {{interval: {interval}, lease: {max(4, int(interval * 3))}, "
+    # Slurm: a site per mode, so one run's jobs (COMPLETING a while) are never the next one's.
+    head = "site: bench\n" if backend == "local" else f"site: bench{mode}\nscheduler: {{backend: slurm}}\n"
+    path.write_text(f"{head}controller: {{interval: {interval}, lease: {max(4, int(interval * 3))}, "
                     "listen: '127.0.0.1:0', unhealthy_after: 2, probe_timeout: 1}\n"
                     + demo_spec_text(build_demo_image(work / "image"), work / "store"))
     return path
@@ -82,6 +93,13 @@ def running(pid: object) -> bool:
         return False
 
 
+def supervised(spec, job) -> bool:
+    """The job's supervisor is there: the local executor's supervisor process; Slurm's RUNNING state."""
+    if spec.scheduler.backend == "local":
+        return running(local_state(spec, job.job_id, "json").get("pid"))
+    return job.state == "running"
+
+
 def healthy(spec, exclude: set[str]) -> bool:
     with open_registry(spec) as reg:
         services = [s for s in reg.lookup("sage") if s.service_id not in exclude]
@@ -90,7 +108,7 @@ def healthy(spec, exclude: set[str]) -> bool:
     jobs = {j.service_id: j for j in open_backend(spec).list("sage")}
     for s in services:
         job = jobs.get(s.service_id)
-        if job is None or not running(local_state(spec, job.job_id, "json").get("pid")):
+        if job is None or not supervised(spec, job):
             return False
         try:
             probe_once(s.host, s.port, spec.roles["sage"].probe)
@@ -109,16 +127,28 @@ def wait_healthy(spec, exclude: set[str], timeout: float, t0: float | None = Non
     return float("inf")
 
 
+def qemu_of(spec, job) -> int:
+    """The job's QEMU: the local wrapper's child; on Slurm the one named after its service id."""
+    if spec.scheduler.backend == "local":
+        wrapper = local_state(spec, job.job_id, "state")["wrapper_pid"]
+        children = Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()
+        return next(int(c) for c in children if b"qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes())
+    needle = f"guest={job.service_id},".encode()
+    return next(pid for pid in store_qemu_pids(spec.store_path)
+                if needle in Path(f"/proc/{pid}/cmdline").read_bytes())
+
+
 def inject(spec, fault: str) -> tuple[set[str], int | None]:
     """Injects `fault` into the oldest job; returns the service ids never to count again, and a
     stopped pid to resume afterwards."""
     job = sorted((j for j in open_backend(spec).list("sage") if j.state == "running"), key=lambda j: j.submitted)[0]
-    wrapper = local_state(spec, job.job_id, "state")["wrapper_pid"]
     if fault == "supervisor":
         os.kill(local_state(spec, job.job_id, "json")["pid"], signal.SIGKILL)
         return set(), None
-    children = Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()
-    qemu = next(int(c) for c in children if b"qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes())
+    if fault == "batchkill":
+        subprocess.run(["scancel", "--batch", "--signal=KILL", job.job_id], check=True, capture_output=True, timeout=30)
+        return set(), None
+    qemu = qemu_of(spec, job)
     if fault == "kill":
         os.kill(qemu, signal.SIGKILL)
         return set(), None
@@ -128,6 +158,7 @@ def inject(spec, fault: str) -> tuple[set[str], int | None]:
 
 def run_mode(spec_path: Path, mode: str, interval: float, timeout: float) -> dict[str, float]:
     spec = load_spec(spec_path)
+    faults = FAULTS[spec.scheduler.backend]
     watch = Watch(str(spec.store_path))
     helper: subprocess.Popen | None = None
     stop_cron = threading.Event()
@@ -146,7 +177,7 @@ def run_mode(spec_path: Path, mode: str, interval: float, timeout: float) -> dic
     try:
         if wait_healthy(spec, set(), 240) == float("inf"):
             raise SystemExit(f"{mode}: the role never became healthy")
-        for fault in FAULTS:
+        for fault in faults:
             t0 = time.monotonic()
             exclude, stopped = inject(spec, fault)
             if stopped is not None:
@@ -156,7 +187,8 @@ def run_mode(spec_path: Path, mode: str, interval: float, timeout: float) -> dic
             while healthy(spec, exclude) and time.monotonic() < deadline:
                 time.sleep(0.1)
             results[fault] = wait_healthy(spec, exclude, timeout, t0)
-            print(f"  {mode:10s} {fault:10s} healthy again after {results[fault]:.1f} s", flush=True)
+            print(f"  {spec.scheduler.backend:5s} {mode:10s} {fault:10s} healthy again after {results[fault]:.1f} s",
+                  flush=True)
             if stopped is not None and pid_alive(stopped):
                 os.kill(stopped, signal.SIGCONT)
             if results[fault] == float("inf"):
@@ -175,22 +207,45 @@ def run_mode(spec_path: Path, mode: str, interval: float, timeout: float) -> dic
     return results
 
 
+def run_backend(tmp: Path, backend: str, interval: float, timeout: float) -> dict[str, dict[str, float]]:
+    results = {}
+    for mode in ("controller", "naive"):
+        work = tmp / f"{backend}-{mode}"
+        work.mkdir()
+        results[mode] = run_mode(write_spec(work, interval, backend, mode), mode, interval, timeout)
+    return results
+
+
+def keys(backend: str, results: dict[str, dict[str, float]]) -> list[str]:
+    """`BACKEND_recover_FAULT_s=…` then `naive_…`; the local naive keys keep their old names."""
+    naive = "naive" if backend == "local" else f"naive_{backend}"
+    return ([f"{backend}_recover_{f}_s={results['controller'][f]:.1f}" for f in FAULTS[backend]]
+            + [f"{naive}_recover_{f}_s={results['naive'][f]:.1f}" for f in FAULTS[backend]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("local", "slurm", "all"), default="all")
     ap.add_argument("--interval", type=float, default=2.0)
-    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds to recover, local executor")
+    ap.add_argument("--slurm-timeout", type=float, default=240.0,
+                    help="seconds to recover on Slurm (a requeued job waits out Slurm's own delays)")
     args = ap.parse_args()
+    backends = ("local", "slurm") if args.backend == "all" else (args.backend,)
+    line, duplicates = [], 0
     with tempfile.TemporaryDirectory(prefix="controller-bench-") as tmp:
-        results = {}
-        for mode in ("controller", "naive"):
-            work = Path(tmp) / mode
-            work.mkdir()
-            results[mode] = run_mode(write_spec(work, args.interval), mode, args.interval, args.timeout)
-    c, n = results["controller"], results["naive"]
-    print(f"local_recover_kill_s={c['kill']:.1f} local_recover_hang_s={c['hang']:.1f} "
-          f"local_recover_supervisor_s={c['supervisor']:.1f} naive_recover_kill_s={n['kill']:.1f} "
-          f"naive_recover_hang_s={n['hang']:.1f} naive_recover_supervisor_s={n['supervisor']:.1f} "
-          f"duplicates={int(c['duplicates'] + n['duplicates'])} interval_s={args.interval:g}")
+        for backend in backends:
+            if backend == "slurm":
+                # Imported here: the local half needs no Slurm installed.
+                from tests.fixtures.slurm import running_slurm
+
+                with running_slurm():  # sets $SLURM_CONF for us and every salvus_jobs we start
+                    results = run_backend(Path(tmp), backend, args.interval, args.slurm_timeout)
+            else:
+                results = run_backend(Path(tmp), backend, args.interval, args.timeout)
+            line += keys(backend, results)
+            duplicates += int(results["controller"]["duplicates"] + results["naive"]["duplicates"])
+    print(" ".join(line + [f"duplicates={duplicates}", f"interval_s={args.interval:g}"]))
 
 
 if __name__ == "__main__":
