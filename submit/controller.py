@@ -185,10 +185,11 @@ class Controller:
         for sid, h in list(self.health.items()):
             if h.failures >= self.cfg.unhealthy_after and sid not in self.leaving:
                 self._replace_unhealthy(sid, h, by_sid.get(sid), queue)
-        self._escalate(queue)
-        self._count_rollout_failures(queue)
         if not self._drains_adopted:
             self._adopt_drains(queue)
+        self._replace_silent(queue, services)
+        self._escalate(queue)
+        self._count_rollout_failures(queue)
         self._retire(queue, services, desired)
         plan = plan_from(desired, self.backend, queue, services, leaving=frozenset(self.leaving),
                          uncounted=self._uncounted(queue))
@@ -277,6 +278,29 @@ class Controller:
         self.backend.cancel(job)
         self.leaving[sid] = Leaving(job)
         self.metrics.replacements.labels(job.role).inc()
+
+    def _replace_silent(self, queue: list[Job], services: list[Service]) -> None:
+        """A job running for its role's boot_timeout (and the clean-up grace, and two cycles) whose
+        VM never registered is as good as dead (a wrapper stuck before it registers, a batch step
+        killed while the scheduler still says RUNNING): cancelled and replaced like an unhealthy one."""
+        registered = registered_ids(queue, services, self.backend.name)
+        now = time.time()
+        for j in queue:
+            sid = j.service_id or j.job_id
+            if j.state != "running" or sid in registered or sid in self.leaving or j.job_id in self.retiring:
+                continue
+            since = j.started or self._first_seen_running.get(j.job_id)
+            limit = self.spec.boot_timeout(j.role) + CLEANUP_GRACE_S + 2 * self.cfg.interval
+            if since is None or now - since < limit:
+                continue
+            assert self.lease is not None
+            self.lease.fence(f"replace silent {sid}")
+            self.event("unregistered", f"{j.role} job {j.job_id} ({sid}) has run {now - since:.0f}s without its VM "
+                                       f"registering (boot_timeout {self.spec.boot_timeout(j.role):g}s): cancelling "
+                                       "and replacing it", logging.WARNING)
+            self.backend.cancel(j)
+            self.leaving[sid] = Leaving(j)
+            self.metrics.replacements.labels(j.role).inc()
 
     def _escalate(self, queue: list[Job]) -> None:
         """A cancelled unhealthy job still there after its grace is killed; one that is gone is forgotten."""

@@ -95,3 +95,21 @@ def test_a_new_leader_finishes_the_drains_it_finds_and_drops_stale_rows(spec):
         c2.cycle()
         time.sleep(0.2)
     assert c2.registry.read_state(DRAINING) == {}  # removed once the job ended
+
+
+def test_a_running_job_whose_vm_never_registers_is_replaced(spec):
+    """A wrapper stuck before it registers (here: one that only sleeps) is running for the
+    scheduler but serves nothing: after its boot_timeout and the clean-up grace it is replaced."""
+    spec.hypervisor.boot_timeout = 1
+    c = Controller(spec)
+    c.registry.write_state(DESIRED, "sage", "1")
+    c.cycle()
+    (job,) = active(c)
+    deadline = time.monotonic() + 40
+    while not any(e["kind"] == "unregistered" for e in c.events) and time.monotonic() < deadline:
+        time.sleep(1)
+        c.cycle()
+    assert any(e["kind"] == "unregistered" and job.job_id in e["text"] for e in c.events), list(c.events)
+    c.cycle()
+    now = [j for j in active(c)]
+    assert len(now) == 1 and now[0].job_id != job.job_id
