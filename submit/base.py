@@ -270,7 +270,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit_one(self, role: str, service_id: str | None) -> str:
         """Queues one job of `role` (its stable service id, or None: ROLE-JOBID); returns its job id.
-        A backend with `tokens` takes a third argument, the token the job must carry."""
+        A backend with `tokens` takes a third argument, the token the job must carry; one with
+        `dependencies` an `after` keyword, the job id it must wait for (submit_successor)."""
 
     @abc.abstractmethod
     def list(self, role: str | None = None) -> list[Job]:
@@ -284,22 +285,26 @@ class Backend(abc.ABC):
     def submit(self, role: str, n: int) -> list[Job]:
         """Queues `n` jobs of `role`, one at a time; returns them as the scheduler named them."""
         self.prepare_submit(role)
-        jobs = []
-        for sid in self.stable_service_ids(role, n):
-            if self.tokens:
-                # A failure leaves the intent: whether the scheduler took the job is for the
-                # next listing to say (adopt).
-                token = self.ledger.intend(role, sid)
-                job = self.new_job(role, sid, self.submit_one(role, sid, token))
-                job.token = token
-            else:
-                job = self.new_job(role, sid, self.submit_one(role, sid))
-            self.record(job)  # at once: a failure on the next one never resubmits this one
-            if job.token:
-                self.ledger.settle(job.token)
-            log.info("%s job %s: %s %s", self.name, job.job_id, role, job.service_id)
-            jobs.append(job)
-        return jobs
+        return [self.submit_job(role, sid) for sid in self.stable_service_ids(role, n)]
+
+    def submit_job(self, role: str, sid: str | None, after: str = "") -> Job:
+        """Queues and records one job (after `after` has ended, if given: backends with
+        `dependencies` take it as submit_one's `after` keyword)."""
+        extra = {"after": after} if after else {}
+        if self.tokens:
+            # A failure leaves the intent: whether the scheduler took the job is for the
+            # next listing to say (adopt).
+            token = self.ledger.intend(role, sid)
+            job = self.new_job(role, sid, self.submit_one(role, sid, token, **extra))
+            job.token = token
+        else:
+            job = self.new_job(role, sid, self.submit_one(role, sid, **extra))
+        self.record(job)  # at once: a failure on the next one never resubmits this one
+        if job.token:
+            self.ledger.settle(job.token)
+        log.info("%s job %s: %s %s%s", self.name, job.job_id, role, job.service_id,
+                 f" (after job {after})" if after else "")
+        return job
 
     def prepare_submit(self, role: str) -> None:
         """Checks and directories a submission needs once, before its first job."""
@@ -356,7 +361,10 @@ class Backend(abc.ABC):
         """Queues a job with `job`'s service id that starts once `job` has ended (a persistent
         role's successor: it needs the disk `job` holds), on the same host; returns it. Only for
         backends with `dependencies`."""
-        raise SchedulerError(f"{self.name}: cannot queue a job to start after another")
+        if not self.dependencies:
+            raise SchedulerError(f"{self.name}: cannot queue a job to start after another")
+        self.prepare_submit(job.role)
+        return self.submit_job(job.role, job.service_id, after=job.job_id)
 
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""
