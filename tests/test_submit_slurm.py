@@ -15,6 +15,7 @@ from cluster.errors import SalvusError
 from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
+from submit.base import Job
 from submit.slurm import parse_squeue
 from tests.fixtures.slurm import KILL_WAIT
 from tests.polling import wait_for
@@ -359,3 +360,32 @@ def test_slurm_lists_the_walltime_clock_and_image_and_a_successor_waits_for_its_
     # The same service id again, now registered by the successor's job.
     wait_for(lambda: (s := live(spec_path, "sage").get(first.service_id)) and s.job_id == second.job_id,
              240, "the successor registered under the predecessor's service id")
+
+
+def test_pbs_successor_asks_qsub_to_wait_for_its_predecessor(tmp_path, demo_image, stop_everything_after, slurm_cluster):
+    # No VM: the predecessor is a held job submitted by hand, so neither ever starts; what is under
+    # test is that the successor reaches the scheduler with the dependency (Slurm's qsub wrapper).
+    spec = scheduler_spec(tmp_path, demo_image, "pbs", extra=f", bin_dir: {TORQUE_BIN}")
+    stop_everything_after(spec)
+    backend = open_backend(load_spec(spec))
+    held = slurm_cluster.run("sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "sleep 600").stdout.strip()
+    try:
+        second = backend.submit_successor(Job(held, "sage", "running", "sage-0", time.time(), backend="pbs"))
+        assert second.service_id == "sage-0" and second.job_id in backend.recorded_ids()
+        waiting = slurm_cluster.run("squeue", "-h", "-j", second.job_id, "-o", "%T|%r|%E").stdout.strip()
+        assert waiting.startswith(f"PENDING|Dependency|afterany:{held}"), waiting
+        assert [(j.job_id, j.state) for j in backend.list("sage")] == [(second.job_id, "queued")]
+    finally:
+        slurm_cluster.run("scancel", held)
+
+
+def test_slurm_node_fits_a_surge_beside_two_jobs_on_this_machine(slurm_cluster, tmp_path, demo_image):
+    # Three jobs the size of a demo VM's (1 cpu, 128 MiB + QEMU's 256) run at once on the fixture's
+    # node even on a 2-core machine: a successor or an upgrade's surge of 1 over count 2 fits.
+    ids = [slurm_cluster.run("sbatch", "--parsable", "-c", "1", "--mem=384", "-o", "/dev/null", "--wrap", "sleep 120").stdout.strip()
+           for _ in range(3)]
+    try:
+        wait_for(lambda: slurm_cluster.run("squeue", "-h", "-j", ",".join(ids), "-o", "%T").stdout.split()
+                 == ["RUNNING"] * 3, 60, "three jobs running at once")
+    finally:
+        slurm_cluster.run("scancel", *ids)

@@ -1,6 +1,7 @@
-"""What a Slurm listing says about a job's walltime clock, its image and how it ended: squeue's
-start time (%S) and time limit (%l), the job comment (`salvus:SID:TOKEN[:IMAGE]`, anyone's writing)
-and the final state, parsed and validated."""
+"""What a scheduler's listing says about a job's walltime clock, its image and how it ended. Slurm:
+squeue's start time (%S) and time limit (%l), the job comment (`salvus:SID:TOKEN[:IMAGE]`, anyone's
+writing) and the final state, parsed and validated; PBS/Torque: a successor held for its
+dependency is queued, not held."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from cluster.spec import load_spec
+from submit.pbs import PbsBackend, parse_qstat_full
 from submit.slurm import SlurmBackend, parse_comment, parse_squeue, parse_time_limit
 
 
@@ -92,3 +94,23 @@ def test_successor_is_refused_for_a_job_id_that_is_not_slurms(backend):
     with pytest.raises(SchedulerError, match="a successor waits for a Slurm job id, got '12; rm'"):
         backend.submit_one("sage", "sage-0", "tok", after="12; rm")
     assert backend.dependencies
+
+
+QSTAT_HELD = """Job Id: 41.pbs0
+    Job_Name = s.sage
+    job_state = H
+    Hold_Types = {holds}
+    qtime = Thu Jan  1 00:00:00 2026
+    depend = afterany:40.pbs0@pbs0
+"""
+
+
+@pytest.mark.parametrize("holds, state, reason", [
+    ("s", "queued", "waiting for afterany:40.pbs0@pbs0"),  # held by Torque for its dependency
+    ("u", "held", "job_state H"),  # an operator's hold on a successor is still a hold
+])
+def test_torque_successor_held_for_its_dependency_is_queued(tmp_path, holds, state, reason):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("site: s\nscheduler: {backend: pbs}\nroles: {sage: {image: demo@1, port: 8080}}\n")
+    (job,) = parse_qstat_full(QSTAT_HELD.format(holds=holds), PbsBackend(load_spec(spec)), {})
+    assert (job.state, job.hold_reason) == (state, reason)
