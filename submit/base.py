@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -79,6 +80,7 @@ class Job:
     walltime_s: float | None = None
     image: str = ""  # the NAME@VERSION the job boots (--image), when the scheduler or our records show it
     ended_by: str = ""  # for a finished job: "walltime", "cancel", "exit" (its own), "" unknown
+    after: str = ""  # the job a successor waits for (submit_successor), when our records show it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -235,6 +237,8 @@ def parse_ledger(rows: dict[str, str]) -> list[Job]:
             if not (isinstance(job.job_id, str) and isinstance(job.role, str) and isinstance(job.state, str)
                     and isinstance(job.submitted, (int, float))):
                 raise TypeError
+            if not (isinstance(job.after, str) and re.fullmatch(r"[\w.-]{0,64}", job.after)):
+                job.after = ""  # a job id only: backends ask their scheduler about it
             out.append(job)
         except (ValueError, TypeError, KeyError):
             log.warning("ignoring unreadable ledger entry %r", key)
@@ -299,6 +303,7 @@ class Backend(abc.ABC):
             job.token = token
         else:
             job = self.new_job(role, sid, self.submit_one(role, sid, **extra))
+        job.after = after
         self.record(job)  # at once: a failure on the next one never resubmits this one
         if job.token:
             self.ledger.settle(job.token)

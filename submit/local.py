@@ -66,10 +66,10 @@ class LocalBackend(Backend):
         job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
         job = self.new_job(role, service_id, job_id)
         res = self.resources(role)
-        job.walltime_s, job.image = res.walltime_s, self.job_image(role)
+        job.walltime_s, job.image, job.after = res.walltime_s, self.job_image(role), after
         logs = self.log_dir()
         out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
-        record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None, "after": after or None}
+        record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
         # Recorded before it starts, so a crash between the two never leaves an untracked job.
         write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record), STATE_MODE)
         env = {**self.job_env(job.service_id), "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_LOCAL_ERR_LOG": str(err)}
@@ -139,6 +139,7 @@ class LocalBackend(Backend):
         # The records are files in state/, which job users may write: only well-formed values.
         job.image = rec["image"] if isinstance(rec.get("image"), str) and is_image_ref(rec["image"]) else ""
         job.walltime_s = _positive(rec.get("walltime_s"))
+        job.after = rec["after"] if isinstance(rec.get("after"), str) else ""
         final = st.get("state") in ("done", "failed", "held")
         if final:
             job.state, job.hold_reason = st["state"], st.get("reason", "")

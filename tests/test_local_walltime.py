@@ -80,7 +80,7 @@ def test_successor_waits_for_its_predecessor_then_runs_supervisor_only(tmp_path,
 
     queued = wait_for(lambda: (j := job(backend, second.job_id)) and j.hold_reason and j, 30, "the successor waiting")
     assert (queued.state, queued.hold_reason) == ("queued", f"waiting for job {first.job_id} to end")
-    assert queued.started is None
+    assert queued.started is None and queued.after == first.job_id
     assert runs.read_text().count("--service-id cassandra-0") == 1  # only the predecessor ran
 
     backend.cancel(job(backend, first.job_id))
