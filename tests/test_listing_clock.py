@@ -114,3 +114,16 @@ def test_torque_successor_held_for_its_dependency_is_queued(tmp_path, holds, sta
     spec.write_text("site: s\nscheduler: {backend: pbs}\nroles: {sage: {image: demo@1, port: 8080}}\n")
     (job,) = parse_qstat_full(QSTAT_HELD.format(holds=holds), PbsBackend(load_spec(spec)), {})
     assert (job.state, job.hold_reason) == (state, reason)
+
+
+def test_htcondor_refuses_a_successor_in_one_line(tmp_path):
+    from cluster.errors import SchedulerError
+    from submit import open_backend
+    from submit.base import Job
+
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("site: s\nscheduler: {backend: condor}\nroles: {sage: {image: demo@1, port: 8080}}\n")
+    backend = open_backend(load_spec(spec))
+    assert not backend.dependencies
+    with pytest.raises(SchedulerError, match="^condor: cannot queue a job to start after another$"):
+        backend.submit_successor(Job("1.0", "sage", "running", "sage-0", 0.0))
