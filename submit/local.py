@@ -66,7 +66,7 @@ class LocalBackend(Backend):
         job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
         job = self.new_job(role, service_id, job_id)
         res = self.resources(role)
-        job.walltime_s, job.image, job.after = res.walltime_s, self.job_image(role), after
+        job.walltime_s, job.after = res.walltime_s, after
         logs = self.log_dir()
         out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
         record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
