@@ -302,6 +302,15 @@ def split_image_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def is_image_ref(text: str) -> bool:
+    """`text` is a whole NAME@VERSION (for values read back from records and schedulers)."""
+    try:
+        split_image_ref(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _image_ref(v: str) -> str:
     split_image_ref(v)
     return v

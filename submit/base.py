@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -79,6 +80,7 @@ class Job:
     walltime_s: float | None = None
     image: str = ""  # the NAME@VERSION the job boots (--image), when the scheduler or our records show it
     ended_by: str = ""  # for a finished job: "walltime", "cancel", "exit" (its own), "" unknown
+    after: str = ""  # the job a successor waits for (submit_successor), when our records show it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -235,6 +237,8 @@ def parse_ledger(rows: dict[str, str]) -> list[Job]:
             if not (isinstance(job.job_id, str) and isinstance(job.role, str) and isinstance(job.state, str)
                     and isinstance(job.submitted, (int, float))):
                 raise TypeError
+            if not (isinstance(job.after, str) and re.fullmatch(r"[\w.-]{0,64}", job.after)):
+                job.after = ""  # a job id only: backends ask their scheduler about it
             out.append(job)
         except (ValueError, TypeError, KeyError):
             log.warning("ignoring unreadable ledger entry %r", key)
@@ -270,7 +274,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit_one(self, role: str, service_id: str | None) -> str:
         """Queues one job of `role` (its stable service id, or None: ROLE-JOBID); returns its job id.
-        A backend with `tokens` takes a third argument, the token the job must carry."""
+        A backend with `tokens` takes a third argument, the token the job must carry; one with
+        `dependencies` an `after` keyword, the job id it must wait for (submit_successor)."""
 
     @abc.abstractmethod
     def list(self, role: str | None = None) -> list[Job]:
@@ -284,22 +289,27 @@ class Backend(abc.ABC):
     def submit(self, role: str, n: int) -> list[Job]:
         """Queues `n` jobs of `role`, one at a time; returns them as the scheduler named them."""
         self.prepare_submit(role)
-        jobs = []
-        for sid in self.stable_service_ids(role, n):
-            if self.tokens:
-                # A failure leaves the intent: whether the scheduler took the job is for the
-                # next listing to say (adopt).
-                token = self.ledger.intend(role, sid)
-                job = self.new_job(role, sid, self.submit_one(role, sid, token))
-                job.token = token
-            else:
-                job = self.new_job(role, sid, self.submit_one(role, sid))
-            self.record(job)  # at once: a failure on the next one never resubmits this one
-            if job.token:
-                self.ledger.settle(job.token)
-            log.info("%s job %s: %s %s", self.name, job.job_id, role, job.service_id)
-            jobs.append(job)
-        return jobs
+        return [self.submit_job(role, sid) for sid in self.stable_service_ids(role, n)]
+
+    def submit_job(self, role: str, sid: str | None, after: str = "") -> Job:
+        """Queues and records one job (after `after` has ended, if given: backends with
+        `dependencies` take it as submit_one's `after` keyword)."""
+        extra = {"after": after} if after else {}
+        if self.tokens:
+            # A failure leaves the intent: whether the scheduler took the job is for the
+            # next listing to say (adopt).
+            token = self.ledger.intend(role, sid)
+            job = self.new_job(role, sid, self.submit_one(role, sid, token, **extra))
+            job.token = token
+        else:
+            job = self.new_job(role, sid, self.submit_one(role, sid, **extra))
+        job.after = after
+        self.record(job)  # at once: a failure on the next one never resubmits this one
+        if job.token:
+            self.ledger.settle(job.token)
+        log.info("%s job %s: %s %s%s", self.name, job.job_id, role, job.service_id,
+                 f" (after job {after})" if after else "")
+        return job
 
     def prepare_submit(self, role: str) -> None:
         """Checks and directories a submission needs once, before its first job."""
@@ -356,7 +366,10 @@ class Backend(abc.ABC):
         """Queues a job with `job`'s service id that starts once `job` has ended (a persistent
         role's successor: it needs the disk `job` holds), on the same host; returns it. Only for
         backends with `dependencies`."""
-        raise SchedulerError(f"{self.name}: cannot queue a job to start after another")
+        if not self.dependencies:
+            raise SchedulerError(f"{self.name}: cannot queue a job to start after another")
+        self.prepare_submit(job.role)
+        return self.submit_job(job.role, job.service_id, after=job.job_id)
 
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""

@@ -32,6 +32,7 @@ STATE_MAP = {
 
 class DrmaaBackend(Backend):
     name = "drmaa"
+    dependencies = True  # Grid Engine's -hold_jid ID in the native specification
 
     def session_env(self) -> dict[str, str]:
         lib = os.environ.get("DRMAA_LIBRARY_PATH") or self.spec.scheduler.drmaa_library or DEFAULT_LIBRARY
@@ -54,7 +55,7 @@ class DrmaaBackend(Backend):
             raise cls(f"drmaa ({request['op']}): {answer['error']}")
         return answer
 
-    def native_spec(self, role: str, service_id: str | None) -> str:
+    def native_spec(self, role: str, service_id: str | None, after: str = "") -> str:
         s = self.spec.scheduler
         res = self.resources(role)
         # Memory is not requested: Grid Engine sites define their own memory complexes (h_vmem
@@ -71,11 +72,15 @@ class DrmaaBackend(Backend):
         host = self.host_for(role, service_id)
         if host:
             parts.append(f"-l h={host}")
+        if after:
+            if not after.isdigit():
+                raise SchedulerError(f"drmaa: a successor waits for a Grid Engine job id, got {after[:40]!r}")
+            parts.append(f"-hold_jid {after}")  # starts once that job has ended, however it ended
         if s.native_spec:
             parts.append(s.native_spec)
         return " ".join(parts)
 
-    def job_template(self, role: str, service_id: str | None) -> dict:
+    def job_template(self, role: str, service_id: str | None, after: str = "") -> dict:
         """The fields of a drmaa.JobTemplate, as the helper process sets them."""
         checked_service_id(service_id)
         args = [wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--image", self.job_image(role)]
@@ -83,7 +88,7 @@ class DrmaaBackend(Backend):
             args += ["--service-id", service_id]  # else the wrapper's default: ROLE-$JOB_ID
         logs = self.log_dir()
         return {"command": str(JOB_SCRIPT), "args": args, "name": self.job_name(role),
-                "native": self.native_spec(role, service_id),
+                "native": self.native_spec(role, service_id, after),
                 "stdout": str(logs / f"{self.job_name(role)}.$JOB_ID.out"),
                 "stderr": str(logs / f"{self.job_name(role)}.$JOB_ID.err"),
                 # The allowlisted environment, and the cell's client settings so the job script's
@@ -99,9 +104,9 @@ class DrmaaBackend(Backend):
                 f"qsub -N {quote(t['name'])} {t['native']} -o {quote(t['stdout'])} -e {quote(t['stderr'])} "
                 f"-b y {quote(t['command'])} {' '.join(quote(a) for a in t['args'])}\n")
 
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, after: str = "") -> str:
         # One request per job (the helper could take several), so each is recorded before the next.
-        return self.call({"op": "submit", "templates": [self.job_template(role, service_id)]})["ids"][0]
+        return self.call({"op": "submit", "templates": [self.job_template(role, service_id, after)]})["ids"][0]
 
     def list(self, role: str | None = None) -> list[Job]:
         known = [j for j in self.ledger.jobs() if role is None or j.role == role]
@@ -115,6 +120,10 @@ class DrmaaBackend(Backend):
             if state == "gone":
                 continue  # finished and forgotten by the scheduler: reported as gone by `scale`
             j.state = STATE_MAP.get(state, "unknown")
+            if state == "system_on_hold" and j.after:
+                # -hold_jid: Grid Engine holds a successor until its predecessor has ended (and
+                # for a moment after: it releases it on its next scheduling run).
+                j.state, j.hold_reason = "queued", f"waiting for job {j.after} to end"
             if j.job_id in cancelled and j.state in ("running", "queued"):
                 j.state = "stopping"
             if j.state == "held":

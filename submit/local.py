@@ -2,8 +2,10 @@
 
 Each job is a supervisor (`submit.localrun`) in its own session, so it outlives the CLI and a
 terminal's ^C never reaches it; it runs `salvus-vmjob` and applies the retry policy. State lives in
-STORE/state/local-jobs/: `ID.json` (written only by the CLI: role and service id before the
-supervisor starts, then its pid and start time), `ID.state` (written only by the supervisor), `ID.cancel` (cancel requested).
+STORE/state/local-jobs/: `ID.json` (written only by the CLI: role, service id, image, walltime and
+the job it waits for before the supervisor starts, then its pid and start time), `ID.state`
+(written only by the supervisor: state, reason, when it first ran, how it ended), `ID.cancel`
+(cancel requested). The supervisor enforces the walltime and waits for a predecessor (localrun).
 Logs go to STORE/logs/ID.out and ID.err.
 """
 from __future__ import annotations
@@ -24,14 +26,22 @@ from cluster.errors import SpecError
 from cluster.spec import ClusterSpec
 from cluster.files import STATE_MODE, open_append, process_start_time, write_atomic_text
 from cluster.store import Store
+from cluster.yamlmodel import is_image_ref
 from submit.base import CLEANUP_GRACE_S, Backend, Job, quote, wrapper_path
 from submit.runner import CommandRunner
 
 log = logging.getLogger(__name__)
 
+ENDED_BY = ("walltime", "cancel", "exit")
+
+
+def _positive(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
 
 class LocalBackend(Backend):
     name = "local"
+    dependencies = True  # the supervisor waits for the predecessor's supervisor and wrapper to end
 
     def __init__(self, spec: ClusterSpec, runner: CommandRunner | None = None) -> None:
         super().__init__(spec, runner)
@@ -52,17 +62,20 @@ class LocalBackend(Backend):
         super().prepare_submit(role)
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, after: str = "") -> str:
         job_id = f"{int(time.time())}-{secrets.token_hex(3)}"
         job = self.new_job(role, service_id, job_id)
+        res = self.resources(role)
+        job.walltime_s, job.after = res.walltime_s, after
         logs = self.log_dir()
         out, err = logs / f"{job_id}.out", logs / f"{job_id}.err"
         record = {**job.to_dict(), "stdout": str(out), "stderr": str(err), "pid": None}
         # Recorded before it starts, so a crash between the two never leaves an untracked job.
         write_atomic_text(self.dir / f"{job_id}.json", json.dumps(record), STATE_MODE)
         env = {**self.job_env(job.service_id), "SALVUS_LOCAL_JOB_ID": job_id, "SALVUS_LOCAL_ERR_LOG": str(err)}
+        limits = ["--grace", str(res.grace_s)] + (["--walltime", str(res.walltime_s)] if res.walltime_s else [])
         cmd = [sys.executable, "-m", "submit.localrun", str(self.dir), job_id,
-               str(self.spec.scheduler.max_retries), "--",
+               str(self.spec.scheduler.max_retries), *limits, *(["--after", after] if after else []), "--",
                wrapper_path(self.spec), "--spec", self.spec.source, "--role", role, "--image", self.job_image(role),
                "--service-id", job.service_id]
         with open_append(out, STATE_MODE) as fo, open_append(err, STATE_MODE) as fe:
@@ -100,9 +113,13 @@ class LocalBackend(Backend):
     def _orphan_pid(self, rec: dict, st: dict) -> int | None:
         """The pid of the job's wrapper when it runs on without its supervisor (SIGKILLed): its VM
         heartbeats on, and nobody would stop it."""
-        pid, started = st.get("wrapper_pid"), st.get("wrapper_start")
         if st.get("state") in ("done", "failed", "held") or self._alive(rec):
             return None
+        return self._wrapper_pid(rec, st)
+
+    def _wrapper_pid(self, rec: dict, st: dict) -> int | None:
+        """The pid of the job's wrapper while it runs, checked to be ours and this job's."""
+        pid, started = st.get("wrapper_pid"), st.get("wrapper_start")
         if not (isinstance(pid, int) and pid > 1 and started is not None and process_start_time(pid) == started):
             return None
         # The records are files in state/, which job users may write: signal only a process of
@@ -117,12 +134,16 @@ class LocalBackend(Backend):
 
     def _job(self, rec: dict) -> Job:
         st = self._state(rec["job_id"])
-        image = rec.get("image")
         job = Job(rec["job_id"], rec["role"], "queued", rec.get("service_id"), rec["submitted"],
-                  backend=self.name, image=image if isinstance(image, str) else "")
+                  backend=self.name)
+        # The records are files in state/, which job users may write: only well-formed values.
+        job.image = rec["image"] if isinstance(rec.get("image"), str) and is_image_ref(rec["image"]) else ""
+        job.walltime_s = _positive(rec.get("walltime_s"))
+        job.after = rec["after"] if isinstance(rec.get("after"), str) else ""
         final = st.get("state") in ("done", "failed", "held")
         if final:
             job.state, job.hold_reason = st["state"], st.get("reason", "")
+            job.ended_by = st["ended_by"] if st.get("ended_by") in ENDED_BY else ""
         elif self._orphan_pid(rec, st) is not None:
             # Still capacity (a second VM beside it would be a duplicate) until the reaper stops it.
             cancelled = (self.dir / f"{rec['job_id']}.cancel").exists()
@@ -139,6 +160,9 @@ class LocalBackend(Backend):
         else:
             job.state = "failed"
             job.hold_reason = "the job's supervisor is gone without a final state (killed?)"
+        if job.state in ("running", "stopping"):
+            # When it first ran: the local walltime runs on across exit-75 retries, like a batch limit.
+            job.started = _positive(st.get("started"))
         return job
 
     def list(self, role: str | None = None) -> list[Job]:
@@ -158,13 +182,16 @@ class LocalBackend(Backend):
         os.kill(rec["pid"], signal.SIGTERM)  # the supervisor forwards it to the wrapper only
 
     def kill(self, job: Job) -> None:
-        """Last resort after the grace period: SIGKILL the job's whole process group."""
+        """Last resort after the grace period: SIGKILL the job's process groups (the supervisor's
+        and its wrapper's own)."""
         rec = self._record(job.job_id)
         if rec and self._alive(rec):
-            try:
-                os.killpg(rec["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            wrapper = self._wrapper_pid(rec, self._state(job.job_id))
+            for group in ([wrapper] if wrapper else []) + [rec["pid"]]:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         elif rec and (pid := self._orphan_pid(rec, self._state(job.job_id))) is not None:
             os.kill(pid, signal.SIGKILL)  # its QEMU dies with it (PR_SET_PDEATHSIG)
 

@@ -17,6 +17,7 @@ from submit.runner import last_line
 # Torque job_state letters -> ours (E: exiting, the wrapper is shutting its guest down).
 STATE_MAP = {"Q": "queued", "W": "queued", "T": "queued", "R": "running", "E": "stopping",
              "H": "held", "S": "held", "C": "done", "F": "done"}
+JOB_ID_RE = re.compile(r"\d+(\.[\w.-]+)?")
 
 
 class PbsBackend(ScriptBackend):
@@ -29,11 +30,12 @@ class PbsBackend(ScriptBackend):
     directive_forms = {"queue": "-q {}", "account": "-A {}", "walltime": "-l walltime={}",
                        "host": "-l host={}", "feature": "-l proc={}"}
     job_id_expr = "${job_id%%.*}"  # Torque ids are NUMBER.SERVER
+    dependencies = True  # -W depend=afterany:ID
 
     def format_walltime(self, seconds: int) -> str:
         return clock_time(seconds)  # Torque takes HH:MM:SS (hours past 24), not Slurm's D-HH:MM:SS
 
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, after: str = "") -> str:
         logs = self.log_dir()
         scripts = Store.of(self.spec).runtime.scripts_dir
         script = scripts / f"{self.job_name(role)}.{service_id or 'job'}.pbs"
@@ -44,11 +46,15 @@ class PbsBackend(ScriptBackend):
         # of ours (PBS adds its PBS_O_* itself).
         env = self.job_env(service_id)
         argv += ["-v", ",".join(sorted(env))]
+        if after:
+            if not JOB_ID_RE.fullmatch(after):
+                raise SchedulerError(f"qsub: a successor waits for a PBS job id, got {after[:40]!r}")
+            argv += ["-W", f"depend=afterany:{after}"]  # the script's -l host keeps the host
         try:
             job_id = self.run(*argv, str(script), env=env).stdout.strip()
         except SchedulerError as e:
             raise self.explain_refusal(role, e) from None
-        if not re.fullmatch(r"\d+(\.[\w.-]+)?", job_id):
+        if not JOB_ID_RE.fullmatch(job_id):
             raise SchedulerError(f"qsub: expected a job id, got {last_line(job_id)!r}")
         return job_id
 
@@ -82,11 +88,15 @@ def parse_qstat_full(out: str, backend: PbsBackend, known_sids: dict[str, str | 
         if role is None:
             continue
         state = STATE_MAP.get(attrs["job_state"].strip(), "unknown")
+        waiting = ""
+        if state == "held" and attrs.get("depend") and set(attrs.get("Hold_Types", "s").strip()) <= {"s", "n"}:
+            # Torque holds a job (system hold) until its dependency is met: a successor, queued.
+            state, waiting = "queued", f"waiting for {attrs['depend'].strip()[:120]}"
         try:
             submitted = time.mktime(time.strptime(attrs.get("qtime", ""), "%a %b %d %H:%M:%S %Y"))
         except ValueError:
             submitted = 0.0
         reason = attrs.get("comment", "") or (f"job_state {attrs['job_state']}" if state == "held" else "")
         sid = known_sids.get(job_id) or f"{role}-{job_id.split('.')[0]}"
-        jobs.append(Job(job_id, role, state, sid, submitted, reason if state == "held" else "", backend.name))
+        jobs.append(Job(job_id, role, state, sid, submitted, reason if state == "held" else waiting, backend.name))
     return jobs

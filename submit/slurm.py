@@ -1,20 +1,24 @@
 """Slurm: sbatch scripts; `sbatch` / `squeue` / `scancel` / `scontrol`.
 
 Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name` finds every role's jobs; a stable
-service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment, and so does
-the submission's token (`salvus:SERVICE_ID:TOKEN`), by which a job whose id we never read is
-adopted (Backend.adopt).
+service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment, and so do
+the submission's token and the image the job boots (`salvus:SERVICE_ID:TOKEN:IMAGE`; jobs queued
+before the image was added carry `salvus:SERVICE_ID:TOKEN`); by the token a job whose id we never
+read is adopted (Backend.adopt). A successor (submit_successor) waits with `--dependency=afterany`.
 """
 from __future__ import annotations
 
 import time
 
 from cluster.errors import SchedulerError
+from cluster.spec import parse_walltime
+from cluster.yamlmodel import is_image_ref, is_service_id
 from submit.base import Job, ScriptBackend, clock_time
 from submit.runner import last_line
 
-SQUEUE_FORMAT = "%i|%j|%T|%r|%V|%k"
-SQUEUE_FIELDS = "JOBID|NAME|STATE|REASON|SUBMIT_TIME|COMMENT"
+# The comment last: it is anyone's writing and may hold a '|' (the line is split 7 times only).
+SQUEUE_FORMAT = "%i|%j|%T|%r|%V|%S|%l|%k"
+SQUEUE_FIELDS = "JOBID|NAME|STATE|REASON|SUBMIT_TIME|START_TIME|TIME_LIMIT|COMMENT"
 
 # Slurm job states -> ours. COMPLETING is a cancelled or finished job whose processes are still
 # being signalled: the wrapper is shutting its guest down.
@@ -28,6 +32,8 @@ STATE_MAP = {
     "BOOT_FAIL": "failed", "DEADLINE": "failed", "PREEMPTED": "failed", "REVOKED": "failed",
 }
 HELD_REASONS = ("JobHeldUser", "JobHeldAdmin")
+# How a finished job ended, by its final state (anything else: not known).
+ENDED_BY = {"TIMEOUT": "walltime", "CANCELLED": "cancel", "COMPLETED": "exit", "FAILED": "exit"}
 
 
 class SlurmBackend(ScriptBackend):
@@ -41,6 +47,7 @@ class SlurmBackend(ScriptBackend):
                        "host": "--nodelist={}", "feature": "--constraint={}"}
     job_id_expr = "${SLURM_JOB_ID}"
     tokens = True
+    dependencies = True  # --dependency=afterany:ID
     signal_slack_s = 60.0  # "the signal may be sent up to 60 seconds earlier than specified" (sbatch(1))
 
     def format_walltime(self, seconds: int) -> str:
@@ -60,13 +67,19 @@ class SlurmBackend(ScriptBackend):
         return float(res.grace_s + 60) if res.walltime_s else 0.0
 
     # --- submit / list / cancel ----------------------------------------------------------------
-    def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
+    def submit_one(self, role: str, service_id: str | None, token: str = "", after: str = "") -> str:
         # Names only: sbatch passes their values from its own environment (no value on the command
         # line, none split at a comma), and nothing else of ours; Slurm adds its SLURM_* itself.
         env = self.job_env(service_id)
+        argv = ["sbatch", "--parsable", f"--export={','.join(sorted(env))}",
+                f"--comment=salvus:{service_id or ''}:{token}:{self.job_image(role)}"]
+        if after:
+            if not after.isdigit():
+                raise SchedulerError(f"sbatch: a successor waits for a Slurm job id, got {after[:40]!r}")
+            # Once the predecessor ended however it ended; the script's --nodelist keeps the host.
+            argv.append(f"--dependency=afterany:{after}")
         try:
-            r = self.run("sbatch", "--parsable", f"--export={','.join(sorted(env))}",
-                         f"--comment=salvus:{service_id or ''}:{token}", input=self.render(role, service_id), env=env)
+            r = self.run(*argv, input=self.render(role, service_id), env=env)
         except SchedulerError as e:
             raise self.explain_refusal(role, e) from None
         job_id = r.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
@@ -111,16 +124,36 @@ def parse_submit_time(text: str) -> float:
         return 0.0
 
 
+def parse_time_limit(text: str) -> float | None:
+    """squeue's %l (MM:SS, H:MM:SS, D-HH:MM:SS; UNLIMITED, N/A, INVALID, NOT_SET) -> seconds, None
+    for no limit or anything unreadable (the limit is then the spec's, Backend.earliest_signal)."""
+    try:
+        return float(parse_walltime(text.strip()))
+    except ValueError:
+        return None
+
+
+def parse_comment(comment: str) -> tuple[str, str, str]:
+    """Our job comment `salvus:SID:TOKEN[:IMAGE]` -> (service id, token, image); a comment is
+    anyone's writing (scontrol update), so a field that is not well-formed is left empty."""
+    if not comment.startswith("salvus:"):
+        return "", "", ""
+    sid, _, rest = comment[len("salvus:"):].partition(":")
+    token, _, image = rest.partition(":")
+    return (sid if is_service_id(sid) else "", token if token.isalnum() else "",
+            image if is_image_ref(image) else "")
+
+
 def parse_squeue(out: str, backend: SlurmBackend) -> list[Job]:
     jobs = []
     for n, line in enumerate(out.splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split("|")
-        if len(parts) != 6 or not parts[0].replace("_", "").replace("[", "").replace("]", "").replace("-", "").isdigit():
+        parts = line.split("|", 7)
+        if len(parts) != 8 or not parts[0].replace("_", "").replace("[", "").replace("]", "").replace("-", "").isdigit():
             raise SchedulerError(f"squeue: unexpected output on line {n}: {line[:120]!r} "
                                  f"(expected {SQUEUE_FIELDS})")
-        job_id, name, state, reason, submitted, comment = parts
+        job_id, name, state, reason, submitted, start, limit, comment = parts
         role = backend.role_of(name)
         if role is None:
             continue
@@ -131,7 +164,10 @@ def parse_squeue(out: str, backend: SlurmBackend) -> list[Job]:
             ours = "held"
         if ours == "held":
             hold_reason = reason if reason not in ("None", "") else base_state
-        sid, _, token = comment[len("salvus:"):].partition(":") if comment.startswith("salvus:") else ("", "", "")
+        sid, token, image = parse_comment(comment)
+        # A pending job's %S is Slurm's guess at its start: only a running one has started.
+        started = (parse_submit_time(start) or None) if ours in ("running", "stopping") else None
         jobs.append(Job(job_id, role, ours, sid or f"{role}-{job_id}", parse_submit_time(submitted),
-                        hold_reason, backend.name, token))
+                        hold_reason, backend.name, token, started=started, walltime_s=parse_time_limit(limit),
+                        image=image, ended_by=ENDED_BY.get(base_state, "") if ours in ("done", "failed") else ""))
     return jobs

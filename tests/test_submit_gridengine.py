@@ -1,5 +1,6 @@
 """Son of Grid Engine through DRMAA (the `drmaa` package) with the real daemons the fixture starts:
-submit, status, terminate with a graceful guest shutdown, and a held job that is not replaced."""
+submit, status, terminate with a graceful guest shutdown, a held job that is not replaced, and a
+successor held (-hold_jid) until its predecessor ends."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
+from submit.base import Job
 from tests.fixtures.gridengine import TERMINATE_GRACE
 from tests.polling import wait_for
 from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
@@ -80,3 +82,27 @@ def test_drmaa_unreachable_qmaster_is_one_line(tmp_path, demo_image, gridengine,
     assert r.returncode == 75, r.stderr
     assert r.stderr.startswith("salvus_jobs: drmaa (submit): ") and r.stderr.count("\n") == 1, r.stderr
     assert open_backend(load_spec(spec_path)).ledger.jobs() == []
+
+
+def test_drmaa_successor_is_held_by_grid_engine_until_its_predecessor_ends(tmp_path, demo_image, stop_everything_after,
+                                                                           gridengine):
+    # The predecessor is a held job submitted by hand (no VM): under test is that the successor
+    # carries -hold_jid, lists as queued waiting for it, and is released once it has gone.
+    spec = sge_spec(tmp_path, demo_image)
+    stop_everything_after(spec)
+    backend = open_backend(load_spec(spec))
+    qsub = gridengine.run("qsub", "-terse", "-h", "-b", "y", "-o", "/dev/null", "-e", "/dev/null", "/bin/sleep", "600")
+    held = qsub.stdout.strip()
+    try:
+        second = backend.submit_successor(Job(held, "sage", "running", "sage-0", time.time(), backend="drmaa"))
+        assert second.service_id == "sage-0" and second.after == held
+        [listed] = backend.list("sage")
+        assert (listed.job_id, listed.state, listed.hold_reason) == (second.job_id, "queued",
+                                                                     f"waiting for job {held} to end")
+        assert "hqw" in gridengine.run("qstat").stdout
+    finally:
+        gridengine.run("qdel", held, check=False)
+    # Released: Grid Engine no longer holds it (it is queued, or already running its wrapper).
+    wait_for(lambda: backend.call({"op": "status", "ids": [second.job_id]})["states"][second.job_id]
+             in ("queued_active", "running"), 60, "the successor released")
+    backend.cancel(second)

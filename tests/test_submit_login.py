@@ -136,9 +136,9 @@ def test_squeue_comment_carries_service_id_and_token(tmp_path):
     spec = tmp_path / "cluster.yaml"
     spec.write_text("site: s\nscheduler: {backend: slurm}\nroles: {sage: {image: demo@1, port: 8080}}\n")
     backend = SlurmBackend(load_spec(spec))
-    jobs = parse_squeue("12|s.sage|PENDING|None|2026-01-01T00:00:00|salvus::abc123\n"
-                        "13|s.sage|PENDING|None|2026-01-01T00:00:00|salvus:sage-0:def456\n"
-                        "14|s.sage|PENDING|None|2026-01-01T00:00:00|salvus:sage-1\n", backend)
+    jobs = parse_squeue("12|s.sage|PENDING|None|2026-01-01T00:00:00|N/A|UNLIMITED|salvus::abc123\n"
+                        "13|s.sage|PENDING|None|2026-01-01T00:00:00|N/A|UNLIMITED|salvus:sage-0:def456\n"
+                        "14|s.sage|PENDING|None|2026-01-01T00:00:00|N/A|UNLIMITED|salvus:sage-1\n", backend)
     assert [(j.service_id, j.token) for j in jobs] == [("sage-12", "abc123"), ("sage-0", "def456"),
                                                        ("sage-1", "")]
 

@@ -15,6 +15,7 @@ from cluster.errors import SalvusError
 from cluster.registry import open_registry
 from cluster.spec import load_spec
 from submit import open_backend
+from submit.base import Job
 from submit.slurm import parse_squeue
 from tests.fixtures.slurm import KILL_WAIT
 from tests.polling import wait_for
@@ -156,9 +157,10 @@ def test_malformed_squeue_output_is_one_clear_error():
             return "sage"
 
     with pytest.raises(SalvusError) as e:
-        parse_squeue("12|x.sage|RUNNING|None|2026-01-01T00:00:00|salvus:\nthis is not squeue output\n", Named)
+        parse_squeue("12|x.sage|RUNNING|None|2026-01-01T00:00:00|2026-01-01T00:00:01|1:00|salvus:\n"
+                     "this is not squeue output\n", Named)
     assert str(e.value) == ("squeue: unexpected output on line 2: 'this is not squeue output' "
-                            "(expected JOBID|NAME|STATE|REASON|SUBMIT_TIME|COMMENT)")
+                            "(expected JOBID|NAME|STATE|REASON|SUBMIT_TIME|START_TIME|TIME_LIMIT|COMMENT)")
 
 
 def test_squeue_printing_garbage_is_one_line_and_submits_nothing(tmp_path, demo_image, slurm_cluster, cli):
@@ -322,3 +324,68 @@ def test_persistent_role_gets_lowest_free_stable_ids_pinned_to_its_disk_host(tmp
                               ("condor", 'TARGET.Machine == "hv1"')):
         r = cli("--spec", str(spec), "render", "cassandra", "--scheduler", scheduler, "--service-id", "cassandra-1")
         assert pinned in r.stdout and "cassandra-1" in r.stdout, (scheduler, r.stdout)
+
+
+@pytest.mark.vm
+def test_slurm_lists_the_walltime_clock_and_image_and_a_successor_waits_for_its_predecessor(
+        tmp_path, demo_image, stop_everything_after, slurm_cluster):
+    spec_path = slurm_spec(tmp_path, demo_image, extra=", walltime: '10:00'")
+    stop_everything_after(spec_path)
+    backend = open_backend(load_spec(spec_path))
+    (first,) = backend.submit("sage", 1)
+    try:
+        wait_for(lambda: first.service_id in live(spec_path, "sage"), 240, "the predecessor registered")
+    except AssertionError:
+        raise AssertionError(logs_of(spec_path)) from None
+
+    def listed(job_id: str):
+        return next((j for j in backend.list("sage") if j.job_id == job_id), None)
+
+    running = listed(first.job_id)
+    assert running.state == "running" and running.started is not None
+    assert abs(running.started - time.time()) < 300  # Slurm's own start time, not a guess of ours
+    assert (running.walltime_s, running.image) == (600, "demo@1")
+    assert backend.earliest_signal(running) == running.started + 600 - backend.signal_lead_s("sage") - 60
+
+    second = backend.submit_successor(running)
+    assert second.service_id == first.service_id and second.job_id in backend.recorded_ids()
+    waiting = slurm_cluster.run("squeue", "-h", "-j", second.job_id, "-o", "%T|%r|%E").stdout.strip()
+    assert waiting.startswith("PENDING|Dependency|afterany:" + first.job_id), waiting
+    assert listed(second.job_id).state == "queued" and listed(second.job_id).started is None
+
+    backend.cancel(running)
+    wait_for(lambda: (j := listed(second.job_id)) and j.state == "running", KILL_WAIT + 30, "the successor running")
+    ended = wait_for(lambda: (j := listed(first.job_id)) and j.state == "done" and j, 30, "the predecessor ended")
+    assert ended.ended_by == "cancel"
+    # The same service id again, now registered by the successor's job.
+    wait_for(lambda: (s := live(spec_path, "sage").get(first.service_id)) and s.job_id == second.job_id,
+             240, "the successor registered under the predecessor's service id")
+
+
+def test_pbs_successor_asks_qsub_to_wait_for_its_predecessor(tmp_path, demo_image, stop_everything_after, slurm_cluster):
+    # No VM: the predecessor is a held job submitted by hand, so neither ever starts; what is under
+    # test is that the successor reaches the scheduler with the dependency (Slurm's qsub wrapper).
+    spec = scheduler_spec(tmp_path, demo_image, "pbs", extra=f", bin_dir: {TORQUE_BIN}")
+    stop_everything_after(spec)
+    backend = open_backend(load_spec(spec))
+    held = slurm_cluster.run("sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "sleep 600").stdout.strip()
+    try:
+        second = backend.submit_successor(Job(held, "sage", "running", "sage-0", time.time(), backend="pbs"))
+        assert second.service_id == "sage-0" and second.job_id in backend.recorded_ids()
+        waiting = slurm_cluster.run("squeue", "-h", "-j", second.job_id, "-o", "%T|%r|%E").stdout.strip()
+        assert waiting.startswith(f"PENDING|Dependency|afterany:{held}"), waiting
+        assert [(j.job_id, j.state) for j in backend.list("sage")] == [(second.job_id, "queued")]
+    finally:
+        slurm_cluster.run("scancel", held)
+
+
+def test_slurm_node_fits_a_surge_beside_two_jobs_on_this_machine(slurm_cluster, tmp_path, demo_image):
+    # Three jobs the size of a demo VM's (1 cpu, 128 MiB + QEMU's 256) run at once on the fixture's
+    # node even on a 2-core machine: a successor or an upgrade's surge of 1 over count 2 fits.
+    ids = [slurm_cluster.run("sbatch", "--parsable", "-c", "1", "--mem=384", "-o", "/dev/null", "--wrap", "sleep 120").stdout.strip()
+           for _ in range(3)]
+    try:
+        wait_for(lambda: slurm_cluster.run("squeue", "-h", "-j", ",".join(ids), "-o", "%T").stdout.split()
+                 == ["RUNNING"] * 3, 60, "three jobs running at once")
+    finally:
+        slurm_cluster.run("scancel", *ids)
