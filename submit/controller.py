@@ -596,7 +596,8 @@ class Controller:
                     self.event("walltime", f"{x.role} job {jid} ({x.service_id}) ended before it was drained"
                                + (f" (ended by {ended.ended_by})" if ended and ended.ended_by else ""), logging.WARNING)
                 else:
-                    self.event("drained", f"{x.role} job {jid} ({x.service_id}) has ended")
+                    self.event("drained", f"{x.role} job {jid} ({x.service_id}) has ended"
+                               + (f" (ended by {ended.ended_by})" if ended and ended.ended_by else ""))
                 if x.successor and x.drain_started is not None:
                     x.cancelled = x.cancelled or now  # the gap is measured once the successor registers
                     self._handover.append(x)
