@@ -360,11 +360,16 @@ class Controller:
         """The rollout of every role (a spec edit of `image:` starts one) and what new jobs boot."""
         rows = read_rollouts(self.spec, self.registry)
         for role in self.spec.roles:
-            r = current(self.spec, role, rows)
             old = self.rollouts.get(role)
-            if rows.get(role) != r and r.target != r.previous:
+            image = self.spec.roles[role].image
+            if role not in rows and old is not None and old.spec_image != image:
+                # The spec was edited before any row was written: roll out from what the role booted.
+                r = Rollout(target=image, previous=old.image, spec_image=image, started=time.time())
+            else:
+                r = current(self.spec, role, rows)
+            if rows.get(role) != r:  # a new rollout, or the first row of a role (what it boots now)
                 assert self.lease is not None
-                self.lease.fence(f"start the rollout of {role}")
+                self.lease.fence(f"record the rollout of {role}")
                 write_rollout(self.registry, role, r)
             if old is None or (old.target, old.previous, old.started) != (r.target, r.previous, r.started):
                 self._failed[role] = set()

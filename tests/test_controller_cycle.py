@@ -113,3 +113,27 @@ def test_a_running_job_whose_vm_never_registers_is_replaced(spec):
     c.cycle()
     now = [j for j in active(c)]
     assert len(now) == 1 and now[0].job_id != job.job_id
+
+
+def test_an_edit_of_a_roles_image_in_the_spec_file_starts_a_rollout(spec):
+    from submit.rollout import ROLLOUT, read_rollouts
+
+    c = Controller(spec)
+    c.registry.write_state(DESIRED, "sage", "1")
+    c.cycle()
+    (old,) = active(c)
+    assert old.image == "demo@1"
+    path = Path(spec.source)
+    time.sleep(0.01)
+    path.write_text(path.read_text().replace("image: demo@1", "image: demo@2"))
+    c.cycle()
+    assert any(e["kind"] == "spec" and "new image for sage" in e["text"] for e in c.events)
+    assert any(e["kind"] == "rollout" and "demo@1 -> demo@2" in e["text"] for e in c.events)
+    r = read_rollouts(spec, c.registry)["sage"]
+    assert (r.previous, r.target) == ("demo@1", "demo@2") and c.registry.read_state(ROLLOUT)
+    assert c.backend.job_image("sage") == "demo@2"
+    # A spec that no longer loads is not followed; the running one stays.
+    path.write_text(path.read_text() + "roles: {}\n")
+    c.cycle()
+    assert any(e["kind"] == "spec" and "does not load" in e["text"] for e in c.events)
+    assert c.backend.job_image("sage") == "demo@2"

@@ -236,3 +236,22 @@ def test_a_persistent_role_hands_its_disk_to_its_successor_and_the_gap_is_report
     with socket.create_connection((row.host, row.port), timeout=5) as s:
         assert b"boots=2" in s.recv(200)
     assert 0 < gap < 60
+
+
+@pytest.mark.slurm
+def test_a_job_queued_before_the_image_changed_boots_the_old_version(tmp_path, demo_image, stop_everything_after,
+                                                                     slurm_cluster):
+    spec = store_image_spec(tmp_path, demo_image, scheduler="{backend: slurm, require_image: false}")
+    spec.write_text(spec.read_text().replace("    count: 2\n", "    count: 0\n", 1))
+    stop_everything_after(spec)
+    down = ("scontrol", "update", f"PartitionName={slurm_cluster.partition}")
+    assert slurm_cluster.run(*down, "State=DOWN").returncode == 0
+    try:
+        cli(spec, "scale", "sage=1")  # queued: the partition takes no jobs
+        spec.write_text(spec.read_text().replace("image: demo@1\n    boot:", "image: demo@2\n    boot:", 1))
+        assert load_spec(spec).roles["sage"].image == "demo@2"
+    finally:
+        assert slurm_cluster.run(*down, "State=UP").returncode == 0
+    wait_for(lambda: sage_images(spec) == ["demo@1"], 180, "the queued job registered")
+    cli(spec, "scale", "sage=2")  # a job submitted now boots the spec's new image
+    wait_for(lambda: sage_images(spec) == ["demo@1", "demo@2"], 180, "the new job registered")
