@@ -38,7 +38,8 @@ class SlurmBackend(ScriptBackend):
                          "Zero Bytes were transmitted")
 
     directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
-                       "host": "--nodelist={}", "feature": "--constraint={}"}
+                       "host": "--nodelist={}", "feature": "--constraint={}",
+                       "exclude": "--exclude={}"}
     job_id_expr = "${SLURM_JOB_ID}"
     tokens = True
     signal_slack_s = 60.0  # "the signal may be sent up to 60 seconds earlier than specified" (sbatch(1))
