@@ -13,6 +13,7 @@ from cluster.spec import parse_spec
 from submit import open_backend
 from submit.cli import status_lines
 from submit.runner import CommandResult
+from submit.scale import status_report
 from tests.test_render import FakeRunner
 
 SITE = """
@@ -80,6 +81,11 @@ def test_htcondor_requires_a_machine_not_marked(tmp_path):
 
 
 def test_status_lists_the_marked_hosts(tmp_path):
+    spec = site_spec(tmp_path)
+    with open_registry(spec) as registry:
+        unfit.mark(registry, "h3", "h3: no site network bridge salvusbr0", now=1e9)
+    assert status_report(spec)["unfit_hosts"] == [{"host": "h3", "reason": "h3: no site network bridge salvusbr0",
+                                                    "since": 1e9}]
     report = {"backend": "slurm", "roles": {}, "jobs": [],
               "unfit_hosts": [{"host": "h2", "reason": "h2: no bridge\x1b]0;x", "since": 0.0}]}
     lines = status_lines(report)
