@@ -5,7 +5,8 @@ tc tbf at --rate): TCP throughput and round-trip time between the hosts directly
 addresses), then between two "VM" namespaces behind the hosts' site bridges, across VXLAN and the
 real filter (`network up`, and each VM port bound to its own anti-spoofing chain exactly as the
 helper binds a tap). (b) Demo VMs (plain QEMU, TCG here): VM to VM across the overlay and VM to VM
-on one bridge, bulk data over the guests' own nc, started through `salvus_jobs ssh`. (c) Forbidden
+on one bridge, bulk data over the guests' own nc, started through `salvus_jobs ssh` (two VMs at
+a time: two on host 1, then the second replaced by one on host 2). (c) Forbidden
 connection attempts (a sage-block address to a cassandra's port, which only cassandra and hub may
 reach): how many were refused. Figures are printed, not asserted; the last line is key=value pairs:
 
@@ -23,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -121,19 +121,24 @@ def shape(site: Site, rate: str) -> None:
 
 
 def vm_mbit(site: Site, spec: Path, src, dst, count: int) -> float:
-    """`dd | nc` from VM `src` to a sink `nc -l` in VM `dst` (both started over `salvus_jobs ssh`)."""
+    """`dd | nc` from VM `src` to a sink `nc -l` in VM `dst` (both started over `salvus_jobs ssh`),
+    timed by the sending guest's /proc/uptime around the transfer: the ssh sessions' own set-up
+    (seconds under TCG, and varying) is not in the figure."""
     def ssh(svc, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
         host = int(svc.hypervisor[1:])
         return site.run_in(host, str(BIN / "salvus_jobs"), "ssh", svc.service_id, "--spec", str(spec), "-l", "root",
                            "-i", str(site.key_file), "-n", "--", command, timeout=timeout)
-    ssh(dst, "(nc -l -p 7001 </dev/null >/dev/null 2>&1 &) ; sleep 0.2")
-    t0 = time.monotonic()
-    proc = ssh(src, f"dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc {dst.host} 7001")
-    elapsed = time.monotonic() - t0
-    ssh(dst, "true")  # the same ssh's cost without the transfer, subtracted below
-    base = time.monotonic() - t0 - elapsed
-    assert proc.returncode == 0, proc.stderr
-    return count * 65536 * 8 / max(elapsed - base, 1e-3) / 1e6
+    # The sink's stdin must not end: busybox nc half-closes on its stdin's EOF, and the sender
+    # quits when its peer half-closes, after a few KiB.
+    ssh(dst, "rm -f /tmp/got; (sleep 600 | nc -l -p 7001 2>/dev/null | wc -c >/tmp/got &) ; sleep 0.5")
+    proc = ssh(src, "a=$(cut -d' ' -f1 /proc/uptime); "
+                    f"dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc {dst.host} 7001 || echo nc failed $?; "
+                    "b=$(cut -d' ' -f1 /proc/uptime); echo $a $b")
+    assert proc.returncode == 0 and "nc failed" not in proc.stdout, proc.stdout + proc.stderr
+    got = ssh(dst, "sleep 0.5; cat /tmp/got").stdout.split()
+    assert got == [str(count * 65536)], f"{dst.service_id} received {got} of {count * 65536} bytes"
+    start, end = (float(x) for x in proc.stdout.split()[-2:])
+    return count * 65536 * 8 / max(end - start, 0.01) / 1e6
 
 
 def main() -> int:
@@ -156,6 +161,7 @@ def main() -> int:
     site = Site(tmp, f"snb{os.getpid() % 10000}", image, spec_path, key_file,
                 {**os.environ, "SALVUS_NET_DIR": str(tmp / "net")})
     out: dict[str, str] = {}
+    print("load average (1, 5, 15 min) at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     try:
         site.create()
         shape(site, args.rate)
@@ -185,11 +191,14 @@ def main() -> int:
                    ns_ratio=f"{overlay / direct:.2f}", rtt_direct_ms=f"{rtt_direct:.3f}",
                    rtt_overlay_ms=f"{rtt_overlay:.3f}", refused=f"{args.attempts - got}/{args.attempts}")
         if not args.no_vms:
-            runs = [site.wrapper(1, "cassandra", "bench-a"), site.wrapper(1, "cassandra", "bench-b"),
-                    site.wrapper(2, "cassandra", "bench-c")]
-            a, b, c = (r.registered() for r in runs)
+            # Two VMs at a time (the machine is shared): A and B on host 1's bridge, then B gone
+            # and C on host 2, so A's second transfer crosses the overlay.
             count = args.vm_mib * 16
+            run_b = site.wrapper(1, "cassandra", "bench-b")
+            a, b = site.wrapper(1, "cassandra", "bench-a").registered(), run_b.registered()
             bridge = vm_mbit(site, spec_path, a, b, count)
+            run_b.terminate()
+            c = site.wrapper(2, "cassandra", "bench-c").registered()
             over = vm_mbit(site, spec_path, a, c, count)
             print(f"(b) VM to VM, {args.vm_mib} MiB: on one bridge {bridge:.0f} Mbit/s, across the overlay "
                   f"{over:.0f} Mbit/s (TCG guests: the guests' CPU bounds both)")
@@ -202,6 +211,8 @@ def main() -> int:
         site.delete()
     keys = ("ns_direct_mbit", "ns_overlay_mbit", "ns_ratio", "vm_bridge_mbit", "vm_overlay_mbit", "vm_ratio",
             "rtt_direct_ms", "rtt_overlay_ms", "refused")
+    # The machine may be shared: what else loaded it is part of reading the figures.
+    print("load average (1, 5, 15 min) at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(" ".join(f"{k}={out.get(k, '-')}" for k in keys))
     print(json.dumps(out), file=sys.stderr)
     return 0

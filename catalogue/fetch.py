@@ -159,11 +159,33 @@ def _reason(e: BaseException) -> str:
     return str(reason if reason is not None else e)[:200]
 
 
-def fetch_signed_index(base_url: str, max_bytes: int, limits: FetchLimits = FetchLimits()) -> tuple[bytes, bytes]:
-    """(index.yaml bytes, index.yaml.sig bytes) from the origin at `base_url`."""
+# One path segment of a file the origin serves: nothing `urljoin` could read as a parent or other
+# directory ('/', '\\', '..'), another host or scheme (':'), a query or fragment ('?', '#'), or an
+# escape of any of these ('%').
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}")
+
+
+def origin_file_url(base_url: str, *segments: str, what: str = "file name") -> str:
+    """The URL of the origin's file at `base_url` + SEGMENT/SEGMENT...; DataError (65, like any
+    other invalid index content) unless each segment is one plain name and the result stays under
+    the base. The names come from the index: signed, but served by the origin or a peer."""
     if not base_url.startswith(("http://", "https://")):
         raise DataError(f"catalogue URL {base_url!r}: expected http(s)://HOST:PORT/")
     base = base_url if base_url.endswith("/") else base_url + "/"
-    raw = fetch_bytes(urllib.parse.urljoin(base, "index.yaml"), max_bytes, limits)
-    sig = fetch_bytes(urllib.parse.urljoin(base, "index.yaml.sig"), MAX_SIG_BYTES, limits)
+    for seg in segments:
+        if not _SEGMENT_RE.fullmatch(seg) or ".." in seg:
+            raise DataError(f"{what} {'/'.join(segments)[:120]!r}: not a plain file name on the origin (each "
+                            "path segment: a letter or digit, then letters, digits, '_.+-', no '..')")
+    url = urllib.parse.urljoin(base, "/".join(segments))
+    joined, under = urllib.parse.urlsplit(url), urllib.parse.urlsplit(base)
+    if ((joined.scheme, joined.netloc) != (under.scheme, under.netloc) or not joined.path.startswith(under.path)
+            or joined.query or joined.fragment):
+        raise DataError(f"{what} {'/'.join(segments)[:120]!r}: resolves to {url[:200]!r}, outside the origin {base}")
+    return url
+
+
+def fetch_signed_index(base_url: str, max_bytes: int, limits: FetchLimits = FetchLimits()) -> tuple[bytes, bytes]:
+    """(index.yaml bytes, index.yaml.sig bytes) from the origin at `base_url`."""
+    raw = fetch_bytes(origin_file_url(base_url, "index.yaml"), max_bytes, limits)
+    sig = fetch_bytes(origin_file_url(base_url, "index.yaml.sig"), MAX_SIG_BYTES, limits)
     return raw, sig

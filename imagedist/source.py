@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-from cluster.errors import SpecError
+from cluster.errors import DataError, SpecError
 from cluster.spec import ClusterSpec
 from imagedist.settings import is_loopback
 
@@ -29,10 +29,16 @@ def fetch_index(spec: ClusterSpec):
 
 def fetch_torrent(spec: ClusterSpec, entry) -> bytes:
     """The entry's torrent, refused unless its info hash is the one the signed index names."""
-    from catalogue.fetch import fetch_bytes
+    from catalogue.fetch import fetch_bytes, origin_file_url
     from catalogue.torrent import MAX_TORRENT_BYTES, check_torrent
 
-    url = urljoin(origin_url(spec), entry.torrent)
+    # The index model checks the path already; checked again where it becomes a URL, since an
+    # entry may come from elsewhere and a name that leaves the origin must never be fetched.
+    directory, sep, name = str(entry.torrent).partition("/")
+    if (directory, sep) != ("torrents", "/"):
+        raise DataError(f"torrent {str(entry.torrent)[:120]!r}: expected 'torrents/NAME-VERSION.torrent' "
+                        "on the origin")
+    url = origin_file_url(origin_url(spec), "torrents", name, what="torrent")
     meta = fetch_bytes(url, MAX_TORRENT_BYTES)
     check_torrent(entry, meta, source=url)
     return meta

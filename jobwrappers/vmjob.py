@@ -30,7 +30,7 @@ from cluster.errors import SpecError, TempFailure
 from cluster.files import STATE_MODE, open_append
 from cluster.registry import Registry, Service, open_registry
 from cluster.registry.base import valid_endpoint
-from cluster import jobstatus
+from cluster import jobstatus, unfit
 from cluster.jobstatus import JobStatus
 from cluster.spec import ClusterSpec, RoleSpec, load_spec
 from cluster.store import Store
@@ -188,14 +188,32 @@ def guest_upstreams(job: Job, registry: Registry) -> list[str]:
     return out
 
 
+class HostUnfit(TempFailure):
+    """This host cannot run site-network jobs until an operator fixes it (75, and the host is
+    marked unfit in the registry so placement avoids it)."""
+
+
 def check_site_host(spec: ClusterSpec, hypervisor: str) -> None:
     """This host is in hypervisor.hosts (78 if not) and has the site bridge (75 if not: a host's
     set-up missing; the scheduler retries the job elsewhere)."""
     SiteLayout(spec).host(hypervisor)
     bridge = spec.site_network.bridge
     if not site_bridge_ready(bridge):
-        raise TempFailure(f"{hypervisor}: no site network bridge {bridge}: run `salvus_jobs network up "
+        raise HostUnfit(f"{hypervisor}: no site network bridge {bridge}: run `salvus_jobs network up "
                           f"--spec {spec.source} --host {hypervisor}` as root on this host")
+
+
+def mark_host_unfit(spec: ClusterSpec, hypervisor: str, reason: str) -> None:
+    """Records the host as unfit for site jobs; best effort: the job exits 75 either way, and a
+    registry out of reach must not turn the host's problem into a different one."""
+    try:
+        Store.of(spec).open()
+        with open_registry(spec) as registry:
+            unfit.mark(registry, hypervisor, reason)
+        log.warning("marked %s unfit in the registry: site jobs are placed elsewhere until "
+                    "`salvus_jobs network up` runs on it", hypervisor)
+    except Exception as e:  # noqa: BLE001 - any registry failure: the mark is an optimisation
+        log.warning("could not mark %s unfit in the registry: %s", hypervisor, e)
 
 
 def prepare_machine(job: Job, registry: Registry) -> Machine:
@@ -399,11 +417,17 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                             f"and 'site' networking, got {role.network!r}")
         hypervisor = host_identity(args.hypervisor)
         if role.network == "site":
-            check_site_host(spec, hypervisor)
+            try:
+                check_site_host(spec, hypervisor)
+            except HostUnfit as e:
+                mark_host_unfit(spec, hypervisor, str(e))
+                raise
         for up in role.upstreams:
             spec.role(up)
         Store.of(spec).open()
         registry = open_registry(spec)
+        if role.network == "site" and unfit.clear(registry, hypervisor):
+            log.info("%s passes the site network's check again: its unfit mark is cleared", hypervisor)
     except BaseException:
         image.close()
         raise

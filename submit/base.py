@@ -26,6 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from cluster import unfit
 from cluster.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_TEMPFAIL, SchedulerError, SpecError
 from cluster.spec import ClusterSpec, RoleSpec, parse_walltime
 from cluster.store import Store
@@ -265,6 +266,8 @@ class Backend(abc.ABC):
         self.ledger = Ledger(spec, self.name)
         # Per role, the image new jobs boot when it is not the spec's: a rollout's (submit/rollout.py).
         self.images: dict[str, str] = {}
+        # Hosts marked unfit for site jobs (cluster/unfit.py), read at each submission.
+        self.unfit_hosts: list[str] = []
 
     # --- what a backend implements -------------------------------------------------------------
     @abc.abstractmethod
@@ -315,6 +318,10 @@ class Backend(abc.ABC):
         """Checks and directories a submission needs once, before its first job."""
         self.role(role)
         self.runner.make_dirs(self.log_dir())  # where the jobs run: on the login node's side
+        if self.role(role).network == "site":
+            self.unfit_hosts = [u.host for u in unfit.read(self.spec, self.ledger.registry)]
+            if self.unfit_hosts:
+                log.info("%s jobs avoid the hosts marked unfit: %s", role, ", ".join(self.unfit_hosts))
 
     def new_job(self, role: str, service_id: str | None, job_id: str) -> Job:
         return Job(job_id, role, "queued", service_id or self.default_service_id(role, job_id),
@@ -492,6 +499,14 @@ class Backend(abc.ABC):
             return hosts[int(service_id.rpartition("-")[2]) % len(hosts)]
         return hosts[0] if len(hosts) == 1 else None
 
+    def excluded_hosts(self, role: str, service_id: str | None) -> list[str]:
+        """Hosts a job of `role` must not be placed on: the site hosts marked unfit, but never the
+        one a persistent role is pinned to (its disk is there: it waits for the fix instead)."""
+        if self.role(role).network != "site":
+            return []
+        pinned = self.host_for(role, service_id)
+        return [h for h in self.unfit_hosts if h != pinned]
+
     def wait_gone(self, jobs: Iterable[Job], timeout: float, poll: float = 1.0) -> list[Job]:
         """Waits until none of `jobs` is queued/running/stopping; returns those still there."""
         wanted = {j.job_id for j in jobs}
@@ -528,7 +543,8 @@ class ScriptBackend(Backend):
         walltime_s = self.resources(role).walltime_s
         values = {"queue": s.queue, "account": s.account,
                   "walltime": self.format_walltime(walltime_s) if walltime_s else None,
-                  "host": self.host_for(role, service_id), "feature": self.image_feature(role)}
+                  "host": self.host_for(role, service_id), "feature": self.image_feature(role),
+                  "exclude": ",".join(self.excluded_hosts(role, service_id))}
         return [self.directive_forms[k].format(self.directive_word(k, v))
                 for k, v in values.items() if v and k in self.directive_forms]
 

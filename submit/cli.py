@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from cluster.cliframe import format_age, format_table, printable
 from cluster.spec import load_spec
@@ -149,6 +150,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     report = controller_report(spec) or status_report(spec)
+    if "unfit_hosts" not in report:  # the controller's report: the registry holds the marks
+        from cluster.registry import open_registry
+        from submit.scale import unfit_report
+
+        with open_registry(spec) as registry:
+            report["unfit_hosts"] = unfit_report(spec, registry)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -180,6 +187,11 @@ def status_lines(report: dict) -> list[str]:
             lines.append(printable(f"rollout of {role}: {r['previous']} -> {r['target']}: {r['state']}, "
                                    f"{r['failures']}/{r['max_failures']} failures"
                                    + (f" ({r['reason']})" if r.get("reason") else "")))
+    if report.get("unfit_hosts"):
+        lines += ["", "hosts marked unfit (site jobs are placed elsewhere until `salvus_jobs network up` runs there):"]
+        lines += format_table(["HOST", "SINCE", "REASON"],
+                              [[u["host"], format_age(max(0.0, time.time() - u["since"])) + " ago", u["reason"]]
+                               for u in report["unfit_hosts"]]).splitlines()
     return lines
 
 

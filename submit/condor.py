@@ -48,6 +48,7 @@ class CondorBackend(Backend):
         host = self.host_for(role, service_id)
         if host:
             parts.append(f"TARGET.Machine == {classad_string(host)}")  # where the persistent disk lives
+        parts += [f"TARGET.Machine != {classad_string(h)}" for h in self.excluded_hosts(role, service_id)]
         if self.spec.scheduler.requirements:
             parts.append(f"({self.spec.scheduler.requirements})")
         return " && ".join(parts) or "true"

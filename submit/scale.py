@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from cluster import jobstatus
+from cluster import jobstatus, unfit
 from cluster.errors import RegistryUnavailable, SpecError, TempFailure
 from cluster.registry import Registry, Service, open_registry
 from cluster.registry.lease import CONTROLLER_LEASE, HeldLease, holder_kind, holder_name
@@ -372,6 +372,7 @@ def status_report(spec: ClusterSpec) -> dict:
         backend.adopt(listed)  # unmatched submissions are left to `scale`, which holds the lease
         services = {s.service_id: s for s in registry.all()}
         desired = read_desired(spec, registry)
+        unfit_rows = unfit_report(spec, registry)
         backend.ledger.close()
     jobs = [j for j in listed if j.state not in ("done",)]
     now = time.time()
@@ -385,4 +386,9 @@ def status_report(spec: ClusterSpec) -> dict:
     for j in sorted(jobs, key=lambda j: (j.role, j.submitted)):
         rows.append({**dataclasses.asdict(j), "endpoint": job_endpoint(spec, j, services),
                      "registered": (j.service_id or "") in services, "age": round(now - j.submitted, 1)})
-    return {"backend": backend.name, "roles": roles, "jobs": rows}
+    return {"backend": backend.name, "roles": roles, "jobs": rows, "unfit_hosts": unfit_rows}
+
+
+def unfit_report(spec: ClusterSpec, registry: Registry) -> list[dict]:
+    """The hosts marked unfit for site jobs, as `status` shows them (cluster/unfit.py)."""
+    return [dataclasses.asdict(u) for u in unfit.read(spec, registry)]

@@ -44,7 +44,8 @@ class SlurmBackend(ScriptBackend):
                          "Zero Bytes were transmitted")
 
     directive_forms = {"queue": "--partition={}", "account": "--account={}", "walltime": "--time={}",
-                       "host": "--nodelist={}", "feature": "--constraint={}"}
+                       "host": "--nodelist={}", "feature": "--constraint={}",
+                       "exclude": "--exclude={}"}
     job_id_expr = "${SLURM_JOB_ID}"
     tokens = True
     dependencies = True  # --dependency=afterany:ID

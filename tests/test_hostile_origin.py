@@ -1,16 +1,19 @@
 """A hostile or broken origin against the host side: real servers on loopback that drip bytes,
 send a bad status line or an endless one, or cut the body short. Every such fetch ends in time as
-a TempFailure (75), and `imgdist --daemon` keeps seeding through the failed passes."""
+a TempFailure (75), and `imgdist --daemon` keeps seeding through the failed passes. A torrent name
+from the index that would leave the origin is refused unfetched (65)."""
 from __future__ import annotations
 
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from catalogue.fetch import FetchLimits, fetch_bytes
-from cluster.errors import TempFailure
+from cluster.errors import DataError, TempFailure
 from cluster.spec import load_spec
+from imagedist.source import fetch_torrent
 from tests.hostile_http import DRIP_SECONDS, HostileOrigin
 from tests.polling import wait_for
 from tests.test_imgdist_swarm import assert_installed
@@ -90,3 +93,43 @@ def test_daemon_keeps_seeding_through_passes_a_broken_origin_fails(imgdist_lab):
         assert_installed(b, entry)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("torrent", [
+    "torrents/../index.yaml", "torrents/..%2findex.yaml", "http://elsewhere.example/x.torrent",
+    "torrents//elsewhere.example/x.torrent", "torrents/x.torrent?y=1", "torrents/x.torrent#y",
+    "torrents\\..\\x.torrent", "torrents/..", "images/x.torrent", "torrents/a..b.torrent",
+])
+def test_a_torrent_name_that_leaves_the_origin_is_refused_unfetched(signed_catalogue, torrent):
+    """The index's names are signed but served by the origin or a peer: whatever the index model
+    let through, the torrent's URL is one plain name under the origin's torrents/, or nothing."""
+    with HostileOrigin(signed_catalogue.cat.root, ["ok"]) as origin:
+        signed_catalogue.write_spec(f"  url: {origin.url}\n")
+        entry = SimpleNamespace(name="demo", version="1", torrent=torrent)
+        with pytest.raises(DataError) as err:
+            fetch_torrent(signed_catalogue.spec(), entry)
+    assert str(err.value).startswith("torrent ") and "\n" not in str(err.value), str(err.value)
+    assert err.value.exit_code == 65 and origin.served == []
+
+
+def test_a_signed_index_naming_a_torrent_with_dot_dot_is_refused_by_sync(imgdist_lab):
+    """End to end: the index model admits 'torrents/NAME..torrent' (one segment); `imgdist --sync`
+    refuses to fetch it (the image fails with that line: sync's exit 1, as for a torrent whose hash
+    does not match) and asks the origin for no torrent."""
+    from catalogue.endorse import CatalogueDir
+
+    imgdist_lab.add_image("sage", "1.0", 1)
+    cat = CatalogueDir(imgdist_lab.cat_dir)
+    entries, revoked = cat.draft()
+    entries[0].torrent = "torrents/sage..1.0.torrent"
+    cat.save_draft(entries, revoked)
+    imgdist_lab.sign()
+    a = imgdist_lab.host("a", approve=("sage@1.0",), tracker=False)
+    with HostileOrigin(imgdist_lab.cat_dir, ["ok"]) as origin:
+        a.write_text(a.read_text().replace(imgdist_lab.url, origin.url))
+        r = imgdist_lab.run(a, "--sync")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].startswith("imgdist: sage@1.0: torrent 'torrents/sage..1.0.torrent': not a plain "
+                                                "file name on the origin"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not [p for _, p in origin.served if "torrent" in p], origin.served

@@ -12,6 +12,9 @@ import signal
 
 import pytest
 
+from cluster import unfit
+from cluster.registry import open_registry
+from cluster.spec import load_spec
 from jobwrappers.sitenet.layout import mac_for
 from jobwrappers.sitenet.state import lease_dir
 from tests.fixtures.site_lab import BIN, JOB_UID, JobUserKit
@@ -85,6 +88,24 @@ def test_network_up_twice_changes_nothing_and_the_overlay_port_admits_only_site_
     udp = [e["counter"]["packets"] for r in rules for e in r["expr"] if "counter" in e
            and "4789" in json.dumps(r["expr"]) and "198.18.9.1" in json.dumps(r["expr"])]
     assert udp == [3]
+
+
+def test_a_host_without_the_bridge_is_marked_unfit_until_network_up(site):
+    """Host 3 loses its set-up (no VMs on it yet): a site job there exits 75 and marks it unfit in
+    the registry; `network up` puts the network back and lifts the mark."""
+    spec = load_spec(site.spec_path)
+    assert site.network(3, "down").returncode == 0
+    try:
+        run = site.wrapper(3, "sage", "sage-unfit")
+        assert run.proc.wait(60) == 75, run.output()
+        with open_registry(spec) as registry:
+            assert [u.host for u in unfit.read(spec, registry)] == ["h3"]
+    finally:
+        proc = site.network(3)
+    assert proc.returncode == 0, proc.stderr
+    assert "h3: unfit mark cleared in the registry" in proc.stdout, proc.stdout
+    with open_registry(spec) as registry:
+        assert unfit.read(spec, registry) == []
 
 
 @pytest.fixture(scope="module")

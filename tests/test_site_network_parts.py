@@ -1,6 +1,7 @@
 """The site network's parts without VMs: the spec's refusals, address derivation, the rules as the
 kernel's nftables checks them, the config drive's network-config, and the wrapper on a host
-without the bridge (75, naming the command) or under a name the spec doesn't list (78)."""
+without the bridge (75, naming the command, and the host marked unfit in the registry) or under a
+name the spec doesn't list (78)."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster import unfit
 from cluster.errors import SpecError
-from cluster.spec import parse_spec
+from cluster.registry import open_registry
+from cluster.spec import load_spec, parse_spec
 from jobwrappers.configdrive import GuestConfig, network_config
 from jobwrappers.sitenet import rules
 from jobwrappers.sitenet.layout import SiteLayout, mac_for
@@ -125,3 +128,8 @@ def test_a_host_without_the_bridge_exits_75_naming_the_command(demo_image, tmp_p
     finally:
         subprocess.run(["ip", "netns", "del", ns])
     assert not (tmp_path / "store" / "state" / "jobs" / "sage-x.json").exists()
+    # The host is marked unfit, so submissions place site jobs elsewhere (test_unfit_hosts.py).
+    spec = load_spec(spec_path)
+    with open_registry(spec) as registry:
+        [mark] = unfit.read(spec, registry)
+    assert (mark.host, mark.reason) == ("h2", last.removeprefix("salvus-vmjob: "))

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
-from cluster.spec import load_spec
+from cluster import unfit
+from cluster.registry import open_registry
+from cluster.spec import ClusterSpec, load_spec
 from jobwrappers.sitenet import host
 from jobwrappers.sitenet.layout import host_identity
 
@@ -27,9 +30,26 @@ def cmd_network(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     here = host_identity(args.host)
     done = (host.up if args.network_command == "up" else host.down)(spec, here)
+    if args.network_command == "up":
+        done += clear_unfit(spec, here)
     for line in done:
         print(line)
     if not done:
         print(f"{here}: site network already {'as the spec says' if args.network_command == 'up' else 'absent'}; "
               "nothing changed")
     return 0
+
+
+def clear_unfit(spec: ClusterSpec, here: str) -> list[str]:
+    """Lifts the registry's unfit mark a failed job put on this host (cluster/unfit.py). Root
+    must not create a SQLite registry (its job users could then not open it): none there, no mark."""
+    if spec.registry.backend == "sqlite" and not spec.sqlite_path.exists():
+        return []
+    try:
+        with open_registry(spec) as registry:
+            cleared = unfit.clear(registry, here)
+    except Exception as e:  # noqa: BLE001 - the host is set up; only the mark is left
+        logging.getLogger(__name__).warning("%s: could not clear its unfit mark in the registry (%s): run "
+                                            "`salvus_jobs network up` again once the registry answers", here, e)
+        return []
+    return [f"{here}: unfit mark cleared in the registry (site jobs may be placed here again)"] if cleared else []
