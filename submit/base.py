@@ -499,6 +499,11 @@ class Backend(abc.ABC):
             return hosts[int(service_id.rpartition("-")[2]) % len(hosts)]
         return hosts[0] if len(hosts) == 1 else None
 
+    def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
+        """Re-places queued `jobs` (a requeued one too) so they avoid `hosts` from now on ([]: no
+        host avoided); False when this scheduler cannot change a queued job's placement."""
+        return False
+
     def excluded_hosts(self, role: str, service_id: str | None) -> list[str]:
         """Hosts a job of `role` must not be placed on: the site hosts marked unfit, but never the
         one a persistent role is pinned to (its disk is there: it waits for the fix instead)."""

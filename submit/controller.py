@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cluster import unfit
 from cluster.errors import SalvusError
 from cluster.registry import Registry, Service, open_registry
 from cluster.registry.lease import CONTROLLER_LEASE, HeldLease, StaleLease, describe, holder_name
@@ -91,6 +92,7 @@ class Controller(SuccessionMixin):
         self._spec_stamp = self._stamp()
         self._handover: list[Retiring] = []  # persistent predecessors gone, successor not yet registered
         self._drains_adopted = False  # the registry's draining rows taken over since the lease was acquired
+        self._placed: dict[str, tuple[str, ...]] = {}  # queued site job -> hosts it was last told to avoid
         self._said_no_successors = False  # the backend cannot queue a persistent role's successor: said once
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.probe_concurrency, thread_name_prefix="probe")
         from submit.controller_http import Metrics
@@ -176,6 +178,7 @@ class Controller(SuccessionMixin):
         for line in self.backend.reap():
             self.event("reaped", line)
         self._forget_departed(queue)
+        self._avoid_unfit(queue)
         self._fill_images(queue)
         self._follow_spec()
         self._follow_rollouts()
@@ -221,6 +224,37 @@ class Controller(SuccessionMixin):
             self.event("submitted", f"{job.role} job {job.job_id} ({job.service_id})")
             self.metrics.submissions.labels(job.role).inc()
         self._update_status(desired, queue + submitted, services)
+
+    # --- placement ------------------------------------------------------------------------------
+    def _avoid_unfit(self, queue: list[Job]) -> None:
+        """Queued site-network jobs avoid the hosts marked unfit now, not only those marked when
+        they were submitted: a job the scheduler requeued after a host without the bridge failed it
+        (exit 75) keeps its old placement, and a host fixed since must be allowed again."""
+        site_roles = {r for r, rs in self.spec.roles.items() if rs.network == "site"}
+        waiting = [j for j in queue if j.role in site_roles and j.state == "queued"]
+        listed = {j.job_id for j in queue}
+        self._placed = {k: v for k, v in self._placed.items() if k in listed}
+        if not waiting:
+            return
+        self.backend.unfit_hosts = [u.host for u in unfit.read(self.spec, self.registry)]
+        groups: dict[tuple[str, ...], list[Job]] = {}
+        for j in waiting:
+            avoid = tuple(self.backend.excluded_hosts(j.role, j.service_id))
+            if self._placed.get(j.job_id, ()) != avoid:
+                groups.setdefault(avoid, []).append(j)
+        for avoid, jobs in groups.items():
+            assert self.lease is not None
+            self.lease.fence("re-place queued jobs")
+            try:
+                if not self.backend.exclude_hosts(jobs, list(avoid)):
+                    return
+            except SalvusError as e:  # a job started meanwhile: placement is past for it
+                log.info("placement: could not update %s: %s", " ".join(j.job_id for j in jobs), e)
+                continue
+            for j in jobs:
+                self._placed[j.job_id] = avoid
+            self.event("placement", f"{len(jobs)} queued site job(s) ({' '.join(j.job_id for j in jobs)}) now avoid "
+                                    + (", ".join(avoid) if avoid else "no host") + " (hosts marked unfit)")
 
     # --- health ---------------------------------------------------------------------------------
     def _probe(self, services: list[Service], queue: list[Job]) -> None:

@@ -112,6 +112,14 @@ class SlurmBackend(ScriptBackend):
             if code and code != "0":
                 job.hold_reason = f"salvus-vmjob exited {code} ({job.hold_reason}); fix, then scontrol release {job.job_id}"
 
+    def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
+        # One update for every job: scontrol takes a list of job ids. Pending jobs only (Slurm
+        # refuses the others, which are past placement anyway).
+        for h in hosts:
+            self.directive_word("exclude", h)
+        self.run("scontrol", "update", f"JobId={','.join(j.job_id for j in jobs)}", f"ExcNodeList={','.join(hosts)}")
+        return True
+
     def cancel(self, job: Job) -> None:
         # scancel: SIGTERM to the batch script's process (the wrapper), SIGKILL after KillWait.
         self.run("scancel", job.job_id)

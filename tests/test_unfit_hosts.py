@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cluster import unfit
 from cluster.registry import open_registry
-from cluster.spec import parse_spec
+from cluster.spec import load_spec, parse_spec
 from submit import open_backend
 from submit.cli import status_lines
 from submit.runner import CommandResult
@@ -92,3 +94,45 @@ def test_status_lists_the_marked_hosts(tmp_path):
     assert lines[-3].startswith("hosts marked unfit")
     assert lines[-1].split()[0] == "h2" and lines[-1].endswith("h2: no bridge\\x1b]0;x")
     assert not any("unfit" in line for line in status_lines({**report, "unfit_hosts": []}))
+
+
+@pytest.mark.slurm
+def test_queued_site_jobs_are_re_placed_when_a_host_is_marked_and_again_when_it_is_fixed(tmp_path, slurm_cluster):
+    """A job the scheduler holds (here: its partition is down; in life a job requeued after a host
+    without the bridge failed it) keeps the placement it was submitted with: the controller moves it
+    off a host marked since, and allows the host again once it is fixed. Real Slurm."""
+    from submit.controller import Controller
+    from submit.scale import DESIRED
+
+    node = slurm_cluster.node
+    text = SITE.format(store=tmp_path / "store").replace("name: h1,", f"name: {node},").replace(
+        "scheduler: {wrapper: /opt/salvus/bin/salvus-vmjob}",
+        "scheduler: {backend: slurm, wrapper: /bin/true, require_image: false}\n"
+        "controller: {interval: 1, lease: 30, listen: '127.0.0.1:0'}").replace("site: uf", f"site: uf{tmp_path.name[-5:]}")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    down = ("scontrol", "update", f"PartitionName={slurm_cluster.partition}")
+    assert slurm_cluster.run(*down, "State=DOWN").returncode == 0
+    c = Controller(spec)
+    try:
+        c.registry.write_state(DESIRED, "sage", "1")
+        c.cycle()
+        (job,) = [j for j in c.backend.list("sage") if j.state == "queued"]
+
+        def excluded() -> str:
+            out = slurm_cluster.run("scontrol", "--oneliner", "show", "job", job.job_id).stdout
+            return dict(f.split("=", 1) for f in out.split() if "=" in f).get("ExcNodeList", "")
+
+        assert excluded() == "(null)"
+        unfit.mark(c.registry, node, "no bridge salvus0")
+        c.cycle()
+        assert excluded() == node
+        assert any(e["kind"] == "placement" and node in e["text"] for e in c.events)
+        unfit.clear(c.registry, node)
+        c.cycle()
+        assert excluded() == "(null)"
+    finally:
+        assert slurm_cluster.run(*down, "State=UP").returncode == 0
+        slurm_cluster.run("scancel", "--name", f"{spec.site}.sage")
+        c.registry.close()
