@@ -190,12 +190,13 @@ class Controller(SuccessionMixin):
                 self._replace_unhealthy(sid, h, by_sid.get(sid), queue)
         if not self._drains_adopted:
             self._adopt_drains(queue)
-        self._replace_silent(queue, services)
+        registered = registered_ids(queue, services, self.backend.name)
+        self._replace_silent(queue, registered)
         self._escalate(queue)
         self._count_rollout_failures(queue)
-        self._retire(queue, services, desired)
+        self._retire(queue, services, registered, desired)
         plan = plan_from(desired, self.backend, queue, services, leaving=frozenset(self.leaving),
-                         uncounted=self._uncounted(queue))
+                         uncounted=self._uncounted())
         for rp in plan.roles:
             if rp.cancel:
                 self.surplus_cycles[rp.role] = self.surplus_cycles.get(rp.role, 0) + 1
@@ -309,15 +310,18 @@ class Controller(SuccessionMixin):
         if job is None:
             del self.health[sid]  # nothing of ours to cancel: probed afresh if it registers again
             return
+        self._leave(sid, job)
+
+    def _leave(self, sid: str, job: Job) -> None:
+        """Cancels `job` to replace it: not counted while it goes, killed after its grace (_escalate)."""
         self.backend.cancel(job)
         self.leaving[sid] = Leaving(job)
         self.metrics.replacements.labels(job.role).inc()
 
-    def _replace_silent(self, queue: list[Job], services: list[Service]) -> None:
+    def _replace_silent(self, queue: list[Job], registered: set[str]) -> None:
         """A job running for its role's boot_timeout (and the clean-up grace, and two cycles) whose
         VM never registered is as good as dead (a wrapper stuck before it registers, a batch step
         killed while the scheduler still says RUNNING): cancelled and replaced like an unhealthy one."""
-        registered = registered_ids(queue, services, self.backend.name)
         now = time.time()
         for j in queue:
             sid = j.service_id or j.job_id
@@ -332,9 +336,7 @@ class Controller(SuccessionMixin):
             self.event("unregistered", f"{j.role} job {j.job_id} ({sid}) has run {now - since:.0f}s without its VM "
                                        f"registering (boot_timeout {self.spec.boot_timeout(j.role):g}s): cancelling "
                                        "and replacing it", logging.WARNING)
-            self.backend.cancel(j)
-            self.leaving[sid] = Leaving(j)
-            self.metrics.replacements.labels(j.role).inc()
+            self._leave(sid, j)
 
     def _escalate(self, queue: list[Job]) -> None:
         """A cancelled unhealthy job still there after its grace is killed; one that is gone is forgotten."""

@@ -17,7 +17,6 @@ from cluster.registry.base import DRAINING
 from cluster.spec import load_spec
 from submit.base import ACTIVE_STATES, CLEANUP_GRACE_S, Job
 from submit.rollout import Rollout, current, read_rollouts, write_rollout
-from submit.scale import registered_ids
 from submit.succession import Retiring, drainable, due, last_safe_stop, lead_time
 
 
@@ -102,15 +101,10 @@ class SuccessionMixin:
         return (job.state == "running" and sid in registered and sid not in self.leaving
                 and getattr(self.health.get(sid), "healthy", None) is True)
 
-    def _uncounted(self, queue: list[Job]) -> frozenset[str]:
-        """Retiring jobs (their replacements are due) and successors queued behind a predecessor."""
-        out = set()
-        for r in self.retiring.values():
-            if r.successor:
-                out.add(r.successor)
-            else:
-                out.add(r.job_id)
-        return frozenset(out)
+    def _uncounted(self) -> frozenset[str]:
+        """Retiring jobs (their replacements are due) and successors queued behind a predecessor
+        (a persistent role's retiring job still holds its place: the successor is the extra one)."""
+        return frozenset(r.successor or r.job_id for r in self.retiring.values())
 
     def _count_rollout_failures(self, queue: list[Job]) -> None:
         """New jobs of a rollout's target that never became healthy count against it; at the
@@ -159,11 +153,12 @@ class SuccessionMixin:
                 if r.halted:
                     break
 
-    def _retire(self, queue: list[Job], services: list[Service], desired: dict[str, int]) -> None:
+    def _retire(self, queue: list[Job], services: list[Service], registered: set[str],
+                desired: dict[str, int]) -> None:
         """Marks jobs due for succession or upgrade as retiring, drains those that may go, and
-        moves drains along (deregistered -> stopped -> killed after the grace)."""
+        moves drains along (deregistered -> stopped -> killed after the grace). `registered`: the
+        service ids of `queue` live in the registry, as the cycle read it."""
         now = time.time()
-        registered = registered_ids(queue, services, self.backend.name)
         present = {j.job_id: j for j in queue if j.state in ACTIVE_STATES + ("stopping",)}
         self._advance_drains(queue, present, services, now)
         for role in self.spec.roles:

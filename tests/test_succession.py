@@ -161,26 +161,34 @@ def soak(c: ControllerProc, sampler: HealthySampler, spec: Path, seconds: float,
         time.sleep(1)
 
 
-def test_local_walltime_succession_never_dips_below_the_count(tmp_path, demo_image, controllers,
-                                                             stop_everything_after):
-    spec = store_image_spec(tmp_path, demo_image, scheduler="{backend: local, max_retries: 1, walltime: '01:00'}",
-                            sage="    stop_timeout: 5\n", controller=", lead_floor: 15")
+def walltime_soak(tmp_path, demo_image, controllers, stop_everything_after, scheduler: str, seconds: float,
+                  successions: int) -> ControllerProc:
+    """Count 2 for `seconds` under `scheduler`'s walltime: never fewer than 2 healthy services,
+    no job ended before it was drained, and every drained predecessor ended by the drain's stop
+    (not by its walltime: the local executor's SIGTERM at the limit, Slurm's TIMEOUT or early
+    signal). Returns the controller, for more checks."""
+    spec = store_image_spec(tmp_path, demo_image, scheduler=scheduler, sage="    stop_timeout: 5\n",
+                            controller=", lead_floor: 15")
     stop_everything_after(spec)
     c = controllers(spec, tmp_path / "controller.log")
     sampler = HealthySampler(spec)
     try:
-        soak(c, sampler, spec, 75, successions=3)
+        soak(c, sampler, spec, seconds, successions=successions)
     finally:
         sampler.close()
     log = c.text()
     assert sampler.low == 2 and not sampler.below(2), sampler.below(2)[:5]
     assert "walltime: sage job" not in log, log  # no job ended before it was drained
     drained = [line for line in log.splitlines() if "drained: sage job" in line]
-    # Every predecessor was stopped by its drain, not by the walltime kill (the local executor
-    # enforces the walltime as a batch scheduler does: SIGTERM at the limit).
-    assert len(drained) >= 3 and all(line.endswith("(ended by cancel)") for line in drained), drained
-    status = c.status()["roles"]["sage"]
-    assert status["lead_s"] >= 15 + 2 + 2
+    assert len(drained) >= successions and all(line.endswith("(ended by cancel)") for line in drained), drained
+    return c
+
+
+def test_local_walltime_succession_never_dips_below_the_count(tmp_path, demo_image, controllers,
+                                                             stop_everything_after):
+    c = walltime_soak(tmp_path, demo_image, controllers, stop_everything_after,
+                      "{backend: local, max_retries: 1, walltime: '01:00'}", 75, successions=3)
+    assert c.status()["roles"]["sage"]["lead_s"] >= 15 + 2 + 2
 
 
 @pytest.mark.slurm
@@ -188,21 +196,8 @@ def test_slurm_walltime_succession_never_dips_below_the_count(tmp_path, demo_ima
                                                              stop_everything_after, slurm_cluster):
     # Slurm: the job asks for --signal=B:TERM@(grace + 60) and may get it 60 s earlier still, so a
     # 3-minute job with stop_timeout 5 (grace 20) can be signalled 40 s after it starts.
-    spec = store_image_spec(tmp_path, demo_image, scheduler="{backend: slurm, walltime: '3', require_image: false}",
-                            sage="    stop_timeout: 5\n", controller=", lead_floor: 15")
-    stop_everything_after(spec)
-    c = controllers(spec, tmp_path / "controller.log")
-    sampler = HealthySampler(spec)
-    try:
-        soak(c, sampler, spec, 60, successions=2)
-    finally:
-        sampler.close()
-    log = c.text()
-    assert sampler.low == 2 and not sampler.below(2), sampler.below(2)[:5]
-    assert "walltime: sage job" not in log, log
-    drained = [line for line in log.splitlines() if "drained: sage job" in line]
-    # Ended by the drain's scancel, not by the walltime (Slurm's TIMEOUT, or its early signal).
-    assert len(drained) >= 2 and all(line.endswith("(ended by cancel)") for line in drained), drained
+    walltime_soak(tmp_path, demo_image, controllers, stop_everything_after,
+                  "{backend: slurm, walltime: '3', require_image: false}", 60, successions=2)
 
 
 def test_a_persistent_role_hands_its_disk_to_its_successor_and_the_gap_is_reported(
