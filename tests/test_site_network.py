@@ -15,7 +15,7 @@ import pytest
 from cluster import unfit
 from cluster.registry import open_registry
 from cluster.spec import load_spec
-from jobwrappers.sitenet.layout import mac_for
+from jobwrappers.sitenet.layout import SiteLayout, mac_for
 from jobwrappers.sitenet.state import lease_dir
 from tests.fixtures.site_lab import BIN, JOB_UID, JobUserKit
 from tests.polling import wait_for
@@ -81,6 +81,11 @@ def test_network_up_twice_changes_nothing_and_the_overlay_port_admits_only_site_
     # Head-end replication: each host floods to exactly the two others.
     fdb = before[0]["fdb"]
     assert sorted(e["dst"] for e in fdb if e["mac"] == "00:00:00:00:00:00") == ["198.18.9.2", "198.18.9.3"]
+    # ... and sends unicast for a remote VM address to that VM's host alone.
+    layout = SiteLayout(load_spec(site.spec_path))
+    static = {e["mac"]: e["dst"] for e in fdb if e["mac"] != "00:00:00:00:00:00"}
+    assert static == layout.remote_macs("h1") and len(static) == 2 * (1 + 3 * 16)
+    assert static[mac_for(layout.slots("sage", layout.host("h2"))[0])] == "198.18.9.2"
     # A stranger on the site LAN (not in hypervisor.hosts) sending to the VXLAN port is dropped.
     site.python_in(0, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                       "for _ in range(3): s.sendto(b'x' * 50, ('198.18.9.2', 4789))")
@@ -158,11 +163,19 @@ def test_a_bulk_transfer_crosses_the_overlay_at_the_set_mtu(site, sage):
     the guest's NIC and its tap at the underlay's 1500 minus 50."""
     _, svc = sage
     data = base64.b64encode(os.urandom(3 << 19)).decode()  # 2 MiB of text
+    host_1_got = underlay_rx_bytes(site, 1)
     proc = site.run_in(3, str(BIN / "salvus_jobs"), "ssh", svc.service_id, "--spec", str(site.spec_path),
                        "-l", "root", "-i", str(site.key_file), "--", "wc -c; cat /sys/class/net/eth0/mtu",
                        input=data, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == [str(len(data)), "1450"], proc.stdout + proc.stderr
     assert {d["mtu"] for d in json.loads(site.run_in(2, "ip", "-j", "link", "show", "type", "tun").stdout)} == {1450}
+    # Host 1 is not on the path: the static FDB entries keep the flood (head-end replication) off
+    # its link. Before them it received a copy of every frame, 2.8 MiB here.
+    assert underlay_rx_bytes(site, 1) - host_1_got < len(data) // 10
+
+
+def underlay_rx_bytes(site, i: int) -> int:
+    return json.loads(site.run_in(i, "ip", "-j", "-s", "link", "show", "dev", "eth0", check=True).stdout)[0]["stats64"]["rx"]["bytes"]
 
 
 def test_a_vm_under_another_vms_ip_or_mac_gets_nothing_through(site, sage):

@@ -66,6 +66,9 @@ def test_addresses_are_derived_per_host_and_role_without_overlap(tmp_path):
     assert len({mac_for(ip) for ip in every}) == len(every) and mac_for("10.9.1.16") == "02:53:0a:09:01:10"
     with pytest.raises(SpecError, match="hypervisor.hosts: no entry 'c'"):
         layout.host("c")
+    # Host a's static FDB: each of b's addresses (its bridge's and its role blocks') to b only.
+    remote = layout.remote_macs("a")
+    assert remote == {mac_for(ip): b.underlay for ip in [b.gateway] + every[32:]} and len(remote) == 33
 
 
 def test_a_subnet_broadcast_address_is_never_a_vm_address(tmp_path):

@@ -1,8 +1,9 @@
 """`salvus_jobs network up | down`: one hypervisor's part of the site network (root, idempotent).
 
 up: the bridge (the host's own address on it, the VMs' MTU, no IPv6), the VXLAN device on it with
-one all-zero FDB entry per other site host (unicast head-end replication: no multicast, no
-learning from the wire), the base nftables rules, `allow BRIDGE` in qemu-bridge-helper's
+one all-zero FDB entry per other site host (unicast head-end replication for broadcasts: no
+multicast, no learning from the wire) and a static entry for every address another host may give
+out (a unicast frame goes to that host only), the base nftables rules, `allow BRIDGE` in qemu-bridge-helper's
 bridge.conf, and the host state the root helper reads. What already matches is left alone, so a
 second `up` changes nothing. Devices are read through iproute2's JSON output, rules applied as one
 `nft -f` transaction.
@@ -20,7 +21,7 @@ from pathlib import Path
 from cluster.errors import SpecError, TempFailure
 from cluster.spec import ClusterSpec
 from jobwrappers.sitenet import rules
-from jobwrappers.sitenet.layout import SiteLayout
+from jobwrappers.sitenet.layout import SiteLayout, mac_for
 from jobwrappers.sitenet.state import host_state_path, lease_dir, netns_id, read_host_state, run_dir, write_host_state
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ def _ensure_bridge(spec: ClusterSpec, layout: SiteLayout, here: str, ch: Changes
     if br.get("mtu") != net.mtu:
         sh("ip", "link", "set", "dev", net.bridge, "mtu", str(net.mtu))
         ch.add(f"bridge {net.bridge}: mtu {net.mtu}")
+    # The bridge's own MAC, derived like a VM's: otherwise it follows its lowest port's MAC and
+    # changes as taps come and go (VMs' ARP caches go stale), and other hosts could not know it.
+    mac = mac_for(host.gateway)
+    if br.get("address") != mac:
+        sh("ip", "link", "set", "dev", net.bridge, "address", mac)
+        ch.add(f"bridge {net.bridge}: address {mac}")
     want = f"{host.gateway}/{layout.prefixlen}"
     addrs = json.loads(sh("ip", "-j", "addr", "show", "dev", net.bridge).stdout or "[]")
     have = {f"{a['local']}/{a['prefixlen']}" for d in addrs for a in d.get("addr_info", []) if a.get("family") == "inet"}
@@ -161,6 +168,16 @@ def _ensure_vxlan(layout: SiteLayout, here: str, ch: Changes) -> None:
     for peer in sorted(have - want):
         sh("bridge", "fdb", "del", "00:00:00:00:00:00", "dev", net.vxlan_device, "dst", peer)
         ch.add(f"{net.vxlan_device}: no longer floods to {peer}")
+    # Unicast to a remote VM goes to its host alone. Without these entries (and with no learning)
+    # every such frame went to every other host: with three hosts, twice the underlay bytes.
+    placed = {e["mac"]: e["dst"] for e in fdb if e.get("mac") != "00:00:00:00:00:00" and "dst" in e}
+    want_macs = layout.remote_macs(here)
+    batch = [f"fdb replace {m} dev {net.vxlan_device} dst {d} self permanent"
+             for m, d in sorted(want_macs.items()) if placed.get(m) != d]
+    batch += [f"fdb del {m} dev {net.vxlan_device} dst {d} self" for m, d in sorted(placed.items()) if m not in want_macs]
+    if batch:
+        sh("bridge", "-batch", "-", stdin="\n".join(batch) + "\n")
+        ch.add(f"{net.vxlan_device}: {len(batch)} static FDB entries set (each remote VM address to its host only)")
 
 
 def _ensure_bridge_conf(bridge: str, ch: Changes) -> None:

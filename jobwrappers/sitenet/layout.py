@@ -66,6 +66,14 @@ class SiteLayout:
     def gateways(self) -> list[str]:
         return [str(h.gateway) for h in self.hosts]
 
+    def remote_macs(self, here: str) -> dict[str, str]:
+        """MAC -> underlay address of the host it lives on, for every address another host may
+        give out (its bridge's own, and each role's block). Static like the rules: a host sends a
+        frame for a remote VM to that VM's host only, never to every host (head-end replication
+        is for broadcasts and for addresses outside the layout)."""
+        return {mac_for(ip): h.underlay for h in self.hosts if h.name != here
+                for ip in [h.gateway] + [a for r in self.roles for a in self.slots(r, h)]}
+
 
 def mac_for(ip: IPv4 | str) -> str:
     """The VM's MAC, derived from its address (locally administered, unicast): unique as it is."""
