@@ -222,6 +222,8 @@ class Controller(SuccessionMixin):
                                                                    if n < rp.submit else ""))
         submitted = apply_plan(self.spec, plan, self.backend, lease, max_submit=self.cfg.max_submit)
         for job in submitted:
+            if self.spec.roles[job.role].network == "site":  # placed as submitted: nothing to re-place
+                self._placed[job.job_id] = tuple(self.backend.excluded_hosts(job.role, job.service_id))
             self.event("submitted", f"{job.role} job {job.job_id} ({job.service_id})")
             self.metrics.submissions.labels(job.role).inc()
         self._update_status(desired, queue + submitted, services)
@@ -241,7 +243,9 @@ class Controller(SuccessionMixin):
         groups: dict[tuple[str, ...], list[Job]] = {}
         for j in waiting:
             avoid = tuple(self.backend.excluded_hosts(j.role, j.service_id))
-            if self._placed.get(j.job_id, ()) != avoid:
+            # A job not seen before (submitted by `scale`, or before this controller took the
+            # lease) is placed once: what it was submitted with is not known here.
+            if self._placed.get(j.job_id) != avoid:
                 groups.setdefault(avoid, []).append(j)
         for avoid, jobs in groups.items():
             assert self.lease is not None

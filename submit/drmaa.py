@@ -1,4 +1,5 @@
-"""Any DRMAA 1.0 scheduler through the `drmaa` package (tested with Son of Grid Engine).
+"""Any DRMAA 1.0 scheduler through the `drmaa` package (tested with Son of Grid Engine; the native
+specification and the re-placement of queued jobs, `qalter`, are Grid Engine's).
 
 DRMAA can submit, ask one job's status and control it, but cannot list a queue: `list` asks about
 the jobs in our ledger. Each job runs `jobscripts/drmaa-vmjob.sh salvus-vmjob ...`, which maps the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -67,11 +69,12 @@ class DrmaaBackend(Backend):
             parts.append(f"-q {s.queue}")
         if s.account:
             parts.append(f"-A {s.account}")
-        if res.walltime_s:
-            parts.append(f"-l h_rt={res.walltime_s}")
-        host = self.host_for(role, service_id)
-        if host:
-            parts.append(f"-l h={host}")
+        hard = self.hard_resources(role, service_id)
+        parts += [f"-l {r}" for r in hard]
+        if any(r.startswith("h=!") for r in hard):
+            # Grid Engine's DRMAA verifies a job at submission (-w e) and refuses one no host fits
+            # now; with every host marked unfit the job must wait for a fix instead (-w w: warn).
+            parts.append("-w w")
         if after:
             if not after.isdigit():
                 raise SchedulerError(f"drmaa: a successor waits for a Grid Engine job id, got {after[:40]!r}")
@@ -79,6 +82,36 @@ class DrmaaBackend(Backend):
         if s.native_spec:
             parts.append(s.native_spec)
         return " ".join(parts)
+
+    def hard_resources(self, role: str, service_id: str | None, avoid: list[str] | None = None) -> list[str]:
+        """Our `-l` requests: the walltime, and the host a persistent role is pinned to or else a
+        Grid Engine host expression that avoids the hosts marked unfit (`h=!(a|b)`; host names
+        hold none of `!|()&*?[]`, the spec's HypervisorName says so). `avoid`: those hosts
+        instead of the marked ones."""
+        res = self.resources(role)
+        out = [f"h_rt={res.walltime_s}"] if res.walltime_s else []
+        host = self.host_for(role, service_id)
+        avoid = self.excluded_hosts(role, service_id) if avoid is None else avoid
+        if host:
+            out.append(f"h={host}")
+        elif avoid:
+            out.append(f"h=!({'|'.join(avoid)})")
+        return out
+
+    def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
+        """Grid Engine's `qalter -l` (DRMAA cannot change a submitted job). It replaces the job's
+        whole hard resource list, so it is given all of it: ours with the new placement, then
+        the `-l` requests of the site's scheduler.native_spec, as at submission."""
+        site = shlex.split(self.spec.scheduler.native_spec or "")
+        site_l = [v for flag, v in zip(site, site[1:]) if flag == "-l"]
+        by_list: dict[str, list[str]] = {}
+        for j in jobs:
+            wanted = self.hard_resources(j.role, j.service_id, avoid=hosts) + site_l
+            # An empty list cannot be given; any host (`h=*`) is what no request means.
+            by_list.setdefault(",".join(wanted or ["h=*"]), []).append(j.job_id)
+        for wanted, ids in by_list.items():
+            self.run("qalter", "-l", wanted, *ids)
+        return True
 
     def job_template(self, role: str, service_id: str | None, after: str = "") -> dict:
         """The fields of a drmaa.JobTemplate, as the helper process sets them."""

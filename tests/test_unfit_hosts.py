@@ -6,6 +6,7 @@ test_site_network.py."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -16,6 +17,7 @@ from submit import open_backend
 from submit.cli import status_lines
 from submit.runner import CommandResult
 from submit.scale import status_report
+from tests.polling import wait_for
 from tests.test_render import FakeRunner
 
 SITE = """
@@ -82,6 +84,15 @@ def test_htcondor_requires_a_machine_not_marked(tmp_path):
     assert "Machine" not in backend.requirements("web", None)
 
 
+def test_grid_engine_asks_for_a_host_not_marked(tmp_path):
+    backend = open_backend(site_spec(tmp_path), "drmaa")
+    backend.unfit_hosts = ["h1", "h3"]
+    assert backend.native_spec("sage", None) == "-r y -l h=!(h1|h3) -w w"
+    # The persistent role's job runs where its disk is, whatever else is marked.
+    assert backend.native_spec("cassandra", "cassandra-0").endswith("-l h=h2")
+    assert "h=" not in backend.native_spec("web", None)
+
+
 def test_status_lists_the_marked_hosts(tmp_path):
     spec = site_spec(tmp_path)
     with open_registry(spec) as registry:
@@ -96,6 +107,17 @@ def test_status_lists_the_marked_hosts(tmp_path):
     assert not any("unfit" in line for line in status_lines({**report, "unfit_hosts": []}))
 
 
+def controller_spec(tmp_path, host: str, scheduler: str):
+    """The site with `host` (a real scheduler's one node) as h1, for a controller."""
+    text = SITE.format(store=tmp_path / "store").replace("name: h1,", f"name: {host},").replace(
+        "scheduler: {wrapper: /opt/salvus/bin/salvus-vmjob}",
+        f"{scheduler}\ncontroller: {{interval: 1, lease: 30, listen: '127.0.0.1:0'}}").replace(
+        "site: uf", f"site: uf{tmp_path.name[-5:]}")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return load_spec(path)
+
+
 @pytest.mark.slurm
 def test_queued_site_jobs_are_re_placed_when_a_host_is_marked_and_again_when_it_is_fixed(tmp_path, slurm_cluster):
     """A job the scheduler holds (here: its partition is down; in life a job requeued after a host
@@ -105,13 +127,7 @@ def test_queued_site_jobs_are_re_placed_when_a_host_is_marked_and_again_when_it_
     from submit.scale import DESIRED
 
     node = slurm_cluster.node
-    text = SITE.format(store=tmp_path / "store").replace("name: h1,", f"name: {node},").replace(
-        "scheduler: {wrapper: /opt/salvus/bin/salvus-vmjob}",
-        "scheduler: {backend: slurm, wrapper: /bin/true, require_image: false}\n"
-        "controller: {interval: 1, lease: 30, listen: '127.0.0.1:0'}").replace("site: uf", f"site: uf{tmp_path.name[-5:]}")
-    path = tmp_path / "cluster.yaml"
-    path.write_text(text)
-    spec = load_spec(path)
+    spec = controller_spec(tmp_path, node, "scheduler: {backend: slurm, wrapper: /bin/true, require_image: false}")
     down = ("scontrol", "update", f"PartitionName={slurm_cluster.partition}")
     assert slurm_cluster.run(*down, "State=DOWN").returncode == 0
     c = Controller(spec)
@@ -135,4 +151,40 @@ def test_queued_site_jobs_are_re_placed_when_a_host_is_marked_and_again_when_it_
     finally:
         assert slurm_cluster.run(*down, "State=UP").returncode == 0
         slurm_cluster.run("scancel", "--name", f"{spec.site}.sage")
+        c.registry.close()
+
+
+@pytest.mark.sge
+def test_grid_engine_queued_site_jobs_avoid_a_marked_host_until_it_is_fixed(tmp_path, gridengine):
+    """Real Son of Grid Engine (one execution host): a site job submitted while that host is
+    marked asks for `h=!(HOST)` and stays pending; once the mark is lifted the controller's
+    `qalter -l` lets it run there."""
+    from submit.controller import Controller
+    from submit.scale import DESIRED
+
+    host = gridengine.host
+    spec = controller_spec(tmp_path, host, "scheduler: {backend: drmaa, wrapper: /bin/true}")
+    c = Controller(spec)
+    try:
+        unfit.mark(c.registry, host, "no bridge salvusbr0")
+        c.registry.write_state(DESIRED, "sage", "1")
+        c.cycle()
+        (job,) = c.backend.list("sage")
+
+        def hard_list() -> str:
+            out = gridengine.run("qstat", "-j", job.job_id).stdout
+            return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("hard resource_list")), "")
+
+        assert hard_list() == f"hostname=!({host})"
+        time.sleep(4)  # four scheduling runs: the only host is excluded, so it stays pending
+        assert [j.state for j in c.backend.list("sage")] == ["queued"]
+        unfit.clear(c.registry, host)
+        c.cycle()
+        assert hard_list() == "hostname=*"
+        assert any(e["kind"] == "placement" and "no host" in e["text"] for e in c.events)
+        # It runs (the wrapper here is /bin/true: it runs and is done).
+        wait_for(lambda: job.job_id not in {j.job_id for j in c.backend.list("sage") if j.state == "queued"}, 60,
+                 "the job to leave the queue once its host is allowed again")
+    finally:
+        gridengine.run("qdel", "-u", "*", check=False)
         c.registry.close()

@@ -18,7 +18,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                                    "nftables rules. Idempotent: what already matches the spec is left alone.")
     nsub = p.add_subparsers(dest="network_command", metavar="COMMAND", required=True)
     for name, what in (("up", "create or correct this host's bridge, VXLAN and rules"),
-                       ("down", "remove them (stop this host's VMs first)")):
+                       ("down", "remove them (stop this host's VMs first)"),
+                       ("check", "exit 0 if this host can run site jobs, else one 'ERROR ...' line and 75: "
+                                 "a node health check (Torque's $node_check_script marks the node down on "
+                                 "it) for schedulers that cannot be told to avoid a host")):
         q = nsub.add_parser(name, parents=[common], help=what, description=what,
                             epilog=f"example: salvus_jobs network {name} --spec /etc/salvus/cluster.yaml --host hv1")
         q.add_argument("--host", help="this host's entry in hypervisor.hosts (default $SALVUS_HYPERVISOR, "
@@ -29,6 +32,14 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 def cmd_network(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     here = host_identity(args.host)
+    if args.network_command == "check":
+        problem = host.check(spec, here)
+        if problem:
+            print(f"ERROR salvus: {here}: {problem}: run `salvus_jobs network up --spec {spec.source} "
+                  f"--host {here}` as root")
+            return 75
+        print(f"{here}: site network ready")
+        return 0
     done = (host.up if args.network_command == "up" else host.down)(spec, here)
     if args.network_command == "up":
         done += clear_unfit(spec, here)

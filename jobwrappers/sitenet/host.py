@@ -307,3 +307,24 @@ def down(spec: ClusterSpec, here: str) -> list[str]:
 def check_ready(bridge: str) -> bool:
     return Path(f"/sys/class/net/{bridge}/bridge").is_dir()
 
+
+def check(spec: ClusterSpec, here: str) -> str | None:
+    """What keeps this host from running site jobs, or None: the node health check (`network
+    check`) for schedulers that cannot be told to avoid a host (PBS/Torque's $node_check_script,
+    Slurm's HealthCheckProgram through NHC, a Grid Engine load sensor). Read-only; the rules are
+    compared only when run as root (nft needs it), as health checks are."""
+    layout = SiteLayout(spec)
+    layout.host(here)
+    net = layout.net
+    if not check_ready(net.bridge):
+        return f"no site network bridge {net.bridge}"
+    vx = link(net.vxlan_device)
+    if vx is None or vx.get("master") != net.bridge or "UP" not in vx.get("flags", []):
+        return f"VXLAN device {net.vxlan_device} missing, down or not on {net.bridge}"
+    state = read_host_state(here)
+    if state is None:
+        return f"no host state {host_state_path(here)} (the root helper would refuse every VM)"
+    if os.geteuid() == 0 and state.get("rules_digest") != base_digest():
+        return "the nftables rules differ from what `network up` applied"
+    return None
+
