@@ -77,6 +77,7 @@ class Lan:
     prefix: str
     hosts: int
     link_mbit: int = 100
+    nic_queue: int = 0  # packets a node's own uplink queues (0: the switch ports' 50 ms)
     made: list[str] = field(default_factory=list)
 
     @property
@@ -104,8 +105,10 @@ class Lan:
             join_lan(self.bridge_ns, "br0", ns, outer, inner, f"{self.ip(node)}/24")
             # Both directions of every link: a node's upload (eth0) and its download (outer end).
             for where, dev in ((ns, "eth0"), (self.bridge_ns, outer)):
+                queue = (["limit", str(self.nic_queue * 1514)] if self.nic_queue and dev == "eth0"
+                         else ["latency", "50ms"])
                 sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                   "rate", f"{self.link_mbit}mbit", "burst", "64kb", "latency", "50ms")
+                   "rate", f"{self.link_mbit}mbit", "burst", "64kb", *queue)
 
     def delete(self) -> None:
         for ns in reversed(self.made):
@@ -503,6 +506,9 @@ def main() -> int:
     ap.add_argument("--origin-rate", type=int, default=None,
                     help=f"bytes/s the origin paces among interested hosts (default: {ORIGIN_RATE_SHARE} "
                          "of its link's rate, 12,000,000 at 100 Mbit/s)")
+    ap.add_argument("--nic-queue", type=int, default=0,
+                    help="packets each node's own uplink (its NIC) queues, as a host's txqueuelen "
+                         "(default 0: 50 ms, like the switch ports)")
     ap.add_argument("--churn", action="store_true",
                     help="the last hosts (4 of 32) start late, one host is killed mid-pull and restarted")
     ap.add_argument("--late-s", type=float, default=30.0, help="how late the churn run's late hosts start")
@@ -517,7 +523,8 @@ def main() -> int:
         return 2
     link_bits = args.link_mbit * 1_000_000
     origin_rate = args.origin_rate if args.origin_rate is not None else int(ORIGIN_RATE_SHARE * link_bits / 8)
-    lan = Lan(prefix=f"sjb{os.getpid() % 100000}", hosts=args.hosts, link_mbit=args.link_mbit)
+    lan = Lan(prefix=f"sjb{os.getpid() % 100000}", hosts=args.hosts, link_mbit=args.link_mbit,
+              nic_queue=args.nic_queue)
     procs = Procs()
     work = Path(tempfile.mkdtemp(prefix="swarm-lan-"))
     http = None
