@@ -378,6 +378,9 @@ def run_swarm(lan: Lan, procs: Procs, work: Path, entry, key: Path, origin_rate:
     print("a host received, MB/s per 2 s:   " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 2, len(hosts))))
     print("a host sent, MB/s per 2 s:       " + " ".join(f"{r:4.1f}" for r in sampler.rates(2.0, 3, len(hosts))))
     print("CPU busy+steal %, per 2 s:       " + " ".join(f"{100 * c:4.0f}" for c in sampler.cpu_intervals(2.0)))
+    # The origin's own account of what it sent twice (imagedist.sendlog), when it logged one.
+    for line in re.findall(r"origin: [^:]+: (sent \d+ blocks.*)", (work / "o" / "origin.log").read_text(errors="replace")):
+        print(f"origin blocks: {line}")
     return SwarmRun(wall, sent, done, cpu, origin_image_copies(work / "o" / "origin.log"), churn)
 
 

@@ -154,6 +154,8 @@ class Swarm:
         self._seeds: dict[str, lt.torrent_handle] = {}
         self._own_ips = {cfg.listen_ip} | ({"127.0.0.1"} if cfg.listen_ip == "0.0.0.0" else set())
         self._banned_ips: set[str] = set()
+        # The origin's count of what it sends (imagedist.sendlog); hosts leave it None.
+        self.on_upload: Callable[[lt.block_uploaded_alert], None] | None = None
         self._filtered: frozenset[str] = frozenset()
         self._last_resume = 0.0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="writeback")
@@ -337,6 +339,8 @@ class Swarm:
                     act.progress.state = "finished"
         elif isinstance(a, lt.tracker_error_alert):
             log.debug("tracker: %s", a.message())
+        elif isinstance(a, lt.block_uploaded_alert) and self.on_upload is not None:
+            self.on_upload(a)
 
     def _by_handle(self, h: lt.torrent_handle) -> _Active | None:
         if not h.is_valid():

@@ -160,3 +160,18 @@ def test_tracker_answers_a_bencoded_compact_announce_with_the_origin_first():
 def test_versions_order_numerically_and_names_become_classad_attributes():
     assert sorted(["1.10", "1.9", "1.2"], key=version_key) == ["1.2", "1.9", "1.10"]
     assert attr_suffix("sage-ubuntu.22+x") == "sage_ubuntu_22_x"
+
+
+def test_the_origins_send_log_tells_repeats_to_the_stripe_owner_from_repeats_to_others():
+    from imagedist.sendlog import SendLog
+    from imagedist.steering import Stripe
+
+    log = SendLog()
+    stripes = {"10.0.0.1": Stripe(0, 2), "10.0.0.2": Stripe(1, 2)}  # 4 pieces: 0-1 and 2-3
+    for t, (piece, ip) in enumerate([(0, "10.0.0.1"), (1, "10.0.0.1"), (2, "10.0.0.2"), (3, "10.0.0.2"),
+                                     (0, "10.0.0.1"), (2, "10.0.0.1")]):
+        log.record(piece, 0, ip, float(t))
+    line = log.summary(4, stripes.get)
+    assert line == ("sent 6 blocks, 4 distinct; 2 repeats (0.500 of the image): 1 to the piece's stripe owner, "
+                    "1 to other hosts; 1 in the last tenth of the run")
+    assert SendLog().summary(4, stripes.get) == "sent no blocks"
