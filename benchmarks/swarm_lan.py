@@ -589,7 +589,7 @@ def main() -> int:
           f">= {100 * SATURATED_INTERVAL:.0f}% in more than {100 * SATURATED_SHARE:.0f}% of the intervals)"))
     print(f"hosts={args.hosts} link_mbit={args.link_mbit} swarm_s={run.wall:.1f} {http_part} "
           f"p50_s={p50:.1f} p99_s={p99:.1f} link_fraction={link_limit / run.wall:.2f} "
-          f"p50_link_fraction={link_limit / p50:.2f} origin_copies={swarm_copies:.2f} "
+          f"p50_link_fraction={link_limit / p50:.2f} origin_copies={swarm_copies:.3f} "
           + ("churn=1 " if run.churn is not None else "")
           + f"cpu_busy={run.cpu.busy:.2f} cpu_steal={run.cpu.steal:.2f} valid={int(run.cpu.valid)}")
     return 0
