@@ -21,7 +21,7 @@ import libtorrent as lt
 from cluster.spec import ClusterSpec
 from imagedist import steering
 from imagedist.sendlog import SendLog
-from imagedist.settings import ALERT_MASK, SessionConfig, set_upload_limit
+from imagedist.settings import SessionConfig, set_upload_limit
 from imagedist.swarm import Swarm, info_hash_hex, torrent_info
 from imagedist.tracker import MAX_PORTS_PER_IP, PEER_TTL, PeerTable, SiteHosts, Tracker, announce_hashes
 
@@ -220,7 +220,6 @@ class Origin:
         self.handles: dict[str, lt.torrent_handle] = {}
         self.sendlogs: dict[str, SendLog] = {}
         self.swarm.on_upload = self._uploaded_block
-        self.swarm.session.apply_settings({"alert_mask": int(ALERT_MASK | lt.alert_category.upload)})
         if cfg.tracker_hosts_only:
             self._admit_only(sorted(self.table.site.stripes))
 
@@ -247,8 +246,8 @@ class Origin:
             self.swarm.unseed(ih)
 
     def _uploaded_block(self, a: lt.block_uploaded_alert) -> None:
-        ip = a.endpoint[0] if isinstance(a.endpoint, tuple) else str(a.ip)
-        self.sendlogs.setdefault(a.torrent_name, SendLog()).record(a.piece_index, a.block_index, ip, time.monotonic())
+        self.sendlogs.setdefault(a.torrent_name, SendLog()).record(a.piece_index, a.block_index, a.endpoint[0],
+                                                                   time.monotonic())
 
     def uploaded(self) -> int:
         return sum(h.status().total_payload_upload for h in self.swarm.session.get_torrents())
@@ -279,6 +278,6 @@ class Origin:
                 ti = h.torrent_file()
                 if st.name in self.sendlogs and ti is not None:
                     log.info("origin: %s: %s", st.name, self.sendlogs[st.name].summary(
-                        ti.num_pieces(), lambda ip: self.table.stripe_of(ip)))
+                        ti.num_pieces(), self.table.stripe_of))
             self.tracker.stop()
             self.swarm.close()

@@ -98,6 +98,8 @@ def session_settings(cfg: SessionConfig) -> dict:
         # queue holds. Shorter ticks send the same rate in smaller bursts.
         s["tick_interval"] = 25
         s["close_redundant_connections"] = True
+        # Every block it uploads, for its send log (imagedist.sendlog).
+        s["alert_mask"] = int(ALERT_MASK | lt.alert_category.upload)
     return s
 
 

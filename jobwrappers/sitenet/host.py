@@ -311,7 +311,7 @@ def check_ready(bridge: str) -> bool:
 def check(spec: ClusterSpec, here: str) -> str | None:
     """What keeps this host from running site jobs, or None: the node health check (`network
     check`) for schedulers that cannot be told to avoid a host (PBS/Torque's $node_check_script,
-    Slurm's HealthCheckProgram through NHC, a Grid Engine load sensor). Read-only; the rules are
+    or Slurm's HealthCheckProgram through NHC). Read-only; the rules are
     compared only when run as root (nft needs it), as health checks are."""
     layout = SiteLayout(spec)
     layout.host(here)
