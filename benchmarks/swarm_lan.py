@@ -13,7 +13,7 @@ daemons run before the clock starts, as deployed; it starts when the image is ap
 are reloaded (SIGHUP).
 
     sudo .venv/bin/python benchmarks/swarm_lan.py [--size-mib 256] [--hosts 8] [--link-mbit 100]
-    sudo .venv/bin/python benchmarks/swarm_lan.py --hosts 32 --link-mbit 20 --swarm-only [--churn]
+    sudo .venv/bin/python benchmarks/swarm_lan.py --hosts 32 --link-mbit 20 --swarm-only --nic-queue 1000 --mtu 9000 [--churn]
 
 Figures: wall time of each way (until the last host has the verified image), their ratio, the swarm
 time as a fraction of the per-host link limit (size / link rate), the per-host completion times'
@@ -78,6 +78,7 @@ class Lan:
     hosts: int
     link_mbit: int = 100
     nic_queue: int = 0  # packets a node's own uplink queues (0: the switch ports' 50 ms)
+    mtu: int = 1500
     made: list[str] = field(default_factory=list)
 
     @property
@@ -105,7 +106,9 @@ class Lan:
             join_lan(self.bridge_ns, "br0", ns, outer, inner, f"{self.ip(node)}/24")
             # Both directions of every link: a node's upload (eth0) and its download (outer end).
             for where, dev in ((ns, "eth0"), (self.bridge_ns, outer)):
-                queue = (["limit", str(self.nic_queue * 1514)] if self.nic_queue and dev == "eth0"
+                if self.mtu != 1500:  # the bridge follows its ports' MTU
+                    sh("ip", "-n", where, "link", "set", dev, "mtu", str(self.mtu))
+                queue = (["limit", str(self.nic_queue * (self.mtu + 14))] if self.nic_queue and dev == "eth0"
                          else ["latency", "50ms"])
                 sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                    "rate", f"{self.link_mbit}mbit", "burst", "64kb", *queue)
@@ -512,6 +515,9 @@ def main() -> int:
     ap.add_argument("--nic-queue", type=int, default=0,
                     help="packets each node's own uplink (its NIC) queues, as a host's txqueuelen "
                          "(default 0: 50 ms, like the switch ports)")
+    ap.add_argument("--mtu", type=int, default=1500,
+                    help="every link's MTU (default 1500; 9000: jumbo frames, as many hypervisor "
+                         "networks run, a sixth of the packets per byte for this machine's CPUs to emulate)")
     ap.add_argument("--churn", action="store_true",
                     help="the last hosts (4 of 32) start late, one host is killed mid-pull and restarted")
     ap.add_argument("--late-s", type=float, default=30.0, help="how late the churn run's late hosts start")
@@ -521,13 +527,13 @@ def main() -> int:
     if os.geteuid() != 0:
         print("swarm_lan: needs root (network namespaces, tc)", file=sys.stderr)
         return 1
-    if not 2 <= args.hosts <= 200 or not 1 <= args.link_mbit <= 10_000:
-        print("swarm_lan: --hosts must be 2..200 and --link-mbit 1..10000", file=sys.stderr)
+    if not 2 <= args.hosts <= 200 or not 1 <= args.link_mbit <= 10_000 or not 1280 <= args.mtu <= 65_000:
+        print("swarm_lan: --hosts must be 2..200, --link-mbit 1..10000 and --mtu 1280..65000", file=sys.stderr)
         return 2
     link_bits = args.link_mbit * 1_000_000
     origin_rate = args.origin_rate if args.origin_rate is not None else int(ORIGIN_RATE_SHARE * link_bits / 8)
     lan = Lan(prefix=f"sjb{os.getpid() % 100000}", hosts=args.hosts, link_mbit=args.link_mbit,
-              nic_queue=args.nic_queue)
+              nic_queue=args.nic_queue, mtu=args.mtu)
     procs = Procs()
     work = Path(tempfile.mkdtemp(prefix="swarm-lan-"))
     http = None
@@ -544,7 +550,7 @@ def main() -> int:
         time.sleep(1.5)
         if http_server.poll() is not None:
             raise RuntimeError((work / "http-origin.log").read_text())
-        print(f"LAN: origin + {args.hosts} hosts, {args.link_mbit} Mbit/s tbf links, origin paced at "
+        print(f"LAN: origin + {args.hosts} hosts, {args.link_mbit} Mbit/s tbf links, MTU {args.mtu}, origin paced at "
               f"{origin_rate / 1e6:.2f} MB/s, {SUBNET}.0/24 in namespaces {lan.prefix}-*", flush=True)
         run = run_swarm(lan, procs, work, entry, key, origin_rate, args.late_s if args.churn else None)
         print(f"imgdist swarm: {run.wall:6.1f} s  (hosts done at "
@@ -587,7 +593,7 @@ def main() -> int:
     print(f"CPU: {run.cpu}; " + ("valid" if run.cpu.valid else
           f"NOT VALID: the CPUs were saturated (busy + stolen >= {100 * VALID_MAX_CPU:.0f}% on average or "
           f">= {100 * SATURATED_INTERVAL:.0f}% in more than {100 * SATURATED_SHARE:.0f}% of the intervals)"))
-    print(f"hosts={args.hosts} link_mbit={args.link_mbit} swarm_s={run.wall:.1f} {http_part} "
+    print(f"hosts={args.hosts} link_mbit={args.link_mbit} mtu={args.mtu} swarm_s={run.wall:.1f} {http_part} "
           f"p50_s={p50:.1f} p99_s={p99:.1f} link_fraction={link_limit / run.wall:.2f} "
           f"p50_link_fraction={link_limit / p50:.2f} origin_copies={swarm_copies:.3f} "
           + ("churn=1 " if run.churn is not None else "")
