@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = [f"tests.fixtures.{p.stem}" for p in sorted((REPO / "tests" / "fixtures").glob("[a-z]*.py"))]
+pytest_plugins.append("tests.suite_groups")  # groups: xdist scheduling and the time budget
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120,

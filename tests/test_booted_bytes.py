@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -86,12 +88,15 @@ def test_symlinked_base_is_refused(signed_catalogue, tmp_path):
 
 
 def qmp(sock_path: Path, *commands: dict) -> list[dict]:
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(100):
+    deadline = time.monotonic() + 30  # QEMU makes the socket as it starts: seconds on a busy machine
+    while True:
+        s = socket.socket(socket.AF_UNIX)  # a new one each try: a failed connect can leave it unusable
         try:
             s.connect(str(sock_path))
             break
         except OSError:
+            s.close()
+            assert time.monotonic() < deadline, f"QEMU's QMP socket {sock_path} never accepted a connection"
             time.sleep(0.05)
     f = s.makefile("rw")
     f.readline()
@@ -116,14 +121,23 @@ def machine_in(workdir: Path, base_fd_image, kernel: Path | None = None) -> Mach
                    workdir=workdir, kernel=kernel, cmdline="console=ttyS0")
 
 
-def test_qemu_reads_the_verified_descriptor_and_comma_paths_stay_one_value(tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path: QEMU's sockets must fit in sun_path (108 bytes), and with this
+    test's odd directory name under an xdist worker's tmp_path the console socket did not."""
+    d = Path(tempfile.mkdtemp(prefix="salvus-bb-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_qemu_reads_the_verified_descriptor_and_comma_paths_stay_one_value(short_tmp):
     """A ',' and a quote in every path: QEMU (paused, -S) opens exactly those files, and after the base
     is replaced by other bytes under its name, the guest disk still reads the verified bytes."""
-    odd = tmp_path / "a,b='c',server=on,path=x"
+    odd = short_tmp / "a,b='c',server=on,path=x"
     odd.mkdir()
     base = make_qcow2(odd / "base.qcow2", pattern=0x5A)
     image = open_image(base, "qcow2", os.getuid())
-    other = make_qcow2(tmp_path / "other.qcow2", pattern=0x11)
+    other = make_qcow2(short_tmp / "other.qcow2", pattern=0x11)
     os.replace(other, base)  # the rename attack, after the check
     m = machine_in(odd, image)
     runner = QemuRunner(m)
@@ -143,7 +157,7 @@ def test_qemu_reads_the_verified_descriptor_and_comma_paths_stay_one_value(tmp_p
         assert "error" not in replies[2], replies[2]
         assert m.console_log.exists() and m.channel_path.is_socket() and m.console_socket.is_socket(), \
             "paths with ',' must stay one value"
-        assert not (tmp_path / "x").exists()
+        assert not (short_tmp / "x").exists()
     finally:
         proc.kill()
         out = proc.communicate()[0].decode()

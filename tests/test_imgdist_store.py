@@ -177,7 +177,7 @@ def test_an_expired_index_advertises_no_image(imgdist_lab):
 
     imgdist_lab.add_image("sage", "1.0", 1, roles=("sage",))
     index = sign_index(CatalogueDir(imgdist_lab.cat_dir), load_private_key(imgdist_lab.key, PASSPHRASE),
-                       timedelta(seconds=3))
+                       timedelta(seconds=15))  # fresh through the three commands below, on a busy machine too
     h = imgdist_lab.host("h0", approve=("sage@1.0",), tracker=False)
     assert imgdist_lab.run(h, "sync").returncode == 0
     assert classad2.parseOne(imgdist_lab.run(h, "classad").stdout)["SalvusImages"] == "sage-1.0"
