@@ -53,8 +53,8 @@ def test_each_test_falls_into_the_group_of_its_daemon_or_module(item, group):
 
 def test_daemon_groups_run_together_and_the_rest_by_module():
     together = {g.name for g in GROUPS if g.together}
-    assert {"slurm", "gridengine", "cassandra", "libvirt", "site-network", "imgdist"} <= together
-    assert not {"vm", "unit", "real-image", "soak"} & together
+    assert {"slurm", "gridengine", "cassandra", "libvirt", "site-network", "imgdist", "real-image"} <= together
+    assert not {"vm", "unit", "soak"} & together
     assert sorted(QUEUE_ORDER) == sorted(g.name for g in GROUPS)
     assert GROUPS[-1].name == "unit" and not (GROUPS[-1].markers or GROUPS[-1].fixtures or GROUPS[-1].modules)
 
