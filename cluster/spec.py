@@ -372,6 +372,10 @@ class SchedulerSpec:
     drmaa_library: Optional[SingleLine] = None
     # Submit from this machine through the cluster's login node (slurm, pbs).
     login: Optional[LoginSpec] = None
+    # The account whose jobs are this site's (with the site's job names): a backend lists, counts
+    # and cancels only its jobs, never another user's look-alikes. Default: the account that
+    # submits (the login node's user with `login`, else this process's effective user).
+    submit_user: Optional[UserName] = None
 
     @model_validator(mode="after")
     def _login_backend(self) -> "SchedulerSpec":

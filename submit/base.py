@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import getpass
 import json
 import logging
 import math
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -99,6 +101,18 @@ def wrapper_path(spec: ClusterSpec) -> str:
         raise SpecError("scheduler.wrapper: salvus-vmjob is not installed beside this Python nor on "
                         "PATH; set scheduler.wrapper to its path on the execute nodes")
     return found
+
+
+def submitting_account(spec: ClusterSpec) -> str:
+    """The account this process's submissions run under: the login node's user over SSH (as
+    cluster/ssh.py logs in), else this process's effective user."""
+    if spec.scheduler.login is not None:
+        return spec.scheduler.login.user or getpass.getuser()
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        raise SpecError(f"{spec.source}: scheduler.submit_user: uid {os.geteuid()} has no user name "
+                        "here; set scheduler.submit_user") from None
 
 
 def job_environment(environ: Mapping[str, str], **values: str) -> dict[str, str]:
@@ -269,6 +283,24 @@ class Backend(abc.ABC):
         # Hosts marked unfit for site jobs (cluster/unfit.py), read at each submission.
         self.unfit_hosts: list[str] = []
 
+    @property
+    def submit_user(self) -> str:
+        """Whose jobs are ours (with this site's job names): `scheduler.submit_user`, else the
+        submitting account. Every `list` shows only that user's jobs, so another user's
+        look-alikes (same job name, a `salvus:` comment or `Salvus*` attributes) are never counted
+        nor cancelled: Slurm `squeue --user`, PBS the `Job_Owner`, HTCondor `Owner`; DRMAA asks
+        only about its ledger's jobs, the local executor reads only that user's records."""
+        return self.spec.scheduler.submit_user or submitting_account(self.spec)
+
+    def check_submitter(self) -> None:
+        """Refuses to submit as another account than `submit_user`: such jobs would not be
+        listed as ours, and every `scale` would submit them again."""
+        account = submitting_account(self.spec)
+        if account != self.submit_user:
+            raise SpecError(f"{self.spec.source}: scheduler.submit_user is {self.submit_user!r} but jobs "
+                            f"submitted here run as {account!r}: run as {self.submit_user} (or change "
+                            "scheduler.submit_user)")
+
     # --- what a backend implements -------------------------------------------------------------
     @abc.abstractmethod
     def render(self, role: str, service_id: str | None = None) -> str:
@@ -282,7 +314,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def list(self, role: str | None = None) -> list[Job]:
-        """This site's jobs the scheduler knows about (all roles when `role` is None)."""
+        """This site's jobs the scheduler knows about (all roles when `role` is None): only
+        `submit_user`'s, never another user's with the same names."""
 
     @abc.abstractmethod
     def cancel(self, job: Job) -> None:
@@ -317,6 +350,7 @@ class Backend(abc.ABC):
     def prepare_submit(self, role: str) -> None:
         """Checks and directories a submission needs once, before its first job."""
         self.role(role)
+        self.check_submitter()
         self.runner.make_dirs(self.log_dir())  # where the jobs run: on the login node's side
         if self.role(role).network == "site":
             self.unfit_hosts = [u.host for u in unfit.read(self.spec, self.ledger.registry)]

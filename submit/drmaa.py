@@ -2,9 +2,11 @@
 specification and the re-placement of queued jobs, `qalter`, are Grid Engine's).
 
 DRMAA can submit, ask one job's status and control it, but cannot list a queue: `list` asks about
-the jobs in our ledger. Each job runs `jobscripts/drmaa-vmjob.sh salvus-vmjob ...`, which maps the
-wrapper's exit codes to Grid Engine's (75 -> 99 requeue, 65/78 -> 100 error/hold). TERMINATE is
-graceful when the queue's `terminate_method` sends SIGTERM first (SGE's default is SIGKILL).
+the jobs in our ledger, and that is the ownership rule here (Backend.submit_user): only jobs this
+site submitted are ever counted or cancelled, never another user's with the same name. Each job
+runs `jobscripts/drmaa-vmjob.sh salvus-vmjob ...`, which maps the wrapper's exit codes to Grid
+Engine's (75 -> 99 requeue, 65/78 -> 100 error/hold). TERMINATE is graceful when the queue's
+`terminate_method` sends SIGTERM first (SGE's default is SIGKILL).
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ class DrmaaBackend(Backend):
         return self.call({"op": "submit", "templates": [self.job_template(role, service_id, after)]})["ids"][0]
 
     def list(self, role: str | None = None) -> list[Job]:
+        # The ledger's jobs only (ours by construction): DRMAA has no query for anyone else's.
         known = [j for j in self.ledger.jobs() if role is None or j.role == role]
         if not known:
             return []

@@ -7,13 +7,19 @@ the job it waits for before the supervisor starts, then its pid and start time),
 (written only by the supervisor: state, reason, when it first ran, how it ended), `ID.cancel`
 (cancel requested). The supervisor enforces the walltime and waits for a predecessor (localrun).
 Logs go to STORE/logs/ID.out and ID.err.
+
+Ours are the processes this site's CLI started as `Backend.submit_user`: only `ID.json` files that
+user owns are read (job users may write state/ too), so another user's records, whatever they say,
+are never listed, counted, cancelled or reaped.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pwd
 import secrets
+import stat
 import signal
 import subprocess
 import sys
@@ -91,14 +97,31 @@ class LocalBackend(Backend):
     def record(self, job: Job) -> None:
         """Nothing more to record: submit_one wrote the job's record before starting it."""
 
+    def _owner_uid(self) -> int:
+        """The uid whose job records are ours (`submit_user`)."""
+        try:
+            return pwd.getpwnam(self.submit_user).pw_uid
+        except KeyError:
+            raise SpecError(f"{self.spec.source}: scheduler.submit_user: no user {self.submit_user!r} "
+                            "on this machine") from None
+
+    def _read_record(self, path: Path, uid: int) -> dict | None:
+        """A job record if it is a plain file `uid` owns (else another user's, or not a record)."""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                return None
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable local job record %s", path)
+            return None
+
     def _records(self) -> list[dict]:
-        out = []
-        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                log.warning("ignoring unreadable local job record %s", p)
-        return out
+        uid = self._owner_uid()
+        paths = sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+        return [rec for rec in (self._read_record(p, uid) for p in paths) if rec is not None]
 
     def _state(self, job_id: str) -> dict:
         try:
@@ -264,7 +287,4 @@ class LocalBackend(Backend):
         return []  # the records are the queue itself
 
     def _record(self, job_id: str) -> dict | None:
-        try:
-            return json.loads((self.dir / f"{job_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return self._read_record(self.dir / f"{job_id}.json", self._owner_uid())

@@ -3,6 +3,10 @@ PBS-compatible wrappers, which is how the tests run it).
 
 `qsub` through some wrappers ignores in-script `-o`/`-e`, so logs are named on the command line; the
 script is written to a file because those wrappers do not read one from stdin.
+
+Ours are the jobs of `Backend.submit_user` by their `Job_Owner` (USER@SUBMITHOST), read from
+`qstat -f`: `qstat -u` belongs to the one-line display formats (Torque, PBS Pro, and Slurm's wrapper,
+which with `-f -u` prints the one-line table), so the owner is filtered here.
 """
 from __future__ import annotations
 
@@ -71,6 +75,11 @@ class PbsBackend(ScriptBackend):
         self.run("qdel", job.job_id)
 
 
+def job_owner(attrs: dict[str, str]) -> str:
+    """The user of `Job_Owner = USER@SUBMITHOST`; "" when not shown (then it is nobody's we know)."""
+    return attrs.get("Job_Owner", "").strip().partition("@")[0]
+
+
 def parse_qstat_full(out: str, backend: PbsBackend, known_sids: dict[str, str | None]) -> list[Job]:
     """`qstat -f` (blocks of `Job Id: ID` then indented `key = value` lines) -> our jobs."""
     jobs = []
@@ -85,8 +94,8 @@ def parse_qstat_full(out: str, backend: PbsBackend, known_sids: dict[str, str | 
         if not job_id or "job_state" not in attrs:
             raise SchedulerError(f"qstat -f: job {job_id!r} has no job_state")
         role = backend.role_of(attrs.get("Job_Name", ""))
-        if role is None:
-            continue
+        if role is None or job_owner(attrs) != backend.submit_user:
+            continue  # not this site's, or another user's look-alike
         state = STATE_MAP.get(attrs["job_state"].strip(), "unknown")
         waiting = ""
         if state == "held" and attrs.get("depend") and set(attrs.get("Hold_Types", "s").strip()) <= {"s", "n"}:

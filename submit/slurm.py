@@ -1,6 +1,7 @@
 """Slurm: sbatch scripts; `sbatch` / `squeue` / `scancel` / `scontrol`.
 
-Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name` finds every role's jobs; a stable
+Jobs are tagged by name (`SITE.ROLE`) so one `squeue --name --user` finds every role's jobs (the
+user: `Backend.submit_user`; another user's jobs of the same name are not ours); a stable
 service id (persistent roles) travels as $SALVUS_SERVICE_ID and in the job's comment, and so do
 the submission's token and the image the job boots (`salvus:SERVICE_ID:TOKEN:IMAGE`; jobs queued
 before the image was added carry `salvus:SERVICE_ID:TOKEN`); by the token a job whose id we never
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.errors import SchedulerError
+from cluster.errors import SchedulerError, SpecError
 from cluster.spec import parse_walltime
 from cluster.yamlmodel import is_image_ref, is_service_id
 from submit.base import Job, ScriptBackend, clock_time
@@ -91,7 +92,12 @@ class SlurmBackend(ScriptBackend):
     def list(self, role: str | None = None) -> list[Job]:
         names = ",".join(self.job_name(r) for r in ([role] if role else self.spec.roles))
         r = self.run("squeue", "--noheader", "--array", "--states=all", f"--name={names}",
-                     f"--format={SQUEUE_FORMAT}")
+                     f"--user={self.submit_user}", f"--format={SQUEUE_FORMAT}")
+        if "Invalid user" in r.stderr:
+            # squeue says so on stderr and exits 0 with an empty listing: that must not read as
+            # "none of ours queued" (every scale would submit again).
+            raise SpecError(f"{self.spec.source}: scheduler.submit_user: Slurm knows no user "
+                            f"{self.submit_user!r} ({last_line(r.stderr)})")
         jobs = parse_squeue(r.stdout, self)
         held = [j for j in jobs if j.state == "held"]
         if held:

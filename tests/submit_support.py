@@ -27,6 +27,20 @@ def scheduler_spec(tmp_path: Path, demo_image, backend: str, extra: str = "",
     return path
 
 
+def standin_spec(tmp_path: Path, scheduler: str, image: str = "demo@1") -> Path:
+    """A one-role spec (sage) with a site name of its own whose jobs run a stand-in for
+    salvus-vmjob that sleeps until cancelled: no VM ever boots. `scheduler`: the scheduler
+    section's fields besides `wrapper`, e.g. "backend: slurm, extra_directives: [--hold]"."""
+    standin = tmp_path / "vmjob"
+    standin.write_text("#!/bin/sh\nexec sleep 300\n")
+    standin.chmod(0o755)
+    spec = tmp_path / "jobs.yaml"
+    spec.write_text(f"site: s{next(_sites)}{tmp_path.name[-6:].replace('_', '')}\nstore: {tmp_path / 'store'}\n"
+                    f"scheduler: {{{scheduler}, wrapper: {standin}}}\n"
+                    f"roles: {{sage: {{image: {image}, port: 6000}}}}\n")
+    return spec
+
+
 @pytest.fixture
 def stop_everything_after():
     """Collects spec paths; at teardown stops every job of those specs (a failed test must not

@@ -98,6 +98,7 @@ def test_successor_is_refused_for_a_job_id_that_is_not_slurms(backend):
 
 QSTAT_HELD = """Job Id: 41.pbs0
     Job_Name = s.sage
+    Job_Owner = alice@login0
     job_state = H
     Hold_Types = {holds}
     qtime = Thu Jan  1 00:00:00 2026
@@ -111,7 +112,7 @@ QSTAT_HELD = """Job Id: 41.pbs0
 ])
 def test_torque_successor_held_for_its_dependency_is_queued(tmp_path, holds, state, reason):
     spec = tmp_path / "cluster.yaml"
-    spec.write_text("site: s\nscheduler: {backend: pbs}\nroles: {sage: {image: demo@1, port: 8080}}\n")
+    spec.write_text("site: s\nscheduler: {backend: pbs, submit_user: alice}\nroles: {sage: {image: demo@1, port: 8080}}\n")
     (job,) = parse_qstat_full(QSTAT_HELD.format(holds=holds), PbsBackend(load_spec(spec)), {})
     assert (job.state, job.hold_reason) == (state, reason)
 

@@ -46,6 +46,8 @@ BAD = [
     ("not a mapping", "- a\n- b", "expected a mapping of sections"),
     ("image escaping the store", "roles: {sage: {image: ../../etc@1, port: 1}}", "roles.sage.image: expected NAME@VERSION"),
     ("bad scheduler", "roles: {}\nscheduler: {backend: lsf}", "scheduler.backend: input should be 'local', 'slurm'"),
+    ("bad submit user", "roles: {}\nscheduler: {backend: slurm, submit_user: '-u root'}",
+     "scheduler.submit_user: expected a user name ([A-Za-z_][A-Za-z0-9_.-]*), got '-u root'"),
     ("two registries", "roles: {}\nregistry: {sqlite: /tmp/x, cassandra: {contact_points: [a]}}",
      "registry: give either 'sqlite' or 'cassandra', not both"),
     ("unknown host key", "roles: {}\nhypervisor: {hosts: [hv0, {name: hv1, rack: 3}]}",

@@ -19,7 +19,7 @@ from submit.base import Job
 from submit.slurm import parse_squeue
 from tests.fixtures.slurm import KILL_WAIT
 from tests.polling import wait_for
-from tests.submit_support import scheduler_spec, stop_everything_after  # noqa: F401 (fixture)
+from tests.submit_support import scheduler_spec, standin_spec, stop_everything_after  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slurm
 TORQUE_BIN = Path("/opt/salvus/slurm-torque/bin")
@@ -259,14 +259,8 @@ def test_slurm_job_waits_for_a_node_that_advertises_its_image_version(tmp_path, 
 
     assert host_pulls_and_advertises() == "salvus_img_sage_v1_d0"
     # The job: sage@2.0 from the store; a stand-in for the wrapper keeps it running until cancelled.
-    standin = tmp_path / "vmjob"
-    standin.write_text("#!/bin/sh\nexec sleep 300\n")
-    standin.chmod(0o755)
-    spec = tmp_path / "jobs.yaml"
-    site = f"p{tmp_path.name[-6:].replace('_', '')}"
-    spec.write_text(f"site: {site}\nstore: {tmp_path / 'store'}\n"
-                    f"scheduler: {{backend: slurm, wrapper: {standin}, bin_dir: {TORQUE_BIN}, extra_directives: [--hold]}}\n"
-                    "roles: {sage: {image: sage@2.0, port: 6000}}\n")
+    spec = standin_spec(tmp_path, f"backend: slurm, bin_dir: {TORQUE_BIN}, extra_directives: [--hold]", "sage@2.0")
+    site = load_spec(spec).site
     backend = open_backend(load_spec(spec))
     try:
         # A host holding sage@1.0 only is no place for a sage@2.0 job: Slurm refuses it outright.
