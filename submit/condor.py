@@ -1,21 +1,30 @@
-"""HTCondor: submit descriptions; submit, query and remove through the `htcondor2` bindings.
+"""HTCondor: submit descriptions; submit, query, edit and remove through the `htcondor2` bindings.
 
-Jobs carry `SalvusSite`, `SalvusRole` and `SalvusServiceId` attributes, so one constraint query
-finds a site's jobs by role. Removal sends `kill_sig` (SIGTERM) and SIGKILL after
-`job_max_vacate_time`, which the description sets from the wrapper's grace.
+Jobs carry `SalvusSite`, `SalvusRole`, `SalvusServiceId`, `SalvusImage` and (from `scale`) the
+submission's `SalvusToken`, so one constraint query finds a site's jobs by role; "ours" is also
+`Owner == scheduler.submit_user`, so another account's look-alike jobs never count. Removal sends
+`kill_sig` (SIGTERM) and SIGKILL after `job_max_vacate_time`, which the description sets from the
+wrapper's grace. `allowed_job_duration` (the walltime) puts a job on hold (HoldReasonCode 46) after
+sending it the same signals: such a job is listed `failed`, `ended_by=walltime`, and `cancel`
+removes it. Jobs that have left the queue are read from the schedd's history.
 """
 from __future__ import annotations
 
 import re
 
 from cluster.errors import SchedulerError, SchedulerUnavailable, SpecError
-from cluster.yamlmodel import split_image_ref
+from cluster.yamlmodel import is_image_ref, is_service_id, split_image_ref
 from submit.base import Backend, Job, checked_service_id
 from submit.condor_check import command_key, submit_keys, validate_submit
 
 # JobStatus codes (HTCondor manual, "Job ClassAd Attributes") -> ours.
 JOB_STATUS = {1: "queued", 2: "running", 3: "stopping", 4: "done", 5: "held", 6: "running", 7: "held"}
-PROJECTION = ["ClusterId", "ProcId", "JobStatus", "SalvusRole", "SalvusServiceId", "QDate", "HoldReason"]
+PROJECTION = ["ClusterId", "ProcId", "JobStatus", "Owner", "SalvusSite", "SalvusRole", "SalvusServiceId",
+              "SalvusImage", "SalvusToken", "QDate", "HoldReason", "HoldReasonCode", "JobCurrentStartDate",
+              "AllowedJobDuration", "ExitCode", "NumJobStarts", "RemoteHost", "LastRemoteHost",
+              "LastHoldReasonCode"]
+# HoldReasonCode of a job `allowed_job_duration` stopped (HTCondor manual, "Job ClassAd Attributes").
+HOLD_JOB_DURATION = 46
 
 
 def classad_string(s: str) -> str:
@@ -39,6 +48,7 @@ class CondorBackend(Backend):
 
     name = "condor"
     template = "condor.sub.tmpl"
+    tokens = True
 
     def requirements(self, role: str, service_id: str | None) -> str:
         parts = []
@@ -105,24 +115,32 @@ class CondorBackend(Backend):
 
     # --- the schedd ------------------------------------------------------------------------------
     def schedd(self):
+        """The schedd named by `scheduler.schedd` (found through the collector), else this
+        machine's own, else the pool's only one (an operator's machine that runs no schedd)."""
         import htcondor2
 
+        s = self.spec.scheduler
         try:
-            if self.spec.scheduler.schedd:
-                collector = htcondor2.Collector(self.spec.scheduler.collector) if self.spec.scheduler.collector \
-                    else htcondor2.Collector()
-                ad = collector.locate(htcondor2.DaemonType.Schedd, self.spec.scheduler.schedd)
-                return htcondor2.Schedd(ad)
-            return htcondor2.Schedd()
+            collector = htcondor2.Collector(s.collector) if s.collector else htcondor2.Collector()
+            if s.schedd:
+                return htcondor2.Schedd(collector.locate(htcondor2.DaemonType.Schedd, s.schedd))
+            try:
+                return htcondor2.Schedd()
+            except htcondor2.HTCondorException as local:
+                ads = collector.query(htcondor2.AdType.Schedd, projection=["Name", "MyAddress", "CondorVersion"])
+                if len(ads) != 1:
+                    raise htcondor2.HTCondorException(
+                        f"{local} (and the pool has {len(ads)} schedds: set scheduler.schedd)") from None
+                return htcondor2.Schedd(ads[0])
         except htcondor2.HTCondorException as e:
-            where = self.spec.scheduler.schedd or "the local schedd"
+            where = s.schedd or "the local schedd"
             raise SchedulerUnavailable(f"condor: cannot reach {where}: {e}") from None
 
     def prepare_submit(self, role: str) -> None:
         super().prepare_submit(role)
         self._submit_schedd = self.schedd()  # located once per submission, not once per job
 
-    def submit_one(self, role: str, service_id: str | None) -> str:
+    def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
         import htcondor2
 
         text = self.render(role, service_id)
@@ -130,23 +148,73 @@ class CondorBackend(Backend):
         if problems:
             raise SchedulerError(problems[0])
         body = text[:text.rindex("queue")]  # the count is schedd.submit's, not the text's
+        sub = htcondor2.Submit(body)
+        if token:
+            sub["+SalvusToken"] = classad_string(token)
         try:
-            result = self._submit_schedd.submit(htcondor2.Submit(body), count=1)
+            result = self._submit_schedd.submit(sub, count=1)
+            self.check_owner(result.cluster())
         except htcondor2.HTCondorException as e:
             raise SchedulerError(f"condor: submit refused: {e}") from None
         return f"{result.cluster()}.0"
 
+    def check_submitter(self) -> None:
+        """HTCondor's Owner is the identity the schedd authenticated (a token's subject, say), not
+        this process's user: it is checked on the first job instead (check_owner)."""
+
+    def check_owner(self, cluster: int) -> None:
+        """Removes a job the schedd took under another Owner than `submit_user` and refuses: it
+        would never be listed as ours, and every `scale` would submit another."""
+        import htcondor2
+
+        ads = self._submit_schedd.query(constraint=f"ClusterId == {int(cluster)}", projection=["Owner"])
+        owner = str(ads[0].get("Owner", "")) if ads else self.submit_user
+        if owner != self.submit_user:
+            self._submit_schedd.act(htcondor2.JobAction.Remove, f"ClusterId == {int(cluster)}")
+            raise SpecError(f"{self.spec.source}: scheduler.submit_user is {self.submit_user!r} but the schedd "
+                            f"owns our jobs as {owner!r} (the identity it authenticated): removed job {cluster}.0; "
+                            "set scheduler.submit_user, or submit with that user's credentials")
+
+    def ours(self, role: str | None = None) -> str:
+        """The constraint of this site's jobs (of `role`) submitted by the site's account."""
+        constraint = (f"Owner == {classad_string(self.submit_user)} && "
+                      f"SalvusSite == {classad_string(self.spec.site)}")
+        if role:
+            constraint += f" && SalvusRole == {classad_string(role)}"
+        return constraint
+
     def list(self, role: str | None = None) -> list[Job]:
         import htcondor2
 
-        constraint = f"SalvusSite == {classad_string(self.spec.site)}"
-        if role:
-            constraint += f" && SalvusRole == {classad_string(role)}"
         try:
-            ads = self.schedd().query(constraint=constraint, projection=PROJECTION)
+            ads = self.schedd().query(constraint=self.ours(role), projection=PROJECTION)
         except htcondor2.HTCondorException as e:
             raise SchedulerUnavailable(f"condor: query failed: {e}") from None
-        return [job_from_ad(ad, self.name) for ad in ads if ad.get("SalvusRole") in self.spec.roles]
+        return [job_from_ad(ad, self.name) for ad in ads if self.is_ours(ad)]
+
+    def is_ours(self, ad) -> bool:
+        # The constraint already said so; the ad is checked again in case a schedd ignored it.
+        return (ad.get("Owner") == self.submit_user and ad.get("SalvusSite") == self.spec.site
+                and ad.get("SalvusRole") in self.spec.roles)
+
+    def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
+        """Jobs we submitted that left the queue, as the schedd's history tells how they ended
+        (`unknown` when the history no longer has them)."""
+        import htcondor2
+
+        gone = super().known_but_not_listed(role, listed)
+        if not gone:
+            return gone
+        ids = " || ".join(f"(ClusterId == {int(j.job_id.split('.')[0])} && ProcId == {int(j.job_id.split('.')[1])})"
+                          for j in gone if re.fullmatch(r"\d+\.\d+", j.job_id))
+        try:
+            ads = list(self.schedd().history(constraint=f"({self.ours(role)}) && ({ids or 'false'})",
+                                              projection=PROJECTION, match=len(gone)))
+        except htcondor2.HTCondorException as e:
+            raise SchedulerUnavailable(f"condor: history query failed: {e}") from None
+        ended = {f"{a['ClusterId']}.{a['ProcId']}": job_from_ad(a, self.name, history=True)
+                 for a in ads if self.is_ours(a)}
+        return [ended.get(j.job_id, j) for j in gone]
 
     def cancel(self, job: Job) -> None:
         import htcondor2
@@ -156,10 +224,58 @@ class CondorBackend(Backend):
         except htcondor2.HTCondorException as e:
             raise SchedulerUnavailable(f"condor: remove {job.job_id} failed: {e}") from None
 
+    def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
+        """condor_qedit of each idle job's Requirements: the same expression a new job gets, with
+        `hosts` avoided (the schedd refuses edits of running jobs, which are past placement)."""
+        import htcondor2
 
-def job_from_ad(ad, backend_name: str) -> Job:
+        self.unfit_hosts = list(hosts)
+        try:
+            schedd = self.schedd()
+            for job in jobs:
+                schedd.edit([job.job_id], "Requirements", self.requirements(job.role, job.service_id))
+        except htcondor2.HTCondorException as e:
+            raise SchedulerUnavailable(f"condor: edit of Requirements failed: {e}") from None
+        return True
+
+    def signal_lead_s(self, role: str) -> float:
+        # allowed_job_duration signals at the limit itself; the guest's stop and cleanup come out of
+        # the job's last grace seconds, so the controller counts from limit - grace.
+        res = self.resources(role)
+        return float(res.grace_s) if res.walltime_s else 0.0
+
+
+def _str(ad, key: str, check) -> str:
+    """A job ad's string attribute, "" unless it is well-formed (ads are the submitter's writing)."""
+    value = ad.get(key)
+    return value if isinstance(value, str) and check(value) else ""
+
+
+def _number(ad, key: str) -> float | None:
+    value = ad.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def job_from_ad(ad, backend_name: str, history: bool = False) -> Job:
+    """A queue or history ad as a Job: the walltime clock (JobCurrentStartDate, AllowedJobDuration),
+    the image, and for a job that ended how it ended."""
     job_id = f"{ad['ClusterId']}.{ad['ProcId']}"
-    state = JOB_STATUS.get(int(ad.get("JobStatus", 0)), "unknown")
-    return Job(job_id, ad["SalvusRole"], state, ad.get("SalvusServiceId"), float(ad.get("QDate", 0)),
-               str(ad.get("HoldReason", "")) if state == "held" else "", backend_name)
+    status = int(ad.get("JobStatus", 0))
+    state = JOB_STATUS.get(status, "unknown")
+    hold_reason = str(ad.get("HoldReason", "")) if state == "held" else ""
+    by_duration = HOLD_JOB_DURATION in (ad.get("HoldReasonCode"), ad.get("LastHoldReasonCode"))
+    ended_by = ""
+    if state == "held" and by_duration:
+        state, ended_by = "failed", "walltime"  # stopped by its limit: no capacity, removed by cancel
+    elif history and status in (3, 4):  # removed (in the queue: still stopping) or completed
+        state = "done"
+        ended_by = "walltime" if by_duration else "cancel" if status == 3 else "exit"
+    elif status == 4:
+        ended_by = "exit"
+    sid = _str(ad, "SalvusServiceId", is_service_id)
+    started = _number(ad, "JobCurrentStartDate") if state in ("running", "stopping") else None
+    return Job(job_id, ad["SalvusRole"], state, sid or f"{ad['SalvusRole']}-{job_id}", float(ad.get("QDate", 0)),
+               hold_reason, backend_name, token=_str(ad, "SalvusToken", str.isalnum), started=started,
+               walltime_s=_number(ad, "AllowedJobDuration"), image=_str(ad, "SalvusImage", is_image_ref),
+               ended_by=ended_by)
 

@@ -49,6 +49,8 @@ class Group:
 GROUPS: tuple[Group, ...] = (
     Group("slurm", 450, "the real Slurm (and its PBS wrappers): submit, requeue, walltime, placement",
           markers=("slurm",), fixtures=("slurm_cluster",), together=True),
+    Group("condor", 420, "the real HTCondor pool (a central manager, two execute nodes): submit files, scale, "
+          "remove, vacate, hold, retry, walltime", markers=("condor",), fixtures=("condor_pool",), together=True),
     Group("gridengine", 60, "the real Son of Grid Engine through DRMAA and qalter",
           markers=("sge",), fixtures=("gridengine",), together=True),
     Group("cassandra", 240, "the real Cassandra nodes: registry, TLS, the three-node ring",
@@ -70,7 +72,7 @@ GROUPS: tuple[Group, ...] = (
 
 
 # Scheduling order, as above; GROUPS' own order is the order its rules are tried in.
-QUEUE_ORDER = ("slurm", "real-image", "soak", "cassandra", "imgdist", "site-network", "vm", "gridengine",
+QUEUE_ORDER = ("slurm", "real-image", "condor", "soak", "cassandra", "imgdist", "site-network", "vm", "gridengine",
                "libvirt", "unit")
 
 

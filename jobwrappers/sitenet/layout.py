@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -91,4 +92,20 @@ def host_identity(explicit: str | None = None) -> str:
     for var in IDENTITY_ENV:
         if os.environ.get(var):
             return os.environ[var]
-    return socket.gethostname()
+    return condor_machine() or socket.gethostname()
+
+
+def condor_machine() -> str | None:
+    """The execute node's `Machine` from the machine ad HTCondor's starter gives a job
+    ($_CONDOR_MACHINE_AD): the name the pool matches on (`TARGET.Machine == ...`)."""
+    path = os.environ.get("_CONDOR_MACHINE_AD")
+    try:
+        with open(path or "", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(" = ")
+                if sep and key == "Machine":
+                    name = value.strip().strip('"')
+                    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", name) else None
+    except OSError:
+        return None
+    return None

@@ -19,6 +19,6 @@ fi
 # Skip the Cython build of cassandra-driver: minutes of compile for a registry that is not hot.
 export CASS_DRIVER_NO_CYTHON=1
 .venv/bin/python -m pip install -q --upgrade pip
-echo "    venv: installing salvus-jobs (editable) with test extras"
-.venv/bin/python -m pip install -q -e '.[test]'
+echo "    venv: installing salvus-jobs (editable) with its optional groups and test extras"
+.venv/bin/python -m pip install -q -e '.[test,all]'
 echo "$want" > "$stamp"
