@@ -224,6 +224,13 @@ class CondorBackend(Backend):
         except htcondor2.HTCondorException as e:
             raise SchedulerUnavailable(f"condor: remove {job.job_id} failed: {e}") from None
 
+    def forget(self, job: Job) -> None:
+        """A job `allowed_job_duration` put on hold stays in the queue, held, until removed: it is
+        removed here, when scale or the controller let go of it."""
+        if job.state == "failed" and job.ended_by == "walltime":
+            self.cancel(job)
+        super().forget(job)
+
     def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
         """condor_qedit of each idle job's Requirements: the same expression a new job gets, with
         `hosts` avoided (the schedd refuses edits of running jobs, which are past placement)."""

@@ -45,15 +45,20 @@ class Site:
     """One test's site on the pool: its spec, store and registry under a directory `salvus` owns,
     and the operator's commands run as `salvus` inside the root."""
 
-    def __init__(self, pool, image, extra: str = "") -> None:
+    def __init__(self, pool, image, extra: str = "", sage: str = "", image_path: str = "",
+                 **hypervisor: object) -> None:
         self.pool = pool
         self.dir = pool.workdir()
         self.name = f"c{next(_sites)}{self.dir.name[-5:].lower().replace('_', '')}"
         self.spec = self.dir / "cluster.yaml"
         scheduler = (f"{{backend: condor, schedd: {pool.schedd_name}, "
                      f"submit_user: {JOB_USER}, log_dir: {self.dir}/logs{extra}}}")
-        self.spec.write_text(f"site: {self.name}\nscheduler: {scheduler}\n" +
-                             demo_spec_text(image, self.dir / "store"))
+        roles = demo_spec_text(image, self.dir / "store", **hypervisor)
+        if image_path:
+            roles = roles.replace(f"image_path: {image.disk}", f"image_path: {image_path}")
+        if sage:  # more lines for the sage role
+            roles = roles.replace("    port: 6000\n", f"    port: 6000\n    {sage}\n", 1)
+        self.spec.write_text(f"site: {self.name}\nscheduler: {scheduler}\n" + roles)
         (self.dir / "logs").mkdir()
         subprocess.run(["chown", "-R", f"{JOB_USER}:{JOB_USER}", str(self.dir)], check=True)
 
@@ -95,6 +100,19 @@ class Site:
         except AssertionError:
             raise AssertionError(self.logs() + self.pool.log("StartLog", "node-a")[-1500:]) from None
 
+    def condor(self, *argv: str) -> str:
+        """A condor_* command as the site's account, as an operator types it."""
+        return self.pool.check(*argv, user=JOB_USER)
+
+    def ad_wait(self, job_id: str, check, what: str, timeout: float = 90, *attrs: str) -> dict:
+        attrs = attrs or ("JobStatus", "NumJobStarts", "HoldReason", "HoldReasonCode", "ExitCode", "RemoteHost")
+        return wait_for(lambda: (lambda ad: ad if check(ad) else None)(self.job_ad(job_id, *attrs)), timeout, what)
+
+    def qemu_left(self, service_id: str) -> list[str]:
+        """QEMU processes of `service_id` still running anywhere on this machine."""
+        r = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+        return [line for line in r.stdout.splitlines() if service_id in line]
+
     def stop(self) -> None:
         self.salvus_jobs("stop", "--all", timeout=JOB_MAX_VACATE_S + 60)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -104,8 +122,8 @@ class Site:
 def site(condor_pool, condor_image):
     made: list[Site] = []
 
-    def make(extra: str = "") -> Site:
-        made.append(Site(condor_pool, condor_image, extra))
+    def make(extra: str = "", sage: str = "", image_path: str = "", **hypervisor: object) -> Site:
+        made.append(Site(condor_pool, condor_image, extra, sage, image_path, **hypervisor))
         return made[-1]
     yield make
     for s in made:
@@ -140,3 +158,86 @@ def test_scale_submits_through_the_bindings_boots_registers_and_scales_down_grac
     gone = wait_for(lambda: [j for j in s.backend().known_but_not_listed("sage", s.backend().list("sage"))
                              if j.job_id == newest.job_id], 60, "the removed job in the history")
     assert gone[0].state == "done" and gone[0].ended_by == "cancel"
+
+
+def test_vacate_hold_release_and_remove_each_take_the_path_htcondor_gives_them(site):
+    s = site()
+    assert s.salvus_jobs("scale", "sage=1").returncode == 0
+    (sid, svc), = s.wait_registered(1).items()
+    job_id = svc["job_id"]
+    err = lambda: next((s.dir / "logs").glob(f"*.{job_id}.err")).read_text()  # noqa: E731
+
+    # condor_vacate_job: SIGTERM, a clean stop, deregistered; HTCondor runs the job again.
+    s.condor("condor_vacate_job", job_id)
+    wait_for(lambda: sid not in s.services(), JOB_MAX_VACATE_S, "deregistered after vacate")
+    assert "SIGTERM: stopping the VM" in err() and "guest shut down in" in err(), err()
+    s.ad_wait(job_id, lambda ad: ad.get("NumJobStarts", 0) >= 2 and ad.get("JobStatus") == 2, "run again after vacate")
+    s.wait_registered(1)
+
+    # condor_hold: the job is held (its processes killed, QEMU with them); released, it runs again.
+    s.condor("condor_hold", job_id)
+    s.ad_wait(job_id, lambda ad: ad.get("JobStatus") == 5, "held")
+    wait_for(lambda: not s.qemu_left(sid), JOB_MAX_VACATE_S, "no QEMU left after hold")
+    wait_for(lambda: sid not in s.services(), 30, "the held job's service expired")
+    held = [j for j in s.backend().list("sage") if j.job_id == job_id]
+    assert held[0].state == "held" and held[0].hold_reason, held
+    s.condor("condor_release", job_id)
+    s.wait_registered(1)
+    assert s.job_ad(job_id, "NumJobStarts")["NumJobStarts"] >= 3
+
+    # condor_rm: SIGTERM, clean stop within job_max_vacate_time, deregistered, nothing left.
+    t0 = time.monotonic()
+    s.condor("condor_rm", job_id)
+    wait_for(lambda: sid not in s.services(), JOB_MAX_VACATE_S, "deregistered after condor_rm")
+    wait_for(lambda: not s.backend().list("sage"), JOB_MAX_VACATE_S, "left the queue")
+    assert time.monotonic() - t0 < JOB_MAX_VACATE_S
+    # The .err file is the last run's (HTCondor truncates it at each start).
+    assert "SIGTERM: stopping the VM" in err() and "guest shut down in" in err(), err()
+    assert not s.qemu_left(sid)
+    backend = s.backend()
+    gone = wait_for(lambda: backend.known_but_not_listed("sage", []), 30, "the job in the history")
+    assert [(j.job_id, j.state, j.ended_by) for j in gone] == [(job_id, "done", "cancel")]
+
+
+def test_exit_75_is_run_again_and_exits_65_and_78_are_held_with_the_reason_in_status(site):
+    # 75: a guest that cannot come up in 1 s is a transient failure; HTCondor runs it again.
+    transient = site(boot_timeout=1)
+    assert transient.salvus_jobs("scale", "sage=1").returncode == 0
+    job, = transient.backend().list("sage")
+    ad = transient.ad_wait(job.job_id, lambda ad: ad.get("NumJobStarts", 0) >= 2 and ad.get("ExitCode") == 75,
+                           "a second start after exit 75")
+    assert ad.get("JobStatus") != 5, ad
+    assert "Normal termination (return value 75)" in transient.logs()  # the job's event log
+    transient.salvus_jobs("stop", "--all", timeout=90)
+
+    # 65: the image is missing (trust/image failure); 78: a network the wrapper does not run.
+    for extra, code, words in ((dict(image_path="/nonexistent/disk.qcow2"), 65, "image or trust failure"),
+                               (dict(sage="network: bridge\n    bridge: br-none"), 78, "configuration error")):
+        s = site(**extra)
+        assert s.salvus_jobs("scale", "sage=1").returncode == 0
+        job, = s.backend().list("sage")
+        ad = s.ad_wait(job.job_id, lambda ad: ad.get("JobStatus") == 5, f"held after exit {code}")
+        assert ad["HoldReason"] == f"salvus-vmjob exited {code}: {words}", ad
+        st = s.status()
+        assert st["roles"]["sage"]["held"] == 1 and st["jobs"][0]["hold_reason"].startswith(f"salvus-vmjob exited {code}")
+        # Held, not replaced: a held job is one of ours and counts.
+        r = s.salvus_jobs("scale", "sage=1")
+        assert "nothing to do" in r.stdout and f"held {job.job_id}" in r.stdout, r.stdout
+        assert s.job_ad(job.job_id, "NumJobStarts")["NumJobStarts"] == 1
+
+
+def test_a_job_removed_behind_our_back_is_resubmitted_once(site):
+    # Jobs that cannot match (no node has this attribute): they stay idle while we reconcile.
+    s = site(extra=", requirements: 'TARGET.SalvusNever =?= true'")
+    assert s.salvus_jobs("scale", "hub=2").returncode == 0
+    jobs = s.backend().list("hub")
+    assert len(jobs) == 2 and {j.state for j in jobs} == {"queued"}
+    victim = jobs[0]
+    s.condor("condor_rm", victim.job_id)
+    r = s.salvus_jobs("scale", "hub=2", "--dry-run")
+    assert f"gone {victim.job_id}" in r.stdout and "submit 1" in r.stdout, r.stdout
+    r = s.salvus_jobs("scale", "hub=2")
+    assert "submitted condor job" in r.stdout, r.stdout
+    r = s.salvus_jobs("scale", "hub=2")
+    assert "nothing to do" in r.stdout and "gone" not in r.stdout, r.stdout
+    assert len([j for j in s.backend().list("hub") if j.state == "queued"]) == 2
