@@ -241,3 +241,60 @@ def test_a_job_removed_behind_our_back_is_resubmitted_once(site):
     r = s.salvus_jobs("scale", "hub=2")
     assert "nothing to do" in r.stdout and "gone" not in r.stdout, r.stdout
     assert len([j for j in s.backend().list("hub") if j.state == "queued"]) == 2
+
+
+def test_another_users_look_alike_jobs_never_count_and_are_never_removed(site, condor_pool):
+    # Ours never match (no node has the attribute), so nothing boots; theirs carry our site's
+    # Salvus* attributes, one of them held.
+    s = site(extra=", requirements: 'TARGET.SalvusNever =?= true'")
+    other = "salvus-other"
+    condor_pool.add_user(other)
+    text = (f"executable = /bin/sleep\narguments = 600\ninitialdir = /tmp\nshould_transfer_files = NO\n"
+            f"requirements = TARGET.SalvusNever =?= true\n+SalvusSite = \"{s.name}\"\n+SalvusRole = \"sage\"\n"
+            f"+SalvusServiceId = \"sage-$(ClusterId).$(ProcId)\"\n+SalvusImage = \"demo@1\"\nqueue 2\n")
+    out = condor_pool.check("condor_submit", "-terse", "-", user=other, input=text)
+    theirs = out.split()[0].split(".")[0]
+    condor_pool.check("condor_hold", f"{theirs}.0", user=other)
+    try:
+        r = s.salvus_jobs("scale", "sage=2")
+        assert r.returncode == 0 and "submit 2" in r.stdout, r.stdout + r.stderr
+        ours = s.backend().list("sage")
+        assert len(ours) == 2 and not any(j.job_id.startswith(f"{theirs}.") for j in ours)
+        assert {j["job_id"] for j in s.status()["jobs"]} == {j.job_id for j in ours}
+        r = s.salvus_jobs("scale", "sage=1")
+        assert "cancel 1" in r.stdout, r.stdout
+        r = s.salvus_jobs("stop", "--all")
+        assert r.returncode == 0, r.stderr
+        left = condor_pool.check("condor_q", "-all", "-af", "ClusterId", "ProcId", "JobStatus", "Owner",
+                                 f"-constraint", f"ClusterId == {theirs}")
+        assert sorted(left.split("\n")[:-1]) == [f"{theirs} 0 5 {other}", f"{theirs} 1 1 {other}"], left
+    finally:
+        condor_pool.run("condor_rm", theirs, user=other)
+
+
+def test_allowed_job_duration_holds_the_job_after_a_clean_stop_and_scale_replaces_it(site):
+    s = site(extra=", walltime: '0:45'")
+    assert s.salvus_jobs("scale", "sage=1").returncode == 0
+    (sid, svc), = s.wait_registered(1).items()
+    backend = s.backend()
+    job, = backend.list("sage")
+    assert job.walltime_s == 45 and job.started
+    # HTCondor signals at start + duration; the controller counts from there less the grace.
+    assert backend.earliest_signal(job) == job.started + 45 - backend.resources("sage").grace_s
+    ad = s.ad_wait(job.job_id, lambda ad: ad.get("JobStatus") == 5, "held by allowed_job_duration", 120)
+    assert ad["HoldReasonCode"] == 46, ad
+    wait_for(lambda: sid not in s.services(), 30, "deregistered")
+    err = next((s.dir / "logs").glob(f"*.{job.job_id}.err")).read_text()
+    assert "SIGTERM: stopping the VM" in err and "guest shut down in" in err, err
+    held, = backend.list("sage")
+    assert (held.state, held.ended_by) == ("failed", "walltime")
+    r = s.salvus_jobs("scale", "sage=1")
+    assert "submit 1" in r.stdout, r.stdout + r.stderr
+    # The held job is removed from the queue, not left there.
+    wait_for(lambda: job.job_id not in {j.job_id for j in backend.list("sage")}, 30, "the held job removed")
+    # Forgotten by scale; the schedd's history still says how it ended.
+    from submit.condor import PROJECTION, job_from_ad
+
+    ad = s.ad_wait(job.job_id, lambda ad: ad.get("JobStatus") == 3, "removed", 30, *PROJECTION)
+    gone = job_from_ad(ad, "condor", history=True)
+    assert (gone.state, gone.ended_by) == ("done", "walltime"), ad
