@@ -91,9 +91,9 @@ class CondorBackend(Backend):
         return self.render_template(self.template, {**values, "extra": extra + site_lines})
 
     def macro_value(self, what: str, value: str) -> str:
-        if value != value.strip() or any(c in value for c in "$'\"\\"):
+        if value != value.strip() or any(c in value for c in "$'\"\\#\n"):
             raise SpecError(f"{self.spec.source}: {what} {value!r} cannot go into an HTCondor submit "
-                            "description: no $, quotes, backslashes or surrounding spaces")
+                            "description: no $, #, quotes, backslashes or surrounding spaces")
         return value
 
     def extra_directive_lines(self, text: str) -> str:

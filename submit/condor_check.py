@@ -51,6 +51,10 @@ _ATTR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # use with fullmatch
 _MACRO_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.]*)\)")
 _QUEUE_RE = re.compile(r"^\s*queue\b", re.I)
 _COMMAND_RE = re.compile(r"\s*(\+?[A-Za-z_][A-Za-z0-9_.]*)\s*=.*")  # use with fullmatch
+# The one conditional our files use: a default a command-line assignment (`condor_submit X=...`,
+# read before the file) is not overwritten by.
+_IF_UNDEFINED_RE = re.compile(r"\s*if\s+!\s*defined\s+[A-Za-z_][A-Za-z0-9_]*\s*")
+_ENDIF_RE = re.compile(r"\s*endif\s*")
 
 
 def command_key(line: str) -> str | None:
@@ -74,12 +78,18 @@ def submit_keys(text: str) -> dict[str, int]:
 
 
 def _line_problems(lines: list[str], source: str) -> list[str]:
-    """Lines that are neither a comment, a `command = value` nor the queue statement, and commands
-    set twice."""
+    """Lines that are neither a comment, a `command = value`, an `if ! defined NAME` default block
+    nor the queue statement, and commands set twice."""
     problems: list[str] = []
     first: dict[str, int] = {}
+    opened = 0  # the line of an `if ! defined` not closed yet
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#") or _QUEUE_RE.match(line):
+            continue
+        if _IF_UNDEFINED_RE.fullmatch(line) or _ENDIF_RE.fullmatch(line):
+            if bool(opened) == bool(_IF_UNDEFINED_RE.fullmatch(line)):
+                problems.append(f"{source}: line {n}: {'nested if' if opened else 'endif without if'}")
+            opened = 0 if opened else n
             continue
         key = command_key(line)
         if key is None:
@@ -89,6 +99,8 @@ def _line_problems(lines: list[str], source: str) -> list[str]:
                             "HTCondor would keep the last one")
         else:
             first[key] = n
+    if opened:
+        problems.append(f"{source}: line {opened}: 'if' without 'endif'")
     return problems
 
 

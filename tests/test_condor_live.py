@@ -298,3 +298,118 @@ def test_allowed_job_duration_holds_the_job_after_a_clean_stop_and_scale_replace
     ad = s.ad_wait(job.job_id, lambda ad: ad.get("JobStatus") == 3, "removed", 30, *PROJECTION)
     gone = job_from_ad(ad, "condor", history=True)
     assert (gone.state, gone.ended_by) == ("done", "walltime"), ad
+
+
+@pytest.fixture
+def catalogue_lab(condor_pool, condor_image):
+    """A signed catalogue (the imgdist lab's, under a directory the pool's users can read) holding
+    the shipped files' images sage@10.2, hub@3.1 and cassandra@4.1, each the demo guest's disk."""
+    from catalogue.endorse import CatalogueDir, add_image
+    from tests.fixtures.imgdist_lab import Lab
+
+    lab = Lab(condor_pool.workdir())
+    lab.start_http()
+    try:
+        for ref in ("sage@10.2", "hub@3.1", "cassandra@4.1"):
+            name, version = ref.split("@")
+            add_image(CatalogueDir(lab.cat_dir), condor_image.disk, name, version, [name], [], lab.url)
+        add_image(CatalogueDir(lab.cat_dir), condor_image.kernel, "demo-kernel", "1", [], [], lab.url)
+        add_image(CatalogueDir(lab.cat_dir), condor_image.initrd, "demo-initrd", "1", [], [], lab.url)
+        lab.sign()
+        yield lab
+    finally:
+        lab.stop()
+        for node in NODES:
+            condor_pool.write_node_spec(node, "roles: {}\n")
+        shutil.rmtree(lab.root, ignore_errors=True)
+
+
+def node_spec(lab, node: str, image) -> Path:
+    """A node's spec, as a site installs /etc/salvus/cluster.yaml on it: its store, the catalogue,
+    the shipped files' roles (booting the demo guest's kernel and initrd, catalogue entries too)
+    and a fast registry."""
+    from cluster.spec import load_spec as load
+    from catalogue.approvals import approve
+    from tests.fixtures._daemons import free_port
+
+    d = lab.root / node
+    d.mkdir()
+    boot = "boot: {kernel: demo-kernel@1, initrd: demo-initrd@1}"  # with the catalogue on, entries too
+    roles = (f"roles:\n  sage: {{image: sage@10.2, {boot}, memory_mb: 128, port: 6000, "
+             "probe: {send: \"1+1\\n\", expect: \"2\"}}\n"
+             f"  hub: {{image: hub@3.1, {boot}, memory_mb: 128, port: 8080, upstreams: [sage], "
+             "probe: {send: \"GET /health HTTP/1.0\\r\\n\\r\\n\", expect: \"200 OK\"}}\n"
+             f"  cassandra: {{image: cassandra@4.1, {boot}, memory_mb: 128, port: 9042, "
+             "persistent: [{name: data, size_mb: 64, mount: /data}], probe: {expect: \"boots=\"}}\n")
+    text = lab.spec_text(d / "store", free_port(), tracker=False).split("\n", 2)
+    spec = d / "cluster.yaml"
+    spec.write_text(f"site: salvus\n{text[0]}\n{roles}{text[2]}"
+                    "registry: {ttl: 6, heartbeat_interval: 1}\n"
+                    "hypervisor: {libvirt: never, boot_timeout: 150, stop_timeout: 15}\n"
+                    "ssh_keys: [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOr5a3bPpvs0sh8Q7dS8f3bA6Z+vKkIY3m5x0V8xY0cC t@s\"]\n")
+    for ref in ("sage@10.2", "hub@3.1", "cassandra@4.1", "demo-kernel@1", "demo-initrd@1"):
+        approve(load(spec), ref)
+    return spec
+
+
+def test_shipped_submit_files_wait_for_a_node_that_holds_the_image_and_boot_there(condor_pool, condor_image,
+                                                                                 catalogue_lab):
+    lab = catalogue_lab
+    spec = node_spec(lab, "node-a", condor_image)
+    node_b = node_spec(lab, "node-b", condor_image)
+    for node, path in (("node-a", spec), ("node-b", node_b)):
+        condor_pool.write_node_spec(node, path.read_text())
+    subprocess.run(["chown", "-R", f"{JOB_USER}:{JOB_USER}", str(lab.root)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(lab.root)], check=True)
+    # Nothing pulled yet: both nodes' startd cron advertises no image.
+    wait_for(lambda: all(m.get("SalvusImages") == "" for m in condor_pool.machines().values()), 30,
+             "both nodes advertising SalvusImages = \"\"")
+
+    # As the docs tell an operator (SALVUS_VMJOB is the install's /usr/local/bin/salvus-vmjob), with
+    # the shipped files copied byte for byte to where the submit machine can read them.
+    shipped = lab.root / "examples"
+    shipped.mkdir()
+    for role in ("sage", "hub", "cassandra"):
+        shutil.copyfile(EXAMPLES / f"{role}_vm.sub", shipped / f"{role}_vm.sub")
+    subprocess.run(["chmod", "-R", "a+rX", str(shipped)], check=True)
+
+    def submit(role: str) -> str:
+        out = condor_pool.check("condor_submit", "-terse", f"SALVUS_SPEC={spec}", str(shipped / f"{role}_vm.sub"),
+                                user=JOB_USER)
+        return out.split()[0]
+
+    job_id = submit("sage")  # -terse: "C.0 - C.0"
+    time.sleep(8)  # a few negotiation cycles
+    why = condor_pool.check("condor_q", "-better-analyze", job_id, user=JOB_USER)
+    assert 'stringListMember("sage-10.2",TARGET.SalvusImages)' in why.replace(" ", ""), why
+    assert "No successful match recorded" in why or "no match found" in why, why
+    assert condor_pool.check("condor_q", job_id, "-af", "JobStatus", user=JOB_USER).strip() == "1"
+
+    # node-a pulls the images (imgdist sync, as its timer would); its cron advertises them and
+    # the job starts there, registers under its ClusterId.ProcId.
+    r = lab.run(spec, "sync", timeout=180)
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["chown", "-R", f"{JOB_USER}:{JOB_USER}", str(lab.root / "node-a")], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(lab.root / "node-a")], check=True)
+    wait_for(lambda: condor_pool.machines()["node-a"].get("SalvusImages"), 30, "node-a advertising its images")
+    assert {"sage-10.2", "hub-3.1", "cassandra-4.1"} <= set(condor_pool.machines()["node-a"]["SalvusImages"].split(","))
+    assert condor_pool.machines()["node-b"].get("SalvusImages") == ""
+    hub, cassandra = submit("hub"), submit("cassandra")
+
+    def registered(role: str, service_id: str):
+        r = condor_pool.run("salvus_jobs", "--spec", str(spec), "services", "--json", role, user=JOB_USER)
+        return r.returncode == 0 and next((s for s in json.loads(r.stdout) if s["service_id"] == service_id), None)
+
+    try:
+        for role, jid, sid in (("sage", job_id, f"sage-{job_id}"), ("hub", hub, f"hub-{hub}"),
+                               ("cassandra", cassandra, "cassandra-0")):
+            try:
+                svc = wait_for(lambda: registered(role, sid), 180, f"{role} registered")
+            except AssertionError:
+                raise AssertionError(condor_pool.check("sh", "-c", "tail -n 30 /var/lib/salvus/logs/*.err")) from None
+            assert (svc["scheduler"], svc["job_id"]) == ("condor", jid)
+            host = condor_pool.check("condor_q", jid, "-af", "RemoteHost", user=JOB_USER).strip()
+            assert host.endswith("@node-a"), host
+    finally:
+        condor_pool.run("condor_rm", job_id, hub, cassandra, user=JOB_USER)
+    wait_for(lambda: not registered("sage", f"sage-{job_id}"), JOB_MAX_VACATE_S, "sage deregistered")

@@ -59,6 +59,7 @@ def test_rendered_submit_file_matches_the_spec(tmp_path, demo_image, cli):
     (lambda t: t + "queue 1\n", "expected exactly one 'queue' statement, found 2"),
     (lambda t: t.replace("queue 1\n", "queue 1\nrequest_memory = 9\n"), "commands after 'queue' are ignored"),
     (lambda t: t.replace("executable              = $(SALVUS_VMJOB)\n", ""), "executable: required command is missing"),
+    (lambda t: t.replace("endif\n", "", 1), "'if' without 'endif'"),
 ])
 def test_validator_catches_what_the_bindings_accept(mutate, problem):
     text = mutate((EXAMPLES / "sage_vm.sub").read_text())
