@@ -412,6 +412,12 @@ class Backend(abc.ABC):
         self.prepare_submit(job.role)
         return self.submit_job(job.role, job.service_id, after=job.job_id)
 
+    def start_successors(self, listed: list[Job]) -> list[str]:
+        """Starts the successors (submit_successor) whose predecessor has left `listed`, for a
+        scheduler that cannot start them itself; one line per job started. Slurm and PBS start
+        them themselves (a dependency): nothing to do."""
+        return []
+
     def forget(self, job: Job) -> None:
         """Drops a finished or vanished job from our records."""
         self.ledger.forget(job.job_id)

@@ -22,9 +22,13 @@ JOB_STATUS = {1: "queued", 2: "running", 3: "stopping", 4: "done", 5: "held", 6:
 PROJECTION = ["ClusterId", "ProcId", "JobStatus", "Owner", "SalvusSite", "SalvusRole", "SalvusServiceId",
               "SalvusImage", "SalvusToken", "QDate", "HoldReason", "HoldReasonCode", "JobCurrentStartDate",
               "AllowedJobDuration", "ExitCode", "NumJobStarts", "RemoteHost", "LastRemoteHost",
-              "LastHoldReasonCode"]
-# HoldReasonCode of a job `allowed_job_duration` stopped (HTCondor manual, "Job ClassAd Attributes").
+              "LastHoldReasonCode", "SalvusAfter"]
+# HoldReasonCode of a job `allowed_job_duration` stopped and of one submitted on hold (HTCondor
+# manual, "Job ClassAd Attributes").
 HOLD_JOB_DURATION = 46
+HOLD_SUBMITTED_ON_HOLD = 15
+# The hold reason a successor waiting for its predecessor is listed with (state "queued").
+WAITING = "waiting for its predecessor to leave the queue"
 
 
 def classad_string(s: str) -> str:
@@ -49,6 +53,11 @@ class CondorBackend(Backend):
     name = "condor"
     template = "condor.sub.tmpl"
     tokens = True
+    # A successor is submitted held (`hold = true`, +SalvusAfter) and released by the controller
+    # (start_successors) once its predecessor has left the queue: HTCondor has no dependency of
+    # its own outside DAGMan, and an idle successor pinned to the host would start beside its
+    # predecessor in the partitionable slot's free share, before the disk is free.
+    dependencies = True
 
     def requirements(self, role: str, service_id: str | None) -> str:
         parts = []
@@ -140,7 +149,7 @@ class CondorBackend(Backend):
         super().prepare_submit(role)
         self._submit_schedd = self.schedd()  # located once per submission, not once per job
 
-    def submit_one(self, role: str, service_id: str | None, token: str = "") -> str:
+    def submit_one(self, role: str, service_id: str | None, token: str = "", after: str = "") -> str:
         import htcondor2
 
         text = self.render(role, service_id)
@@ -149,8 +158,18 @@ class CondorBackend(Backend):
             raise SchedulerError(problems[0])
         body = text[:text.rindex("queue")]  # the count is schedd.submit's, not the text's
         sub = htcondor2.Submit(body)
+        if after:
+            # On the predecessor's machine: its disk is there (a role without `hosts` is pinned too).
+            host = self.machine_of(after)
+            if host:
+                sub["requirements"] = f"({sub['requirements']}) && TARGET.Machine == {classad_string(host)}"
         if token:
             sub["+SalvusToken"] = classad_string(token)
+        if after:
+            if not re.fullmatch(r"\d+\.\d+", after):
+                raise SchedulerError(f"condor: a successor waits for a ClusterId.ProcId, got {after[:40]!r}")
+            sub["hold"] = "true"
+            sub["+SalvusAfter"] = classad_string(after)
         try:
             result = self._submit_schedd.submit(sub, count=1)
             self.check_owner(result.cluster())
@@ -196,6 +215,33 @@ class CondorBackend(Backend):
         # The constraint already said so; the ad is checked again in case a schedd ignored it.
         return (ad.get("Owner") == self.submit_user and ad.get("SalvusSite") == self.spec.site
                 and ad.get("SalvusRole") in self.spec.roles)
+
+    def machine_of(self, job_id: str) -> str | None:
+        """The Machine a running job of ours runs on (from its RemoteHost, `slot1_1@node-a`)."""
+        cluster, _, proc = job_id.partition(".")
+        ads = self._submit_schedd.query(constraint=f"({self.ours()}) && ClusterId == {int(cluster)} && "
+                                                   f"ProcId == {int(proc)}", projection=["RemoteHost"])
+        host = str(ads[0].get("RemoteHost", "")).rpartition("@")[2] if ads else ""
+        return host if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host) else None
+
+    def start_successors(self, listed: list[Job]) -> list[str]:
+        """Releases each successor whose predecessor is no longer in the queue (its wrapper has
+        exited: the disk is free). The release is one schedd command; the job then matches at the
+        next negotiation, pinned to the predecessor's host."""
+        import htcondor2
+
+        present = {j.job_id for j in listed if j.state not in ("done", "failed")}
+        ready = [j for j in listed if j.after and j.state == "queued" and j.hold_reason == WAITING
+                 and j.after not in present]
+        if not ready:
+            return []
+        try:
+            self.schedd().act(htcondor2.JobAction.Release, [j.job_id for j in ready])
+        except htcondor2.HTCondorException as e:
+            raise SchedulerUnavailable(f"condor: release of {', '.join(j.job_id for j in ready)} failed: {e}") from None
+        for j in ready:
+            j.hold_reason = ""
+        return [f"{j.role} job {j.job_id} ({j.service_id}) released: job {j.after} has left the queue" for j in ready]
 
     def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
         """Jobs we submitted that left the queue, as the schedd's history tells how they ended
@@ -271,8 +317,11 @@ def job_from_ad(ad, backend_name: str, history: bool = False) -> Job:
     state = JOB_STATUS.get(status, "unknown")
     hold_reason = str(ad.get("HoldReason", "")) if state == "held" else ""
     by_duration = HOLD_JOB_DURATION in (ad.get("HoldReasonCode"), ad.get("LastHoldReasonCode"))
+    after = _str(ad, "SalvusAfter", lambda v: re.fullmatch(r"\d+\.\d+", v) is not None)
     ended_by = ""
-    if state == "held" and by_duration:
+    if state == "held" and after and ad.get("HoldReasonCode") == HOLD_SUBMITTED_ON_HOLD:
+        state, hold_reason = "queued", WAITING  # a successor: capacity to come, not a fault
+    elif state == "held" and by_duration:
         state, ended_by = "failed", "walltime"  # stopped by its limit: no capacity, removed by cancel
     elif history and status in (3, 4):  # removed (in the queue: still stopping) or completed
         state = "done"
@@ -284,5 +333,5 @@ def job_from_ad(ad, backend_name: str, history: bool = False) -> Job:
     return Job(job_id, ad["SalvusRole"], state, sid or f"{ad['SalvusRole']}-{job_id}", float(ad.get("QDate", 0)),
                hold_reason, backend_name, token=_str(ad, "SalvusToken", str.isalnum), started=started,
                walltime_s=_number(ad, "AllowedJobDuration"), image=_str(ad, "SalvusImage", is_image_ref),
-               ended_by=ended_by)
+               ended_by=ended_by, after=after)
 

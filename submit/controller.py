@@ -177,6 +177,9 @@ class Controller(SuccessionMixin):
         lease.fence("reap")
         for line in self.backend.reap():
             self.event("reaped", line)
+        lease.fence("start successors")
+        for line in self.backend.start_successors(queue):
+            self.event("succession", line)
         self._forget_departed(queue)
         self._avoid_unfit(queue)
         self._fill_images(queue)

@@ -413,3 +413,144 @@ def test_shipped_submit_files_wait_for_a_node_that_holds_the_image_and_boot_ther
     finally:
         condor_pool.run("condor_rm", job_id, hub, cassandra, user=JOB_USER)
     wait_for(lambda: not registered("sage", f"sage-{job_id}"), JOB_MAX_VACATE_S, "sage deregistered")
+
+
+class RootController:
+    """A `salvus_jobs controller` run as the site's account inside the root, its stderr in a file."""
+
+    def __init__(self, site: Site) -> None:
+        from tests.fixtures.condor import namespace_command
+
+        self.log = site.dir / "controller.log"
+        self.err = open(self.log, "w")
+        tokens = f"/srv/pool/users/{JOB_USER}/tokens.d"
+        self.proc = subprocess.Popen(namespace_command(["salvus_jobs", "--spec", str(site.spec), "controller"],
+                                                       user=JOB_USER, env={"_CONDOR_SEC_TOKEN_DIRECTORY": tokens}),
+                                     stdout=subprocess.DEVNULL, stderr=self.err, start_new_session=True)
+        self.port = load_spec(site.spec).controller.listen.rpartition(":")[2]
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_log(self, needle: str, timeout: float = 60) -> int:
+        at = wait_for(lambda: self.text().find(needle) + 1 or (self.proc.poll() is not None and -1), timeout,
+                      f"{needle!r} in the controller's log")
+        assert at > 0, f"controller exited {self.proc.returncode}:\n{self.text()[-3000:]}"
+        return at - 1 + len(needle)
+
+    def status(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.err.close()
+
+
+@pytest.fixture
+def controller():
+    started: list[RootController] = []
+
+    def start(site: Site) -> RootController:
+        started.append(RootController(site))
+        return started[-1]
+    yield start
+    for c in started:
+        c.stop()
+
+
+def controller_line(extra: str = "") -> str:
+    from tests.fixtures._daemons import free_port
+
+    return (f"controller: {{interval: 1, lease: 4, listen: '127.0.0.1:{free_port()}', unhealthy_after: 2, "
+            f"probe_timeout: 1, cancel_after: 2{extra}}}\n")
+
+
+def healthy_sage(c: RootController, exclude: set[str] = frozenset()) -> dict | None:
+    st = c.status()
+    jobs = [j for j in st.get("jobs", []) if j["role"] == "sage" and j["state"] in ("queued", "running")]
+    if (st.get("roles", {}).get("sage", {}).get("healthy") == 1 and len(jobs) == 1
+            and jobs[0]["health"] == "healthy" and jobs[0]["service_id"] not in exclude):
+        return jobs[0]
+    return None
+
+
+def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(site, controller):
+    import os
+    import signal
+
+    s = site()
+    with open(s.spec, "a") as f:
+        f.write(controller_line())
+    c = controller(s)
+    c.wait_log("acquired with token")
+    assert s.salvus_jobs("scale", "sage=1").returncode == 0
+    first = wait_for(lambda: healthy_sage(c), 180, "one healthy sage")
+
+    # A killed VM: the wrapper exits 75 and HTCondor runs the job again (same job, a new start).
+    (qemu,) = [int(line.split()[0]) for line in s.qemu_left(first["service_id"])]
+    os.kill(qemu, signal.SIGKILL)
+    s.ad_wait(first["job_id"], lambda ad: ad.get("NumJobStarts", 0) >= 2 and ad.get("JobStatus") == 2,
+              "the job run again after its VM was killed")
+    again = wait_for(lambda: healthy_sage(c), 180, "healthy again after the kill")
+    assert again["job_id"] == first["job_id"]
+
+    # A hung guest: unhealthy, its job removed (condor_rm), a replacement becomes healthy.
+    (hung,) = [int(line.split()[0]) for line in s.qemu_left(again["service_id"])]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        c.wait_log(f"unhealthy: {again['service_id']} failed 2 probes in a row")
+        second = wait_for(lambda: healthy_sage(c, exclude={again["service_id"]}), 180, "a replacement")
+        wait_for(lambda: not s.qemu_left(again["service_id"]), JOB_MAX_VACATE_S + 30, "the hung VM gone")
+    finally:
+        if s.qemu_left(again["service_id"]):
+            os.kill(hung, signal.SIGCONT)
+    assert second["job_id"] != first["job_id"]
+
+    # A held job: reported with its reason, counted, not replaced (as on Slurm).
+    s.condor("condor_hold", "-reason", "operator check", second["job_id"])
+    st = wait_for(lambda: (lambda st: st if st["roles"]["sage"].get("held") == 1 else None)(c.status()), 60,
+                  "the controller reporting the held job")
+    time.sleep(5)  # a few cycles: nothing is submitted in its place
+    mine = [j.job_id for j in s.backend().list("sage")]
+    assert mine == [second["job_id"]], (mine, st)
+    s.condor("condor_release", second["job_id"])
+    wait_for(lambda: healthy_sage(c), 180, "healthy after the release")
+
+
+def test_a_persistent_roles_successor_is_released_on_its_node_the_moment_the_disk_is_free(site, controller):
+    s = site(extra=", walltime: '00:50'")
+    text = s.spec.read_text().replace("    port: 9042\n", "    port: 9042\n    count: 1\n    drain_seconds: 1\n"
+                                      "    stop_timeout: 5\n", 1)
+    s.spec.write_text(text + controller_line(", lead_floor: 10"))
+    c = controller(s)
+    first = s.wait_registered(1, "cassandra", 180)["cassandra-0"]
+    host = s.job_ad(first["job_id"], "RemoteHost")["RemoteHost"].rpartition("@")[2]
+    c.wait_log("successor job", timeout=120)
+    successor = next(j for j in s.backend().list("cassandra") if j.after == first["job_id"])
+    assert successor.state == "queued" and successor.hold_reason.startswith("waiting for its predecessor")
+    assert s.job_ad(successor.job_id, "JobStatus")["JobStatus"] == 5  # held while the disk is in use
+    c.wait_log(f"released: job {first['job_id']} has left the queue", timeout=120)
+    at = c.wait_log("handover: cassandra: cassandra-0 serves again from job", timeout=120)
+    gap = float(c.text()[at:].split(",")[1].split("s after")[0])
+    assert "walltime: cassandra job" not in c.text(), c.text()
+    (row,) = s.services("cassandra").values()
+    assert row["job_id"] == successor.job_id
+    assert s.job_ad(successor.job_id, "RemoteHost")["RemoteHost"].endswith(f"@{host}")
+    # The successor found its predecessor's data: the demo guest counts its boots on the disk.
+    import socket
+
+    with socket.create_connection((row["host"], row["port"]), timeout=5) as conn:
+        assert b"boots=2" in conn.recv(200)
+    assert 0 < gap < 60
