@@ -278,17 +278,23 @@ class CondorBackend(Backend):
         super().forget(job)
 
     def exclude_hosts(self, jobs: list[Job], hosts: list[str]) -> bool:
-        """condor_qedit of each idle job's Requirements: the same expression a new job gets, with
-        `hosts` avoided (the schedd refuses edits of running jobs, which are past placement)."""
+        """condor_qedit of each idle job's Requirements: the expression a new job gets, avoiding
+        exactly `hosts` (not the one a persistent job is pinned to: its disk is there); the
+        schedd refuses edits of running jobs, which are past placement."""
         import htcondor2
 
-        self.unfit_hosts = list(hosts)
+        saved, self.unfit_hosts = self.unfit_hosts, []
         try:
             schedd = self.schedd()
             for job in jobs:
-                schedd.edit([job.job_id], "Requirements", self.requirements(job.role, job.service_id))
+                pinned = self.host_for(job.role, job.service_id)
+                avoid = [f"TARGET.Machine != {classad_string(h)}" for h in hosts if h != pinned]
+                schedd.edit([job.job_id], "Requirements", " && ".join([f"({self.requirements(job.role, job.service_id)})",
+                                                                      *avoid]))
         except htcondor2.HTCondorException as e:
             raise SchedulerUnavailable(f"condor: edit of Requirements failed: {e}") from None
+        finally:
+            self.unfit_hosts = saved
         return True
 
     def signal_lead_s(self, role: str) -> float:

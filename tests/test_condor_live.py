@@ -554,3 +554,27 @@ def test_a_persistent_roles_successor_is_released_on_its_node_the_moment_the_dis
     with socket.create_connection((row["host"], row["port"]), timeout=5) as conn:
         assert b"boots=2" in conn.recv(200)
     assert 0 < gap < 60
+
+
+def test_queued_jobs_are_re_placed_off_an_unfit_host_and_a_persistent_role_runs_where_its_disk_is(site):
+    s = site()
+    text = s.spec.read_text().replace("    port: 9042\n", "    port: 9042\n    hosts: [node-b]\n", 1)
+    s.spec.write_text(text)
+    # Held as soon as they are queued, so the exclusion comes before any match.
+    assert s.salvus_jobs("scale", "sage=2").returncode == 0
+    jobs = s.backend().list("sage")
+    s.condor("condor_hold", *(j.job_id for j in jobs))
+    backend = s.backend()
+    assert backend.exclude_hosts(jobs, ["node-a"])
+    for j in jobs:
+        req = s.job_ad(j.job_id, "Requirements")["Requirements"]
+        assert 'TARGET.Machine != "node-a"' in str(req), req
+    s.condor("condor_release", *(j.job_id for j in jobs))
+    s.wait_registered(2)
+    assert {s.job_ad(j.job_id, "RemoteHost")["RemoteHost"].rpartition("@")[2] for j in jobs} == {"node-b"}
+
+    # cassandra-0's disk lives on hosts[0] = node-b: its job runs there, whatever node-a offers.
+    assert s.salvus_jobs("scale", "cassandra=1").returncode == 0
+    (svc,) = s.wait_registered(1, "cassandra").values()
+    assert svc["service_id"] == "cassandra-0"
+    assert s.job_ad(svc["job_id"], "RemoteHost")["RemoteHost"].endswith("@node-b")
