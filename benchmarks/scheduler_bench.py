@@ -21,12 +21,12 @@ the machine's load; printed, not asserted. The last line is `key=value` pairs: `
 `SCHED_down_s` for 4 VMs, the same keys suffixed `_N` for every other count (`_1`); a count that
 never got there is `inf`.
 
-Not benchmarked: HTCondor's own VM universe (`universe = vm` through condor_vm-gahp). Its KVM type
-asks libvirt for a `kvm` domain, which this machine's /dev/kvm (kvm-pvm) cannot run with stock
-guests; the salvus jobs are vanilla-universe jobs that run QEMU themselves (salvus-vmjob). Nor could
-the pool try it as it is: Debian 13's condor package (23.9.6+dfsg) ships no condor_vm-gahp, and
-the root has no libvirt. Whether libvirt refused such a domain here was not tried by this script:
-the engineer will confirm it in the note.
+Not benchmarked: HTCondor's own VM universe (`universe = vm` through condor_vm-gahp, Debian 13's
+`condor-vm-gahp`). Tried by hand in a copy of the test root with libvirt 11.3: the startd advertised
+`HasVM = true`, libvirt refused to start QEMU in a chroot ("Failed disable mount propagation out of
+the root filesystem"; `namespaces = []` in qemu.conf gets past that) and QEMU then aborted under
+`-accel kvm` ("failed to set MSR 0x10a": this machine's kvm-pvm cannot run a stock guest). The VM
+universe's kvm type has no TCG fallback; salvus jobs are vanilla jobs that run QEMU themselves.
 
     .venv/bin/python benchmarks/scheduler_bench.py [--counts 1,4] [--schedulers local,slurm,condor]
         [--timeout 300]

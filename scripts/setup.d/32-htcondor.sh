@@ -8,6 +8,10 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 apt_install debootstrap
 cache=/var/cache/salvus/condor
+# The job user: the same name and ids here and inside the root (the tests submit as it). Here
+# first, even when the root is up to date: a cached root is no use without it.
+getent group salvus >/dev/null || groupadd --system salvus
+getent passwd salvus >/dev/null || useradd --system -g salvus --no-create-home -s /usr/sbin/nologin salvus
 want=$(sha256sum "$0" scripts/install-execute-node | sha256sum | cut -c1-16)
 if [ -f "$cache/root/.salvus-recipe" ] && [ "$(cat "$cache/root/.salvus-recipe")" = "$want" ]; then
   echo "    htcondor: root up to date ($cache/root, recipe $want)"; exit 0
@@ -33,9 +37,6 @@ echo "    htcondor: installing condor, qemu and python3 in the root"
 # condor's postinst asks systemctl for its service: there is none in a root (a warning, not a failure).
 in_root apt-get install -y -q --no-install-recommends condor qemu-system-x86 qemu-utils python3-venv \
   iproute2 procps genisoimage e2fsprogs util-linux >"$new/apt.log" 2>&1 || { tail -20 "$new/apt.log" >&2; exit 1; }
-# The job user: the same name and ids inside the root and here (the tests submit as it).
-getent group salvus >/dev/null || groupadd --system salvus
-getent passwd salvus >/dev/null || useradd --system -g salvus --no-create-home -s /usr/sbin/nologin salvus
 in_root groupadd -g "$(id -g salvus)" salvus
 in_root useradd -u "$(id -u salvus)" -g salvus -M -s /usr/sbin/nologin salvus
 # Execute-node dependencies now (cached), salvus-jobs itself at each pool start.
