@@ -34,6 +34,15 @@ def open_runner(spec: ClusterSpec, machine: Machine) -> VmRunner:
         # The helper binds a VM's rules to the tap its QEMU holds; libvirt's QEMU is not ours to ask.
         log.info("network: site runs under plain QEMU, not libvirt")
         return QemuRunner(machine)
+    from cluster.extras import require
+
+    try:
+        require("libvirt", "libvirt", f"hypervisor.libvirt: {spec.hypervisor.libvirt}")
+    except SpecError:
+        if spec.hypervisor.libvirt != "auto":
+            raise
+        log.info("libvirt-python is not installed; using plain QEMU")
+        return QemuRunner(machine)
     from jobwrappers.libvirt_runner import LibvirtRunner, connect  # libvirt only when used
 
     try:

@@ -31,6 +31,13 @@ HOLD_SUBMITTED_ON_HOLD = 15
 WAITING = "waiting for its predecessor to leave the queue"
 
 
+def bindings():
+    """The `htcondor2` module (the `condor` group: an operator's machine has it, execute nodes need not)."""
+    from cluster.extras import require
+
+    return require("htcondor2", "condor", "scheduler.backend: condor")
+
+
 def classad_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -126,7 +133,7 @@ class CondorBackend(Backend):
     def schedd(self):
         """The schedd named by `scheduler.schedd` (found through the collector), else this
         machine's own, else the pool's only one (an operator's machine that runs no schedd)."""
-        import htcondor2
+        htcondor2 = bindings()
 
         s = self.spec.scheduler
         try:
@@ -150,7 +157,7 @@ class CondorBackend(Backend):
         self._submit_schedd = self.schedd()  # located once per submission, not once per job
 
     def submit_one(self, role: str, service_id: str | None, token: str = "", after: str = "") -> str:
-        import htcondor2
+        htcondor2 = bindings()
 
         text = self.render(role, service_id)
         problems = validate_submit(text, f"{self.job_name(role)}.sub")
@@ -184,7 +191,7 @@ class CondorBackend(Backend):
     def check_owner(self, cluster: int) -> None:
         """Removes a job the schedd took under another Owner than `submit_user` and refuses: it
         would never be listed as ours, and every `scale` would submit another."""
-        import htcondor2
+        htcondor2 = bindings()
 
         ads = self._submit_schedd.query(constraint=f"ClusterId == {int(cluster)}", projection=["Owner"])
         owner = str(ads[0].get("Owner", "")) if ads else self.submit_user
@@ -203,7 +210,7 @@ class CondorBackend(Backend):
         return constraint
 
     def list(self, role: str | None = None) -> list[Job]:
-        import htcondor2
+        htcondor2 = bindings()
 
         try:
             ads = self.schedd().query(constraint=self.ours(role), projection=PROJECTION)
@@ -228,7 +235,7 @@ class CondorBackend(Backend):
         """Releases each successor whose predecessor is no longer in the queue (its wrapper has
         exited: the disk is free). The release is one schedd command; the job then matches at the
         next negotiation, pinned to the predecessor's host."""
-        import htcondor2
+        htcondor2 = bindings()
 
         present = {j.job_id for j in listed if j.state not in ("done", "failed")}
         ready = [j for j in listed if j.after and j.state == "queued" and j.hold_reason == WAITING
@@ -246,7 +253,7 @@ class CondorBackend(Backend):
     def known_but_not_listed(self, role: str | None, listed: list[Job]) -> list[Job]:
         """Jobs we submitted that left the queue, as the schedd's history tells how they ended
         (`unknown` when the history no longer has them)."""
-        import htcondor2
+        htcondor2 = bindings()
 
         gone = super().known_but_not_listed(role, listed)
         if not gone:
@@ -263,7 +270,7 @@ class CondorBackend(Backend):
         return [ended.get(j.job_id, j) for j in gone]
 
     def cancel(self, job: Job) -> None:
-        import htcondor2
+        htcondor2 = bindings()
 
         try:
             self.schedd().act(htcondor2.JobAction.Remove, [job.job_id])
@@ -281,7 +288,7 @@ class CondorBackend(Backend):
         """condor_qedit of each idle job's Requirements: the expression a new job gets, avoiding
         exactly `hosts` (not the one a persistent job is pinned to: its disk is there); the
         schedd refuses edits of running jobs, which are past placement."""
-        import htcondor2
+        htcondor2 = bindings()
 
         saved, self.unfit_hosts = self.unfit_hosts, []
         try:

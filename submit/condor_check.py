@@ -111,8 +111,10 @@ def _without_macros(value: str) -> str:
 
 def validate_submit(text: str, source: str = "<submit>") -> list[str]:
     """Problems found in a submit description, each one line naming the file and command."""
+    from cluster.extras import require
+
+    htcondor2 = require("htcondor2", "condor", "checking an HTCondor submit description")
     import classad2
-    import htcondor2
 
     problems: list[str] = []
     lines = text.splitlines()

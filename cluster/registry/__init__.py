@@ -10,6 +10,9 @@ from cluster.spec import ClusterSpec
 
 def open_registry(spec: ClusterSpec) -> Registry:
     if spec.registry.backend == "cassandra":
+        from cluster.extras import require
+
+        require("cassandra.cluster", "cassandra", "registry.cassandra")
         from cluster.registry.cassandra import CassandraRegistry  # imported lazily: heavy driver
 
         return CassandraRegistry(spec.registry.cassandra, ttl=spec.registry.ttl)
