@@ -163,6 +163,8 @@ class CondorBackend(Backend):
         problems = validate_submit(text, f"{self.job_name(role)}.sub")
         if problems:
             raise SchedulerError(problems[0])
+        if after and not re.fullmatch(r"\d+\.\d+", after):
+            raise SchedulerError(f"condor: a successor waits for a ClusterId.ProcId, got {after[:40]!r}")
         body = text[:text.rindex("queue")]  # the count is schedd.submit's, not the text's
         sub = htcondor2.Submit(body)
         if after:
@@ -173,8 +175,6 @@ class CondorBackend(Backend):
         if token:
             sub["+SalvusToken"] = classad_string(token)
         if after:
-            if not re.fullmatch(r"\d+\.\d+", after):
-                raise SchedulerError(f"condor: a successor waits for a ClusterId.ProcId, got {after[:40]!r}")
             sub["hold"] = "true"
             sub["+SalvusAfter"] = classad_string(after)
         try:

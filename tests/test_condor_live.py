@@ -530,7 +530,9 @@ def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(si
 
 
 def test_a_persistent_roles_successor_is_released_on_its_node_the_moment_the_disk_is_free(site, controller):
-    s = site(extra=", walltime: '00:50'")
+    # 80 s: HTCondor's earliest signal is the limit less the grace (stop 5 + 15 s), so the successor
+    # itself must serve a while before its own succession drains it (50 s left it 8 s).
+    s = site(extra=", walltime: '01:20'")
     text = s.spec.read_text().replace("    port: 9042\n", "    port: 9042\n    count: 1\n    drain_seconds: 1\n"
                                       "    stop_timeout: 5\n", 1)
     s.spec.write_text(text + controller_line(", lead_floor: 10"))
@@ -545,7 +547,7 @@ def test_a_persistent_roles_successor_is_released_on_its_node_the_moment_the_dis
     at = c.wait_log("handover: cassandra: cassandra-0 serves again from job", timeout=120)
     gap = float(c.text()[at:].split(",")[1].split("s after")[0])
     assert "walltime: cassandra job" not in c.text(), c.text()
-    (row,) = s.services("cassandra").values()
+    row = wait_for(lambda: s.services("cassandra").get("cassandra-0"), 10, "cassandra-0 in the registry")
     assert row["job_id"] == successor.job_id
     assert s.job_ad(successor.job_id, "RemoteHost")["RemoteHost"].endswith(f"@{host}")
     # The successor found its predecessor's data: the demo guest counts its boots on the disk.

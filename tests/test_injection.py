@@ -197,6 +197,7 @@ def test_validate_submit_catches_a_redefined_executable(tmp_path):
     bad = text.replace("queue 1\n", "accounting_group = x\nexecutable = /bin/sh\nqueue 1\n")
     htcondor2.Submit(bad)  # the bindings take it: the last executable wins
     problems = validate_submit(bad, "x.sub")
-    assert any("executable is set again (first on line 7)" in p for p in problems), problems
+    first = next(n for n, line in enumerate(bad.splitlines(), 1) if line.startswith("executable "))
+    assert any(f"executable is set again (first on line {first})" in p for p in problems), problems
     bad = text.replace("queue 1\n", "+salvusrole = \"hub\"\nqueue 1\n")
     assert any("my.salvusrole is set again" in p for p in validate_submit(bad, "x.sub"))

@@ -117,14 +117,15 @@ def test_torque_successor_held_for_its_dependency_is_queued(tmp_path, holds, sta
     assert (job.state, job.hold_reason) == (state, reason)
 
 
-def test_htcondor_refuses_a_successor_in_one_line(tmp_path):
+def test_htcondor_successor_waits_only_for_a_job_id(tmp_path):
+    # HTCondor queues successors (held, released by the controller: tests/test_condor_live.py); the
+    # job it waits for goes into a ClassAd string and a constraint, so it must be a ClusterId.ProcId.
     from cluster.errors import SchedulerError
     from submit import open_backend
-    from submit.base import Job
 
     spec = tmp_path / "cluster.yaml"
     spec.write_text("site: s\nscheduler: {backend: condor}\nroles: {sage: {image: demo@1, port: 8080}}\n")
     backend = open_backend(load_spec(spec))
-    assert not backend.dependencies
-    with pytest.raises(SchedulerError, match="^condor: cannot queue a job to start after another$"):
-        backend.submit_successor(Job("1.0", "sage", "running", "sage-0", 0.0))
+    assert backend.dependencies
+    with pytest.raises(SchedulerError, match=r"^condor: a successor waits for a ClusterId.ProcId, got '1.0 \|\| true'$"):
+        backend.submit_one("sage", "sage-0", "tok", after="1.0 || true")
