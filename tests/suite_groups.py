@@ -57,7 +57,7 @@ GROUPS: tuple[Group, ...] = (
           markers=("cassandra",), fixtures=("cassandra_node", "cassandra_tls_node"), together=True),
     Group("site-network", 210, "three emulated hypervisors in namespaces with site-network VMs",
           modules=("test_site_network", "test_site_network_parts"), together=True),
-    Group("libvirt", 50, "a private libvirtd and the domains it runs", fixtures=("libvirt_uri",), together=True),
+    Group("libvirt", 80, "a private libvirtd and the domains it runs", fixtures=("libvirt_uri",), together=True),
     Group("real-image", 600, "the Debian cloud image built from Debian's packages, booted for real",
           modules=("test_real_guest", "test_real_firmware", "test_debian_image"), together=True),
     Group("soak", 300, "walltime succession and rolling upgrades soaked with real demo VMs",
