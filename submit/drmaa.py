@@ -47,6 +47,9 @@ class DrmaaBackend(Backend):
 
     def call(self, request: dict) -> dict:
         """One request to the DRMAA helper process (submit.drmaa_session), through the runner."""
+        from cluster.extras import require_installed
+
+        require_installed("drmaa", "drmaa", "scheduler.backend: drmaa")
         r = self.runner.run([sys.executable, "-m", "submit.drmaa_session"], json.dumps(request),
                             env=self.session_env(), timeout=120)
         try:

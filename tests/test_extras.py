@@ -40,3 +40,12 @@ def test_a_missing_group_is_one_line_exit_78(tmp_path, demo_image, module, sched
     r = run_without(module, "--spec", str(spec), "status")
     assert r.returncode == 78, r.stderr
     assert r.stderr.startswith(f"salvus_jobs: {says}") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_missing_drmaa_is_one_line_before_the_helper_runs(tmp_path, demo_image):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("site: x\nscheduler: {backend: drmaa}\n" + demo_spec_text(demo_image, tmp_path / "store"))
+    r = run_without("drmaa", "--spec", str(spec), "scale", "sage=1")
+    assert r.returncode == 78, r.stderr
+    assert r.stderr.startswith("salvus_jobs: scheduler.backend: drmaa needs the Python module 'drmaa'"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
