@@ -20,7 +20,22 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("role", nargs="?", help="only this role")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=cmd_services)
+    p = sub.add_parser("spec", parents=[common], help="the spec's JSON Schema, for editors",
+                       description="Tools for cluster.yaml. 'schema' prints its JSON Schema (draft 2020-12), "
+                                   "as strict as the loader: every section closed, so a misspelt key fails.",
+                       epilog="example: salvus_jobs spec schema > cluster.schema.json  (then, first line of "
+                              "cluster.yaml: # yaml-language-server: $schema=cluster.schema.json)")
+    p.add_argument("what", choices=["schema"], help="what to print")
+    p.set_defaults(func=cmd_spec)
     vmaccess.add_commands(sub, common)
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from cluster.spec_schema import spec_json_schema
+
+    json.dump(spec_json_schema(), sys.stdout, indent=2, sort_keys=True)
+    print()
+    return 0
 
 
 def cmd_services(args: argparse.Namespace) -> int:

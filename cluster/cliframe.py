@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -63,6 +64,11 @@ def run_command(prog: str, func: Callable[[], int | None]) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`salvus_jobs spec schema | head`): not an error of ours. Python's
+        # own recipe: point stdout at /dev/null so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def printable(text: str) -> str:
