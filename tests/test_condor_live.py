@@ -23,6 +23,7 @@ from submit import open_backend
 from tests.fixtures.condor import JOB_MAX_VACATE_S, JOB_USER, NODES
 from tests.fixtures.demo_image import demo_spec_text
 from tests.polling import wait_for
+from tests.test_controller import healthy_one  # reads only .status(): RootController's too
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -477,15 +478,6 @@ def controller_line(extra: str = "") -> str:
             f"probe_timeout: 1, cancel_after: 2{extra}}}\n")
 
 
-def healthy_sage(c: RootController, exclude: set[str] = frozenset()) -> dict | None:
-    st = c.status()
-    jobs = [j for j in st.get("jobs", []) if j["role"] == "sage" and j["state"] in ("queued", "running")]
-    if (st.get("roles", {}).get("sage", {}).get("healthy") == 1 and len(jobs) == 1
-            and jobs[0]["health"] == "healthy" and jobs[0]["service_id"] not in exclude):
-        return jobs[0]
-    return None
-
-
 def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(site, controller):
     import os
     import signal
@@ -496,14 +488,14 @@ def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(si
     c = controller(s)
     c.wait_log("acquired with token")
     assert s.salvus_jobs("scale", "sage=1").returncode == 0
-    first = wait_for(lambda: healthy_sage(c), 180, "one healthy sage")
+    first = wait_for(lambda: healthy_one(c), 180, "one healthy sage")
 
     # A killed VM: the wrapper exits 75 and HTCondor runs the job again (same job, a new start).
     (qemu,) = [int(line.split()[0]) for line in s.qemu_left(first["service_id"])]
     os.kill(qemu, signal.SIGKILL)
     s.ad_wait(first["job_id"], lambda ad: ad.get("NumJobStarts", 0) >= 2 and ad.get("JobStatus") == 2,
               "the job run again after its VM was killed")
-    again = wait_for(lambda: healthy_sage(c), 180, "healthy again after the kill")
+    again = wait_for(lambda: healthy_one(c), 180, "healthy again after the kill")
     assert again["job_id"] == first["job_id"]
 
     # A hung guest: unhealthy, its job removed (condor_rm), a replacement becomes healthy.
@@ -511,7 +503,7 @@ def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(si
     os.kill(hung, signal.SIGSTOP)
     try:
         c.wait_log(f"unhealthy: {again['service_id']} failed 2 probes in a row")
-        second = wait_for(lambda: healthy_sage(c, exclude={again["service_id"]}), 180, "a replacement")
+        second = wait_for(lambda: healthy_one(c, exclude={again["service_id"]}), 180, "a replacement")
         wait_for(lambda: not s.qemu_left(again["service_id"]), JOB_MAX_VACATE_S + 30, "the hung VM gone")
     finally:
         if s.qemu_left(again["service_id"]):
@@ -526,7 +518,7 @@ def test_controller_on_condor_handles_a_killed_vm_a_hung_guest_and_a_held_job(si
     mine = [j.job_id for j in s.backend().list("sage")]
     assert mine == [second["job_id"]], (mine, st)
     s.condor("condor_release", second["job_id"])
-    wait_for(lambda: healthy_sage(c), 180, "healthy after the release")
+    wait_for(lambda: healthy_one(c), 180, "healthy after the release")
 
 
 def test_a_persistent_roles_successor_is_released_on_its_node_the_moment_the_disk_is_free(site, controller):
